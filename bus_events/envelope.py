@@ -1,0 +1,214 @@
+"""The envelope every message on every tinker-bus topic carries, and its msgpack codec."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+import uuid
+from typing import Any, Protocol
+
+import msgpack
+import msgspec
+
+from bus_events import payloads as p
+
+SCHEMA_VERSION = 1
+DEFAULT_CLAIM_CHECK_BYTES = 1 << 20
+
+
+class EventType(enum.StrEnum):
+    CREATE_MODEL = "create_model"
+    LOAD_WEIGHTS = "load_weights"
+    FORWARD_BACKWARD = "forward_backward"
+    OPTIM_STEP = "optim_step"
+    SAVE_WEIGHTS = "save_weights"
+    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    GET_INFO = "get_info"
+    UNLOAD_MODEL = "unload_model"
+    SEQ_VOID = "seq_void"
+    SAMPLE = "sample"
+    RESULT = "result"
+    DEAD_LETTER = "dead_letter"
+
+
+PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
+    EventType.CREATE_MODEL: p.CreateModel,
+    EventType.LOAD_WEIGHTS: p.LoadWeights,
+    EventType.FORWARD_BACKWARD: p.ForwardBackward,
+    EventType.OPTIM_STEP: p.OptimStep,
+    EventType.SAVE_WEIGHTS: p.SaveWeights,
+    EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.SaveWeightsForSampler,
+    EventType.GET_INFO: p.GetInfo,
+    EventType.UNLOAD_MODEL: p.UnloadModel,
+    EventType.SEQ_VOID: p.SeqVoid,
+    EventType.SAMPLE: p.Sample,
+    EventType.RESULT: p.Result,
+    EventType.DEAD_LETTER: p.DeadLetter,
+}
+
+TRAINING_EVENTS = frozenset(
+    {
+        EventType.CREATE_MODEL,
+        EventType.LOAD_WEIGHTS,
+        EventType.FORWARD_BACKWARD,
+        EventType.OPTIM_STEP,
+        EventType.SAVE_WEIGHTS,
+        EventType.SAVE_WEIGHTS_FOR_SAMPLER,
+        EventType.GET_INFO,
+        EventType.UNLOAD_MODEL,
+        EventType.SEQ_VOID,
+    }
+)
+
+
+class ContractError(ValueError):
+    """A message that breaks the contract. `request_id` is set when the envelope got that far."""
+
+    def __init__(self, message: str, request_id: str | None = None, model_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.model_id = model_id
+
+
+class PayloadRef(msgspec.Struct, forbid_unknown_fields=True):
+    """Claim check: the payload's msgpack bytes live in object storage at `key`."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    v: int
+    type: EventType
+    request_id: str
+    model_id: str
+    tenant: str = "default"
+    seq_id: int | None = None
+    created_at: float = 0.0
+    trace_id: str = ""
+    payload: dict[str, Any] | None = None
+    payload_ref: PayloadRef | None = None
+
+
+class BlobStore(Protocol):
+    """Where claim-checked payloads live (artifact_store implements it on S3)."""
+
+    def put_blob(self, key: str, data: bytes) -> None: ...
+
+    def get_blob(self, key: str) -> bytes: ...
+
+
+def new_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def make_event(
+    event_type: EventType,
+    payload: msgspec.Struct,
+    *,
+    model_id: str,
+    request_id: str | None = None,
+    seq_id: int | None = None,
+    tenant: str = "default",
+    trace_id: str | None = None,
+) -> tuple[Envelope, msgspec.Struct]:
+    """An envelope for `payload`; encode it with `encode_event`."""
+    if not isinstance(payload, PAYLOAD_TYPES[event_type]):
+        raise TypeError(f"{event_type} takes {PAYLOAD_TYPES[event_type].__name__}, got {type(payload).__name__}")
+    env = Envelope(
+        v=SCHEMA_VERSION,
+        type=event_type,
+        request_id=request_id or new_id(),
+        model_id=model_id,
+        tenant=tenant,
+        seq_id=seq_id,
+        created_at=time.time(),
+        trace_id=trace_id or uuid.uuid4().hex,
+    )
+    return env, payload
+
+
+def payload_bytes(payload: msgspec.Struct) -> bytes:
+    return msgpack.packb(msgspec.to_builtins(payload, builtin_types=(bytes,)), use_bin_type=True)
+
+
+def encode_event(
+    env: Envelope,
+    payload: msgspec.Struct,
+    *,
+    blob_store: BlobStore | None = None,
+    claim_check_bytes: int = DEFAULT_CLAIM_CHECK_BYTES,
+) -> bytes:
+    """msgpack bytes of the envelope; payloads over `claim_check_bytes` go to `blob_store`."""
+    body = payload_bytes(payload)
+    fields = msgspec.to_builtins(env, builtin_types=(bytes,))
+    if len(body) > claim_check_bytes:
+        if blob_store is None:
+            raise ValueError(f"payload is {len(body)} bytes (> {claim_check_bytes}) and no blob store is set")
+        key = f"claims/{env.model_id}/{env.request_id}"
+        blob_store.put_blob(key, body)
+        fields["payload_ref"] = {"key": key, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        fields.pop("payload", None)
+    else:
+        fields["payload"] = msgpack.unpackb(body, raw=False)
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    """Decode and check the envelope only; the payload is checked by `decode_payload`."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ContractError(f"not msgpack: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ContractError(f"envelope must be a msgpack map, got {type(obj).__name__}")
+    request_id = obj.get("request_id") if isinstance(obj.get("request_id"), str) else None
+    model_id = obj.get("model_id") if isinstance(obj.get("model_id"), str) else None
+    version = obj.get("v")
+    if version != SCHEMA_VERSION:
+        raise ContractError(f"unsupported schema version v={version!r}; this server speaks v={SCHEMA_VERSION}",
+                            request_id, model_id)
+    try:
+        env = msgspec.convert(obj, Envelope)
+    except msgspec.ValidationError as exc:
+        raise ContractError(f"bad envelope: {exc}", request_id, model_id) from exc
+    if (env.payload is None) == (env.payload_ref is None):
+        raise ContractError("envelope needs exactly one of payload / payload_ref", request_id, model_id)
+    return env
+
+
+def decode_payload(env: Envelope, blob_store: BlobStore | None = None) -> Any:
+    """The typed payload of `env`, fetched from the claim check if needed and validated."""
+    data: Any = env.payload
+    if env.payload_ref is not None:
+        if blob_store is None:
+            raise ContractError("payload_ref set but no blob store configured", env.request_id, env.model_id)
+        body = blob_store.get_blob(env.payload_ref.key)
+        if hashlib.sha256(body).hexdigest() != env.payload_ref.sha256:
+            raise ContractError(f"claim-checked payload {env.payload_ref.key} fails its sha256",
+                                env.request_id, env.model_id)
+        data = msgpack.unpackb(body, raw=False)
+    try:
+        return msgspec.convert(data, PAYLOAD_TYPES[env.type])
+    except msgspec.ValidationError as exc:
+        raise ContractError(f"bad {env.type.value} payload: {exc}", env.request_id, env.model_id) from exc
+
+
+def make_result(
+    request: Envelope,
+    result: msgspec.Struct | dict[str, Any] | None = None,
+    error: p.ErrorInfo | None = None,
+) -> tuple[Envelope, p.Result]:
+    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id."""
+    body = msgspec.to_builtins(result, builtin_types=(bytes,)) if isinstance(result, msgspec.Struct) else result
+    return make_event(
+        EventType.RESULT,
+        p.Result(request_type=request.type.value, result=body if error is None else None, error=error),
+        model_id=request.model_id,
+        request_id=request.request_id,
+        seq_id=request.seq_id,
+        tenant=request.tenant,
+        trace_id=request.trace_id,
+    )

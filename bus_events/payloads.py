@@ -1,0 +1,227 @@
+"""Payload schemas, one per event type, and the result schemas that come back on the reply topic.
+
+Every field here is part of the public, versioned contract documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from bus_events.tensors import Tensor
+
+LossConfigValue = float | str
+
+
+class _Payload(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# ----------------------------------------------------------------------------- training requests
+
+
+class LoraSpec(_Payload):
+    rank: int = 32
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= 1024:
+            raise msgspec.ValidationError(f"rank must be in [1, 1024], got {self.rank}")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise msgspec.ValidationError("at least one of train_attn, train_mlp, train_unembed must be true")
+
+
+class OptimizerSpec(_Payload):
+    type: Literal["adamw"] = "adamw"
+
+
+class CreateModel(_Payload):
+    base_model: str
+    lora: LoraSpec = msgspec.field(default_factory=LoraSpec)
+    optimizer: OptimizerSpec = msgspec.field(default_factory=OptimizerSpec)
+    session_id: str | None = None
+    user_metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class LoadWeights(_Payload):
+    """Create a model from a training-state checkpoint (seq 0), or load into a fresh one (seq 1)."""
+
+    path: str
+    optimizer: bool = False
+    base_model: str | None = None
+    session_id: str | None = None
+    user_metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Datum(_Payload):
+    """One sequence: `tokens` (int32 [N]) predicts `loss_fn_inputs["target_tokens"]` position by position."""
+
+    tokens: Tensor
+    loss_fn_inputs: dict[str, Tensor] = msgspec.field(default_factory=dict)
+
+
+class ForwardBackward(_Payload):
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, LossConfigValue] = msgspec.field(default_factory=dict)
+    forward_only: bool = False
+
+
+class AdamParams(_Payload):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            value = getattr(self, name)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise msgspec.ValidationError(f"adam_params.{name} must be finite, got {value}")
+            if value < 0:
+                raise msgspec.ValidationError(f"adam_params.{name} must be >= 0, got {value}")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise msgspec.ValidationError("adam_params.beta1 and beta2 must be < 1")
+
+
+class OptimStep(_Payload):
+    adam_params: AdamParams = msgspec.field(default_factory=AdamParams)
+
+
+class SaveWeights(_Payload):
+    """Full training state (adapter + optimizer) under tinker://<model_id>/weights/<name>."""
+
+    name: str
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class SaveWeightsForSampler(_Payload):
+    """Sampler weights: named (tinker://<model_id>/sampler_weights/<name>) or ephemeral (no name)."""
+
+    name: str | None = None
+    sampling_session_id: str | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class GetInfo(_Payload):
+    pass
+
+
+class UnloadModel(_Payload):
+    pass
+
+
+class SeqVoid(_Payload):
+    """A seq_id the gateway rejected: consumed, so the trainer must not wait for it."""
+
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------- sampling requests
+
+
+class SamplingParams(_Payload):
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    # None: stop at EOS. []: never stop early. Strings and token ids may be mixed.
+    stop: list[str | int] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_tokens <= 65536:
+            raise msgspec.ValidationError(f"max_tokens must be in [0, 65536], got {self.max_tokens}")
+        if not (self.temperature >= 0):
+            raise msgspec.ValidationError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise msgspec.ValidationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sample(_Payload):
+    sampling_session_id: str
+    prompt: Tensor
+    num_samples: int = 1
+    sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_samples <= 1024:
+            raise msgspec.ValidationError(f"num_samples must be in [1, 1024], got {self.num_samples}")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class ErrorInfo(_Payload):
+    message: str
+    category: Literal["user", "server", "unknown"] = "server"
+
+
+class ModelInfo(_Payload):
+    model_id: str
+    base_model: str
+    lora_rank: int
+    train_attn: bool
+    train_mlp: bool
+    train_unembed: bool
+    step: int = 0
+
+
+class ForwardBackwardResult(_Payload):
+    outputs: list[dict[str, Tensor]]
+    metrics: dict[str, float]
+
+
+class OptimStepResult(_Payload):
+    metrics: dict[str, float]
+
+
+class PathResult(_Payload):
+    path: str | None = None
+    sampling_session_id: str | None = None
+    model_id: str | None = None
+
+
+class SampledSequence(_Payload):
+    tokens: Tensor
+    logprobs: Tensor
+    stop_reason: Literal["stop", "length"]
+
+
+class TopkLogprobs(_Payload):
+    token_ids: Tensor  # int32 [P, k]
+    logprobs: Tensor  # float32 [P, k]
+
+
+class SampleResult(_Payload):
+    sequences: list[SampledSequence]
+    prompt_logprobs: Tensor | None = None  # float32 [P], NaN at position 0
+    topk_prompt_logprobs: TopkLogprobs | None = None
+
+
+class Result(_Payload):
+    """The payload of every `result` event. Exactly one of `result` / `error` is set."""
+
+    request_type: str
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class DeadLetter(_Payload):
+    reason: str
+    stage: Literal["decode", "validate", "apply"]
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    raw: bytes

@@ -1,0 +1,85 @@
+"""aiokafka producers and consumers configured for the rules in local-infra.md §7.
+
+- at-least-once, acks=all, no idempotent producer (Tansu rejects aiokafka's InitProducerId);
+- consumers start from committed offsets or `earliest`, never `latest` (ListOffsets(LATEST) is wrong);
+- short fetch waits, because the broker does not wake a long poll when data arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from bus_events import BlobStore, Envelope, encode_event
+from tinker_bus.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 16 << 20
+
+
+async def ensure_topics(settings: BusSettings) -> None:
+    """Create every topic with its final partition count; existing topics are left alone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(name, n, 1) for name, n in settings.topics.all().items() if name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+def make_producer(settings: BusSettings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=2,
+        max_request_size=MAX_REQUEST_BYTES,
+    )
+
+
+def make_consumer(settings: BusSettings, *topics: str, group_id: str | None) -> AIOKafkaConsumer:
+    """A consumer; with `group_id` it commits manually, without one the caller assigns partitions."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(200, settings.session_timeout_ms // 6),
+        max_poll_interval_ms=24 * 3600 * 1000,
+        fetch_max_bytes=64 << 20,
+        max_partition_fetch_bytes=32 << 20,
+    )
+
+
+async def publish(
+    producer: AIOKafkaProducer,
+    topic: str,
+    env: Envelope,
+    payload: msgspec.Struct,
+    *,
+    blob_store: BlobStore | None = None,
+    claim_check_bytes: int,
+) -> None:
+    """Encode (claim-checking big payloads off the event loop) and send keyed by model_id."""
+    if blob_store is not None:
+        raw = await asyncio.to_thread(
+            encode_event, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes
+        )
+    else:
+        raw = encode_event(env, payload, claim_check_bytes=claim_check_bytes)
+    await producer.send_and_wait(topic, raw, key=env.model_id.encode())
