@@ -1,5 +1,30 @@
-"""Checkpoints and claim-checked payloads in S3 / MinIO, addressed by tinker:// paths."""
+"""Checkpoints, run metadata and claim-checked payloads in S3 / MinIO, addressed by tinker:// paths."""
 
+from artifact_store.checkpoints import (
+    Checkpoint,
+    CheckpointCorrupt,
+    CheckpointExists,
+    CheckpointInfo,
+    CheckpointNotFound,
+    CheckpointStore,
+)
 from artifact_store.object_store import ObjectStore
+from artifact_store.paths import InvalidPath, TinkerPath, check_name
+from artifact_store.registry import Registry, SamplingSession, Session, TrainingRun
 
-__all__ = ["ObjectStore"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointCorrupt",
+    "CheckpointExists",
+    "CheckpointInfo",
+    "CheckpointNotFound",
+    "CheckpointStore",
+    "InvalidPath",
+    "ObjectStore",
+    "Registry",
+    "SamplingSession",
+    "Session",
+    "TinkerPath",
+    "TrainingRun",
+    "check_name",
+]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import msgspec
@@ -31,10 +32,8 @@ async def ensure_topics(settings: BusSettings) -> None:
         existing = set(await admin.list_topics())
         missing = [NewTopic(name, n, 1) for name, n in settings.topics.all().items() if name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 

@@ -1,0 +1,239 @@
+"""Checkpoints in S3: PEFT-format sampler weights and full training state, written atomically.
+
+Layout of one checkpoint at tinker://<run>/<kind>/<name> (S3 prefix runs/<run>/<kind>/<name>/):
+
+    v-<uuid>/adapter_config.json          PEFT LoRA config
+    v-<uuid>/adapter_model.safetensors    PEFT adapter weights
+    v-<uuid>/optimizer.safetensors        training state only: AdamW moments, keyed by parameter name
+    v-<uuid>/state.json                   training state only: step, optimizer hyper-parameters, bus offsets
+    manifest.json                         written last: version, sha256 + size of each file, expiry
+
+A reader resolves manifest.json first and verifies every file against it, so a crash in the middle of a
+save leaves either the previous checkpoint or nothing listed; never half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from artifact_store.object_store import ObjectStore
+from artifact_store.paths import CHECKPOINT_TYPES, InvalidPath, TinkerPath, run_prefix
+
+MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+class CheckpointExists(FileExistsError):
+    pass
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+class CheckpointCorrupt(RuntimeError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    """What a save writes and a load returns. Tensors are CPU tensors keyed by PEFT parameter name."""
+
+    adapter_config: dict[str, Any]
+    adapter_weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: TinkerPath
+    created_at: float
+    size_bytes: int
+    expires_at: float | None
+    user_metadata: dict[str, str]
+    base_model: str
+
+    def as_tinker_json(self) -> dict[str, Any]:
+        """The SDK's Checkpoint shape (tinker-protocol.md 2.5)."""
+        out: dict[str, Any] = {
+            "checkpoint_id": self.path.checkpoint_id,
+            "checkpoint_type": CHECKPOINT_TYPES[self.path.kind],
+            "time": datetime.fromtimestamp(self.created_at, UTC).isoformat(),
+            "tinker_path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "public": False,
+        }
+        if self.user_metadata:
+            out["user_metadata"] = self.user_metadata
+        if self.expires_at is not None:
+            out["expires_at"] = datetime.fromtimestamp(self.expires_at, UTC).isoformat()
+        return out
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+class CheckpointStore:
+    def __init__(self, objects: ObjectStore):
+        self.objects = objects
+
+    # ------------------------------------------------------------------ write
+    def save(
+        self,
+        path: TinkerPath,
+        ckpt: Checkpoint,
+        *,
+        base_model: str,
+        overwrite: bool = False,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> CheckpointInfo:
+        if not overwrite and self._manifest(path) is not None:
+            raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
+        files: dict[str, bytes] = {
+            ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1).encode(),
+            ADAPTER_WEIGHTS: st_save(_contiguous(ckpt.adapter_weights)),
+        }
+        if path.kind == "weights":
+            files[OPTIMIZER] = st_save(_contiguous(ckpt.optimizer_state or {}))
+            files[STATE] = json.dumps(ckpt.state, sort_keys=True).encode()
+        version = f"v-{uuid.uuid4().hex[:12]}"
+        for name, data in files.items():
+            self.objects.put_bytes(f"{path.prefix}{version}/{name}", data)
+        now = time.time()
+        manifest = {
+            "format": 1,
+            "tinker_path": str(path),
+            "version": version,
+            "base_model": base_model,
+            "created_at": now,
+            "expires_at": now + ttl_seconds if ttl_seconds else None,
+            "user_metadata": user_metadata or {},
+            "files": {name: {"sha256": _sha(data), "size": len(data)} for name, data in files.items()},
+        }
+        previous = self._manifest(path)
+        self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode(),
+                               "application/json")
+        if previous is not None and previous["version"] != version:
+            self.objects.delete_prefix(f"{path.prefix}{previous['version']}/")
+        return self._info(path, manifest)
+
+    # ------------------------------------------------------------------ read
+    def _manifest(self, path: TinkerPath) -> dict[str, Any] | None:
+        key = f"{path.prefix}{MANIFEST}"
+        if not self.objects.exists(key):
+            return None
+        manifest = json.loads(self.objects.get_bytes(key))
+        if manifest.get("expires_at") and manifest["expires_at"] < time.time():
+            return None
+        return manifest
+
+    def _info(self, path: TinkerPath, manifest: dict[str, Any]) -> CheckpointInfo:
+        return CheckpointInfo(
+            path=path,
+            created_at=manifest["created_at"],
+            size_bytes=sum(f["size"] for f in manifest["files"].values()),
+            expires_at=manifest.get("expires_at"),
+            user_metadata=manifest.get("user_metadata", {}),
+            base_model=manifest["base_model"],
+        )
+
+    def info(self, path: TinkerPath) -> CheckpointInfo:
+        manifest = self._manifest(path)
+        if manifest is None:
+            raise CheckpointNotFound(f"no checkpoint at {path}")
+        return self._info(path, manifest)
+
+    def read_files(self, path: TinkerPath) -> dict[str, bytes]:
+        """Every file of the checkpoint, each verified against the manifest."""
+        manifest = self._manifest(path)
+        if manifest is None:
+            raise CheckpointNotFound(f"no checkpoint at {path}")
+        out = {}
+        for name, meta in manifest["files"].items():
+            data = self.objects.get_bytes(f"{path.prefix}{manifest['version']}/{name}")
+            if len(data) != meta["size"] or _sha(data) != meta["sha256"]:
+                raise CheckpointCorrupt(f"{path}: {name} does not match its manifest checksum")
+            out[name] = data
+        return out
+
+    def load(self, path: TinkerPath) -> Checkpoint:
+        files = self.read_files(path)
+        return Checkpoint(
+            adapter_config=json.loads(files[ADAPTER_CONFIG]),
+            adapter_weights=st_load(files[ADAPTER_WEIGHTS]),
+            optimizer_state=st_load(files[OPTIMIZER]) if OPTIMIZER in files else None,
+            state=json.loads(files[STATE]) if STATE in files else {},
+        )
+
+    def download(self, path: TinkerPath, dest: Path) -> Path:
+        """Write the checkpoint's files into `dest` (a folder PeftModel.from_pretrained loads as is)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in self.read_files(path).items():
+            (dest / name).write_bytes(data)
+        return dest
+
+    def presigned_urls(self, path: TinkerPath, expires_s: int = 3600) -> dict[str, str]:
+        manifest = self._manifest(path)
+        if manifest is None:
+            raise CheckpointNotFound(f"no checkpoint at {path}")
+        return {
+            name: self.objects.client.presigned_get_object(
+                self.objects.bucket, f"{path.prefix}{manifest['version']}/{name}", timedelta(seconds=expires_s))
+            for name in manifest["files"]
+        }
+
+    def list_run(self, run_id: str) -> list[CheckpointInfo]:
+        infos = []
+        for key in self.objects.list_keys(run_prefix(run_id)):
+            if not key.endswith(f"/{MANIFEST}"):
+                continue
+            _, run, kind, name, _ = key.split("/", 4)
+            try:
+                path = TinkerPath(run, kind, name)  # type: ignore[arg-type]
+            except InvalidPath:
+                continue
+            if kind not in CHECKPOINT_TYPES:
+                continue
+            manifest = self._manifest(path)
+            if manifest is None:
+                self.delete(path)  # expired: sweep it
+                continue
+            infos.append(self._info(path, manifest))
+        return sorted(infos, key=lambda i: i.created_at)
+
+    def set_ttl(self, path: TinkerPath, ttl_seconds: int | None) -> None:
+        manifest = self._manifest(path)
+        if manifest is None:
+            raise CheckpointNotFound(f"no checkpoint at {path}")
+        manifest["expires_at"] = time.time() + ttl_seconds if ttl_seconds else None
+        self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode())
+
+    def delete(self, path: TinkerPath) -> bool:
+        """Manifest first, so the checkpoint disappears atomically; then its files."""
+        key = f"{path.prefix}{MANIFEST}"
+        existed = self.objects.exists(key)
+        if existed:
+            self.objects.delete(key)
+        self.objects.delete_prefix(path.prefix)
+        return existed

@@ -1,0 +1,100 @@
+"""Small JSON documents that every process can read: training runs, sessions, sampling sessions.
+
+These are durable state (local-infra.md §7: no state in faust tables), written by whoever creates
+the thing and read by any gateway, trainer or sampler.
+
+    runs/<model_id>/run.json              TrainingRun: base model, LoRA spec, tenant, user metadata
+    sessions/<session_id>.json            client session: tenant, tags, last heartbeat
+    sampling_sessions/<id>.json           what a sampling session samples: base model + optional weights path
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+
+from artifact_store.object_store import ObjectStore
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class TrainingRun:
+    model_id: str
+    base_model: str
+    tenant: str
+    lora_rank: int
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    session_id: str | None = None
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    last_request_time: float = field(default_factory=time.time)
+    unloaded: bool = False
+
+
+@dataclass
+class Session:
+    session_id: str
+    tenant: str
+    tags: list[str] = field(default_factory=list)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    project_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    finished: bool = False
+
+
+@dataclass
+class SamplingSession:
+    sampling_session_id: str
+    base_model: str
+    tenant: str
+    # tinker:// sampler_weights path; None samples the base model.
+    model_path: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+class Registry:
+    def __init__(self, objects: ObjectStore):
+        self.objects = objects
+
+    def _put(self, key: str, doc: object) -> None:
+        self.objects.put_bytes(key, json.dumps(asdict(doc)).encode(), "application/json")  # type: ignore[arg-type]
+
+    def _get(self, key: str, cls: type[_T]) -> _T | None:
+        if not self.objects.exists(key):
+            return None
+        return msgspec.convert(json.loads(self.objects.get_bytes(key)), cls)
+
+    def put_run(self, run: TrainingRun) -> None:
+        self._put(f"runs/{run.model_id}/run.json", run)
+
+    def get_run(self, model_id: str) -> TrainingRun | None:
+        return self._get(f"runs/{model_id}/run.json", TrainingRun)
+
+    def list_runs(self, tenant: str | None = None) -> list[TrainingRun]:
+        runs = []
+        for key in self.objects.list_keys("runs/"):
+            if key.count("/") == 2 and key.endswith("/run.json"):
+                run = self._get(key, TrainingRun)
+                if run is not None and (tenant is None or run.tenant == tenant):
+                    runs.append(run)
+        return sorted(runs, key=lambda r: r.created_at)
+
+    def put_session(self, session: Session) -> None:
+        self._put(f"sessions/{session.session_id}.json", session)
+
+    def get_session(self, session_id: str) -> Session | None:
+        return self._get(f"sessions/{session_id}.json", Session)
+
+    def put_sampling_session(self, s: SamplingSession) -> None:
+        self._put(f"sampling_sessions/{s.sampling_session_id}.json", s)
+
+    def get_sampling_session(self, sampling_session_id: str) -> SamplingSession | None:
+        return self._get(f"sampling_sessions/{sampling_session_id}.json", SamplingSession)
