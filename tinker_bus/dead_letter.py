@@ -1,0 +1,51 @@
+"""Poisoned events: park them on the dead-letter topic with the reason, answer their future, carry on."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from bus_events import ContractError, Envelope, EventType, make_event, make_result, new_id
+from bus_events import payloads as p
+from tinker_bus.kafka_io import publish
+from tinker_bus.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+
+async def send_to_dead_letter(
+    producer: AIOKafkaProducer,
+    settings: BusSettings,
+    record: ConsumerRecord,
+    reason: str,
+    stage: str,
+    request_id: str | None = None,
+    model_id: str | None = None,
+) -> None:
+    """Publish the raw record with its reason; if we know whose request it was, fail its future too."""
+    log.warning("dead-lettering %s[%s]@%s (%s): %s", record.topic, record.partition, record.offset, stage, reason)
+    env, payload = make_event(
+        EventType.DEAD_LETTER,
+        p.DeadLetter(reason=reason, stage=stage, source_topic=record.topic,  # type: ignore[arg-type]
+                     source_partition=record.partition, source_offset=record.offset, raw=record.value or b""),
+        model_id=model_id or (record.key or b"").decode(errors="replace") or "unknown",
+        request_id=new_id("dlq"),
+    )
+    # The raw bytes may be big; the dead-letter topic is for inspection, so cap what we keep inline.
+    if len(payload.raw) > settings.claim_check_bytes // 2:
+        payload.raw = payload.raw[: settings.claim_check_bytes // 2]
+    await publish(producer, settings.topics.dead_letter, env, payload, claim_check_bytes=settings.claim_check_bytes)
+    if request_id is not None:
+        fake_request = Envelope(v=1, type=EventType.GET_INFO, request_id=request_id, model_id=model_id or "unknown")
+        res_env, res = make_result(fake_request, error=p.ErrorInfo(message=f"rejected by the bus: {reason}",
+                                                                   category="user"))
+        res.request_type = "unknown"
+        await publish(producer, settings.topics.replies, res_env, res, claim_check_bytes=settings.claim_check_bytes)
+
+
+async def dead_letter_contract_error(
+    producer: AIOKafkaProducer, settings: BusSettings, record: ConsumerRecord, exc: ContractError, stage: str
+) -> None:
+    await send_to_dead_letter(producer, settings, record, str(exc), stage, exc.request_id, exc.model_id)
