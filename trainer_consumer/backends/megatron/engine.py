@@ -1,0 +1,229 @@
+"""The Megatron training backend as run by EVERY tensor-parallel rank (SPMD): same calls, same order.
+
+Each method first validates its input without communicating, so a bad request raises the same error on every
+rank before any collective starts; after that the ranks stay in lock-step. Results are identical on all ranks
+(logprobs and losses are reduced over TP, adapter exports all-gathered), so rank 0's copy is the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bus_events import payloads as p
+from loss_plugins import compute_loss, get_loss
+from trainer_consumer.backends.adamw import AdapterOptimizer
+from trainer_consumer.backends.base import (
+    AdapterExport,
+    AdapterSpec,
+    BackendInputError,
+    BaseModelInfo,
+    ForwardBackwardOutput,
+    UnknownModel,
+)
+from trainer_consumer.backends.batch import check_data, concat_inputs, plan_micro_batches
+from trainer_consumer.backends.hf_peft import _seeded_init
+from trainer_consumer.backends.megatron.config import ModelShape, build_gpt_model, model_shape
+from trainer_consumer.backends.megatron.convert import load_hf_weights, safetensors_source
+from trainer_consumer.backends.megatron.forward import checkpoint_layers, target_logprobs
+from trainer_consumer.backends.megatron.layout import ParallelLinear, all_linears
+from trainer_consumer.backends.megatron.lora import (
+    ActiveAdapter,
+    LocalAdapter,
+    attach_hooks,
+    build_local_adapter,
+    set_local_values,
+)
+from trainer_consumer.backends.megatron.optimizer import TensorParallelAdapterOptimizer
+from trainer_consumer.backends.megatron.parallel import device, tp_rank, tp_size
+from trainer_consumer.backends.megatron.peft_config import adapter_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Base:
+    info: BaseModelInfo
+    shape: ModelShape
+    model: torch.nn.Module
+    linears: list[ParallelLinear]
+    active: ActiveAdapter
+
+
+@dataclass
+class _Adapter:
+    spec: AdapterSpec
+    base: _Base
+    local: LocalAdapter
+    optimizer: AdapterOptimizer
+
+
+class MegatronEngine:
+    def __init__(self, *, logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384,
+                 gradient_checkpointing: bool = False):
+        self.dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.gradient_checkpointing = gradient_checkpointing
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.micro_batch_tokens = micro_batch_tokens
+        self._bases: dict[str, _Base] = {}
+        self._adapters: dict[str, _Adapter] = {}
+
+    # ------------------------------------------------------------------ base models
+    def _base(self, name: str) -> _Base:
+        return self._bases[name] if name in self._bases else self._load_base(name)
+
+    def _load_base(self, name: str) -> _Base:
+        from transformers import AutoConfig
+
+        from tinker_bus.base_models import resolve_base_model
+
+        path = resolve_base_model(name)
+        hf_config = AutoConfig.from_pretrained(path)
+        shape = model_shape(hf_config)
+        log.info("loading %s from %s into megatron-core (TP %d, %s)", name, path, tp_size(), self.dtype)
+        model = build_gpt_model(shape, tp_size=tp_size(), dtype=self.dtype)
+        with safetensors_source(path) as source:
+            load_hf_weights(model, source, shape, tp_rank(), tp_size())
+        return self._adopt_base(name, model, shape, (hf_config.architectures or ["?"])[0])
+
+    def _adopt_base(self, name: str, model: torch.nn.Module, shape: ModelShape, architecture: str) -> _Base:
+        model.requires_grad_(False)
+        if self.gradient_checkpointing:
+            checkpoint_layers(model)
+        model.train()  # every dropout is 0, so train and eval mode compute the same
+        linears = all_linears(shape)
+        info = BaseModelInfo(name=name, architecture=architecture, vocab_size=shape.vocab_size,
+                             max_positions=shape.max_positions)
+        base = _Base(info=info, shape=shape, model=model, linears=linears,
+                     active=attach_hooks(model, linears, tp_size()))
+        self._bases[name] = base
+        return base
+
+    def base_model_info(self, base_model: str) -> BaseModelInfo:
+        return self._base(base_model).info
+
+    # ------------------------------------------------------------------ adapters
+    def _adapter(self, model_id: str) -> _Adapter:
+        try:
+            return self._adapters[model_id]
+        except KeyError:
+            raise UnknownModel(f"no adapter is loaded for model {model_id!r}") from None
+
+    def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
+        if model_id in self._adapters:
+            raise BackendInputError(f"model {model_id!r} already has an adapter")
+        base = self._base(spec.base_model)
+        local = build_local_adapter(base.linears, set(spec.target_modules), spec.rank, spec.alpha, tp_size(),
+                                    device())
+        # The HF backend's initialisation on the full PEFT shapes, then this rank's slice: the same seed gives the
+        # same adapter in either backend and at any TP size.
+        full = {key: torch.empty(self._full_shape(local, key)) for key in local.params}
+        _seeded_init(full, spec.seed)
+        set_local_values(local, full, tp_rank(), tp_size())
+        sharded = {key for key, rule in local.sharding.items() if rule.dim is not None}
+        optimizer = (AdapterOptimizer(local.params) if tp_size() == 1
+                     else TensorParallelAdapterOptimizer(local.params, sharded))
+        self._adapters[model_id] = _Adapter(spec=spec, base=base, local=local, optimizer=optimizer)
+
+    @staticmethod
+    def _full_shape(local: LocalAdapter, key: str) -> list[int]:
+        shape = list(local.params[key].shape)
+        rule = local.sharding[key]
+        if rule.dim is not None:
+            shape[rule.dim] = rule.full_length
+        return shape
+
+    def remove_adapter(self, model_id: str) -> None:
+        adapter = self._adapters.pop(model_id, None)
+        if adapter is not None and adapter.base.active.adapter is adapter.local:
+            adapter.base.active.adapter = None
+
+    # ------------------------------------------------------------------ training
+    def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
+                         loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
+        adapter = self._adapter(model_id)
+        get_loss(loss_fn)  # an unknown loss fails before any compute
+        base = adapter.base
+        checked = check_data(data, vocab_size=base.info.vocab_size, max_positions=base.info.max_positions)
+        inputs = concat_inputs(checked)
+        batches = plan_micro_batches(checked, self.micro_batch_tokens)
+        base.active.adapter = adapter.local
+
+        def logprobs_of(batch):
+            return target_logprobs(base.model, batch, base.shape.vocab_size, self.logprob_chunk_tokens)
+
+        # Same plan as the HF backend: one graph when one micro-batch holds the request, else logprobs without
+        # graph, the loss's gradient w.r.t. them, and one forward+backward per micro-batch fed that gradient.
+        if forward_only or len(batches) > 1:
+            with torch.no_grad():
+                logprobs = torch.cat([logprobs_of(batch) for batch in batches])
+        if forward_only:
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        elif len(batches) == 1:
+            logprobs = logprobs_of(batches[0])
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+            loss.loss.backward()
+        else:
+            logprobs = logprobs.detach().requires_grad_()
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+            loss.loss.backward()
+            upstream, offset = logprobs.grad, 0
+            for batch in batches:
+                count = int(batch.mask.sum())
+                logprobs_of(batch).backward(upstream[offset:offset + count])
+                offset += count
+        flat = logprobs.detach().float().cpu().numpy()
+        splits = np.cumsum([d.length for d in checked])[:-1]
+        return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
+                                     metrics={k: float(v) for k, v in loss.metrics.items()})
+
+    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
+        return self._adapter(model_id).optimizer.step(params)
+
+    def discard_gradients(self, model_id: str) -> None:
+        self._adapter(model_id).optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ state in and out
+    def export_adapter(self, model_id: str) -> AdapterExport:
+        adapter = self._adapter(model_id)
+        return AdapterExport(config=adapter_config(adapter.spec), weights=adapter.local.full_tensors())
+
+    def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
+        adapter = self._adapter(model_id)
+        local_state = adapter.optimizer.export_state()
+        if tp_size() == 1:
+            return local_state
+        out = {}
+        for name, tensor in local_state.items():
+            key, _, moment = name.rpartition(".")
+            out[name] = tensor if moment == "step" else adapter.local.gather_like(key, tensor)
+        return out
+
+    def load_adapter(self, model_id: str, weights: Mapping[str, torch.Tensor],
+                     optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
+        adapter = self._adapter(model_id)
+        local = adapter.local
+        missing = sorted(set(local.params) - set(weights))
+        unexpected = sorted(set(weights) - set(local.params))
+        if missing or unexpected:
+            raise BackendInputError(f"adapter weights do not match the adapter: missing {missing[:3]}"
+                                    f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                                    f"{'...' if len(unexpected) > 3 else ''}")
+        for key in local.params:
+            if list(weights[key].shape) != self._full_shape(local, key):
+                raise BackendInputError(f"adapter weight {key} has shape {list(weights[key].shape)}, "
+                                        f"the adapter needs {self._full_shape(local, key)}")
+        local_moments = None
+        if optimizer_state is not None:
+            local_moments = {}
+            for name, tensor in optimizer_state.items():
+                key, _, moment = name.rpartition(".")
+                sliced = moment != "step" and key in local.params and list(tensor.shape) == self._full_shape(local, key)
+                local_moments[name] = local.local_view(key, tensor, tp_rank(), tp_size()) if sliced else tensor
+        adapter.optimizer.import_state(local_moments)  # validates before any weight changes
+        set_local_values(local, weights, tp_rank(), tp_size())
+        adapter.optimizer.zero_grad()
