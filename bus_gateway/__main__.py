@@ -1,0 +1,3 @@
+from bus_gateway.server import main
+
+main()

@@ -1,0 +1,77 @@
+"""create_app: the Litestar application (Tinker API under /api/v1, the original JSON API, OpenAPI at /schema)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, Request
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import Scope
+
+from bus_gateway import legacy_api, legacy_sampling
+from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
+from bus_gateway.config import GatewayConfig
+from bus_gateway.deps import DEPENDENCIES
+from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
+from bus_gateway.futures import IDEMPOTENCY_KEY
+from bus_gateway.state import Gateway
+from bus_gateway.tinker_api import checkpoints, futures_api, sampling, sessions, training
+from tinker_bus.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+ROUTES = [*sessions.ROUTES, *training.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES, *futures_api.ROUTES,
+          *legacy_api.ROUTES, *legacy_sampling.ROUTES]
+
+
+async def capture_idempotency_key(request: Request) -> None:
+    IDEMPOTENCY_KEY.set(request.headers.get("x-idempotency-key"))
+
+
+async def log_unexpected(exc: Exception, scope: Scope) -> None:
+    """A 500 is a bug: keep its traceback (client errors are answered and not logged)."""
+    if not isinstance(exc, HTTPException | FieldError | NotFound):
+        log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+
+
+def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
+               config: GatewayConfig | None = None) -> Litestar:
+    """api_keys: key -> tenant; None = development mode (any tml- key, tenant "default")."""
+    config = config or GatewayConfig.from_env()
+    gateway = Gateway(settings, config, api_keys)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        warn_if_development_mode(api_keys)
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    return Litestar(
+        route_handlers=ROUTES,
+        lifespan=[lifespan],
+        state=State({"gateway": gateway, "api_keys": api_keys}),
+        dependencies=DEPENDENCIES,
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        after_exception=[log_unexpected],
+        before_request=capture_idempotency_key,
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="tinker-bus gateway", version="0.1.0",
+            description="Tinker API (the official SDK's wire protocol) plus the original JSON API, on Kafka.",
+            components=Components(security_schemes={
+                "apiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header")}),
+            security=[{"apiKey": []}],
+        ),
+        logging_config=None,  # the host process owns logging (tests, the launcher, server.main)
+        debug=False,
+    )

@@ -1,0 +1,106 @@
+"""Reads every partition of the reply topic (results) and of the request topics (who asked what) into the
+future table, without a consumer group, so every gateway instance sees everything.
+
+Start position: offsets_for_times(now - result TTL), never `latest` / end offsets (local-infra.md 2.1: Tansu
+answers ListOffsets(LATEST) wrongly). Tansu also answers offsets_for_times with offset 0 when no record is
+that new, so records older than the window are skipped by their timestamp as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from bus_events import BlobStore, ContractError, EventType, decode_envelope, decode_payload
+from bus_events import payloads as p
+from bus_gateway.futures import Future, FutureTable
+from tinker_bus.kafka_io import make_consumer
+from tinker_bus.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+REQUEST_EVENTS = frozenset(EventType) - {EventType.RESULT, EventType.DEAD_LETTER, EventType.SEQ_VOID}
+
+
+class BusListener:
+    def __init__(self, settings: BusSettings, table: FutureTable, blob_store: BlobStore) -> None:
+        self.settings = settings
+        self.table = table
+        self.blob_store = blob_store
+        self.consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+        self.records_seen = 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _partitions(self, topic: str) -> list[TopicPartition]:
+        assert self.consumer is not None
+        known = self.consumer.partitions_for_topic(topic)
+        count = self.settings.topics.all()[topic]
+        return [TopicPartition(topic, n) for n in sorted(known or range(count))]
+
+    async def start(self) -> None:
+        topics = self.settings.topics
+        self.consumer = make_consumer(self.settings, group_id=None)
+        await self.consumer.start()
+        tps = [tp for t in (topics.replies, topics.train, topics.sample) for tp in self._partitions(t)]
+        self.consumer.assign(tps)
+        window_start_ms = int((time.time() - self.settings.result_ttl_s) * 1000)
+        offsets = await self.consumer.offsets_for_times({tp: window_start_ms for tp in tps})
+        for tp in tps:
+            found = offsets.get(tp)
+            self.consumer.seek(tp, found.offset if found is not None else 0)
+        self._task = asyncio.create_task(self._run(), name="gateway-bus-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        while True:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=2000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broker hiccup must not kill the listener: every retrieve_future depends on it
+                log.exception("bus listener fetch failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for records in batches.values():
+                for record in records:
+                    await self.handle(record)
+
+    async def handle(self, record: ConsumerRecord) -> None:
+        self.records_seen += 1
+        if record.timestamp / 1000 < time.time() - self.settings.result_ttl_s:
+            return
+        try:
+            env = decode_envelope(record.value)
+            if env.type == EventType.RESULT:
+                if env.payload_ref is not None:  # claim-checked result: S3 read off the event loop
+                    result = await asyncio.to_thread(decode_payload, env, self.blob_store)
+                else:
+                    result = decode_payload(env)
+                assert isinstance(result, p.Result)
+                self.table.resolve(env.request_id, result, tenant=env.tenant, model_id=env.model_id,
+                                   seq_id=env.seq_id)
+            elif env.type in REQUEST_EVENTS:
+                self.table.add(Future(env.request_id, env.tenant, env.type.value, env.model_id, env.seq_id,
+                                      created_at=env.created_at or record.timestamp / 1000))
+        except ContractError as exc:
+            # Workers dead-letter poison on their topics; the gateway only reads, so it just skips it.
+            log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset, exc)
+        except Exception as exc:  # e.g. a claim-checked result whose blob is gone
+            log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset, exc)

@@ -1,0 +1,32 @@
+"""Dependencies every route handler may ask for by name: `gw` (the Gateway) and `tenant` (the caller's)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Request
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import PathParameter
+
+from bus_gateway.state import Gateway
+from bus_gateway.tinker_api.schemas import ID_PATTERN
+
+
+def provide_gateway(state: State) -> Gateway:
+    return state.gateway
+
+
+def provide_tenant(request: Request) -> str:
+    return request.user  # set by ApiKeyMiddleware
+
+
+DEPENDENCIES = {
+    "gw": Provide(provide_gateway, sync_to_thread=False),
+    "tenant": Provide(provide_tenant, sync_to_thread=False),
+}
+
+GatewayDep = NamedDependency[Gateway]
+# An id in a URL path: the same character set as ids in bodies (anything else cannot name a thing of ours).
+PathId = Annotated[str, PathParameter(pattern=ID_PATTERN)]
+TenantDep = NamedDependency[str]

@@ -1,0 +1,66 @@
+"""Run the gateway under uvicorn on 127.0.0.1 (another interface only where a container entrypoint passes
+`host`): in-process as a coroutine (tests) or as its own process (`tinker-bus gateway`, `python -m bus_gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+
+from bus_gateway.app import create_app
+from bus_gateway.auth import API_KEYS_ENV, api_keys_from_env
+from bus_gateway.config import GatewayConfig
+from tinker_bus.settings import BusSettings
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def make_server(settings: BusSettings, *, api_keys: dict[str, str] | None, port: int,
+                config: GatewayConfig | None = None, log_level: str = "info", host: str = HOST) -> uvicorn.Server:
+    """`host` other than 127.0.0.1 only inside a container, whose port mapping is the real boundary."""
+    app = create_app(settings, api_keys, config)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                         timeout_keep_alive=75, access_log=False))
+
+
+async def run_gateway(settings: BusSettings, *, api_keys: dict[str, str] | None = None, port: int = DEFAULT_PORT,
+                      config: GatewayConfig | None = None, ready: asyncio.Event | None = None,
+                      log_level: str = "info") -> None:
+    """Serve until cancelled; `ready` is set once the port accepts requests."""
+    server = make_server(settings, api_keys=api_keys, port=port, config=config, log_level=log_level)
+    # uvicorn only installs signal handlers in the main thread's own run(); in-process we stop it by flag.
+    task = asyncio.create_task(server.serve(), name="gateway-uvicorn")
+    try:
+        while not server.started:
+            if task.done():
+                await task  # re-raise why it could not start
+                raise RuntimeError(f"gateway on {HOST}:{port} exited during startup")
+            await asyncio.sleep(0.02)
+        if ready is not None:
+            ready.set()
+        await asyncio.shield(task)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tinker-bus gateway", description=__doc__)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY=TENANT",
+                        help=f"repeatable; also read from ${API_KEYS_ENV}. None = development mode")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = make_server(BusSettings.from_env(), api_keys=api_keys_from_env(args.api_key), port=args.port,
+                         log_level=args.log_level)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

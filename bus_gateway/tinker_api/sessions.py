@@ -1,0 +1,125 @@
+"""Bootstrap, sessions, telemetry, capabilities and health (tinker-protocol.md 1.4, 2.1).
+
+/api/v1/client/dynamic_config is deliberately not served: the SDK treats its 404 as "keep the defaults".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+from litestar import get, post
+from litestar.exceptions import ClientException
+from litestar.params import JSONBody
+
+from artifact_store import Session
+from bus_gateway.deps import GatewayDep, PathId, TenantDep
+from bus_gateway.state import Gateway
+from bus_gateway.tinker_api.schemas import (
+    ClientConfigRequest,
+    ClientConfigResponse,
+    CreateSessionRequest,
+    CreateSessionResponse,
+    FinishSessionRequest,
+    ServerCapabilities,
+    SessionHeartbeatRequest,
+    SessionHeartbeatResponse,
+    StatusResponse,
+    SupportedModel,
+    TelemetryRequest,
+)
+from tinker_bus.health import read_health
+
+log = logging.getLogger(__name__)
+
+
+@post("/api/v1/client/config", status_code=200, tags=["session"])
+async def client_config(data: JSONBody[ClientConfigRequest], gw: GatewayDep) -> ClientConfigResponse:
+    return ClientConfigResponse(
+        use_pyqwest_transport=False,  # one well-known HTTP stack (httpx)
+        parallel_fwdbwd_chunks=gw.config.parallel_fwdbwd_chunks,
+        proto_compress_fwdbwd=gw.config.compress_fwdbwd,
+    )
+
+
+@post("/api/v1/create_session", status_code=200, tags=["session"])
+async def create_session(data: JSONBody[CreateSessionRequest], gw: GatewayDep,
+                         tenant: TenantDep) -> CreateSessionResponse:
+    session = Session(session_id=f"sess-{uuid.uuid4().hex[:16]}", tenant=tenant, tags=list(data.tags),
+                      user_metadata=dict(data.user_metadata or {}), project_id=data.project_id)
+    await asyncio.to_thread(gw.registry.put_session, session)
+    gw.remember_session(session)
+    return CreateSessionResponse(session_id=session.session_id)
+
+
+@post("/api/v1/session_heartbeat", status_code=200, tags=["session"])
+async def session_heartbeat(data: JSONBody[SessionHeartbeatRequest], gw: GatewayDep,
+                            tenant: TenantDep) -> SessionHeartbeatResponse:
+    session = await gw.session(data.session_id, tenant)
+    if session.finished:
+        raise ClientException(status_code=410, detail=f"session {data.session_id!r} is finished")
+    session.last_heartbeat = time.time()
+    await asyncio.to_thread(gw.registry.put_session, session)
+    return SessionHeartbeatResponse()
+
+
+@post("/api/v1/sessions/{session_id:str}/finish", status_code=200, tags=["session"])
+async def finish_session(session_id: PathId, data: JSONBody[FinishSessionRequest], gw: GatewayDep,
+                         tenant: TenantDep) -> dict[str, str]:
+    session = await gw.session(session_id, tenant)
+    if not session.finished:  # the first finish reason wins
+        session.finished = True
+        session.user_metadata = {**session.user_metadata,
+                                 "finish_reason": data.reason.type if data.reason else "success"}
+        await asyncio.to_thread(gw.registry.put_session, session)
+    return {"session_id": session_id, "status": "finished"}
+
+
+@post("/api/v1/telemetry", status_code=200, tags=["session"])
+async def telemetry(data: JSONBody[TelemetryRequest]) -> StatusResponse:
+    log.debug("telemetry: %d events from session %s", len(data.events), data.session_id)
+    return StatusResponse(status="accepted")
+
+
+@get(["/api/v1/get_server_capabilities", "/get_server_capabilities"], tags=["session"])
+async def get_server_capabilities(gw: GatewayDep) -> ServerCapabilities:
+    models = []
+    for name in gw.settings.base_models:
+        try:
+            context = (await gw.base_models.info(name)).max_context_length
+        except Exception as exc:  # listed but not resolvable here: still advertise what is configured
+            log.warning("base model %s: %s", name, exc)
+            context = None
+        models.append(SupportedModel(model_name=name, max_context_length=context))
+    return ServerCapabilities(supported_models=models)
+
+
+async def health_report(gw: Gateway) -> dict[str, Any]:
+    s3_ok = await asyncio.to_thread(gw.objects.ping)
+    workers = await asyncio.to_thread(read_health, gw.objects) if s3_ok else []
+    components: dict[str, Any] = {
+        "gateway": {"healthy": gw.listener.running, "futures": len(gw.futures),
+                    "pending_samples": gw.futures.local_pending_samples},
+        "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
+        "kafka": {"healthy": gw.producer is not None and gw.listener.running,
+                  "bootstrap": gw.settings.kafka_bootstrap},
+    }
+    for role in ("trainer", "sampler"):
+        alive = [w for w in workers if w.role == role and w.alive]
+        components[role] = {"healthy": bool(alive), "instances": len(alive),
+                            "detail": [dataclasses.asdict(w)["detail"] for w in alive]}
+    healthy = all(c["healthy"] for c in components.values())
+    return {"status": "ok" if healthy else "degraded", "components": components}
+
+
+@get(["/api/v1/healthz", "/healthz"], tags=["session"], summary="Liveness of the gateway, S3, Kafka and workers")
+async def healthz(gw: GatewayDep) -> dict[str, Any]:
+    return await health_report(gw)
+
+
+ROUTES = [client_config, create_session, session_heartbeat, finish_session, telemetry, get_server_capabilities,
+          healthz]

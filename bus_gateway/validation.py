@@ -1,0 +1,100 @@
+"""Checks done at the gateway before anything reaches the bus, each failing with a FieldError naming the field:
+token ids inside the model's vocabulary, loss_fn_inputs aligned with model_input, finite numbers, a known
+loss_fn with its required inputs and known config keys."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bus_events import Tensor
+from bus_events import payloads as p
+from bus_gateway.errors import FieldError
+from loss_plugins import UnknownLoss, get_loss
+
+MAX_DATUMS = 100_000
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, field: str) -> None:
+    if tokens.size == 0:
+        return
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        position = np.unravel_index(int(bad[0]), tokens.shape)
+        where = position[0] if len(position) == 1 else tuple(int(i) for i in position)
+        raise FieldError(field, f"token id {int(tokens.flat[bad[0]])} at position {where} is outside the "
+                                f"model's vocabulary [0, {vocab_size})")
+
+
+def check_finite(values: np.ndarray, field: str) -> None:
+    if values.dtype.kind != "f" or values.size == 0:
+        return
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise FieldError(field, f"{values.flat[bad[0]]} at position {int(bad[0])} is not a finite number")
+
+
+def check_loss_fn(loss_fn: str, loss_fn_config: dict[str, float | str]) -> tuple[str, ...]:
+    """The loss's required inputs, after checking the name and the config keys."""
+    try:
+        spec = get_loss(loss_fn)
+    except UnknownLoss as exc:
+        raise FieldError("loss_fn", str(exc)) from exc
+    for key, value in loss_fn_config.items():
+        if key not in spec.config_defaults:
+            allowed = ", ".join(sorted(spec.config_defaults)) or "none"
+            raise FieldError(f"loss_fn_config.{key}", f"unknown key for loss_fn {loss_fn!r} (allowed: {allowed})")
+        if isinstance(value, str) or not math.isfinite(value):
+            raise FieldError(f"loss_fn_config.{key}", f"must be a finite number, got {value!r}")
+    return spec.required_inputs
+
+
+def _check_input(name: str, tensor: Tensor, length: int, target_shape: tuple[int, ...] | None,
+                 vocab_size: int, field: str) -> None:
+    values = tensor.numpy()
+    if values.ndim not in (1, 2) or values.shape[0] != length:
+        raise FieldError(field, f"shape {list(values.shape)} does not match model_input length {length} "
+                                "(every loss_fn_input needs one entry per model_input token)")
+    if target_shape is not None and values.shape != target_shape:
+        raise FieldError(field, f"shape {list(values.shape)} differs from target_tokens shape {list(target_shape)}")
+    if name == "target_tokens":
+        check_token_ids(values, vocab_size, field)
+    else:
+        check_finite(values, field)
+
+
+def validate_forward_backward(fb: p.ForwardBackward, vocab_size: int) -> None:
+    required = check_loss_fn(fb.loss_fn, fb.loss_fn_config)
+    if not fb.data:
+        raise FieldError("data", "at least one datum is required")
+    if len(fb.data) > MAX_DATUMS:
+        raise FieldError("data", f"{len(fb.data)} datums is more than {MAX_DATUMS} per request")
+    for i, datum in enumerate(fb.data):
+        where = f"data[{i}]"
+        tokens = datum.tokens.numpy()
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise FieldError(f"{where}.model_input", "needs at least one token")
+        check_token_ids(tokens, vocab_size, f"{where}.model_input")
+        for name in required:
+            if name not in datum.loss_fn_inputs:
+                raise FieldError(f"{where}.loss_fn_inputs.{name}", f"required by loss_fn {fb.loss_fn!r}")
+        if "target_tokens" not in datum.loss_fn_inputs:
+            raise FieldError(f"{where}.loss_fn_inputs.target_tokens", "required (the tokens model_input predicts)")
+        target = datum.loss_fn_inputs["target_tokens"]
+        _check_input("target_tokens", target, tokens.size, None, vocab_size,
+                     f"{where}.loss_fn_inputs.target_tokens")
+        for name, tensor in datum.loss_fn_inputs.items():
+            if name != "target_tokens":
+                _check_input(name, tensor, tokens.size, tuple(target.shape), vocab_size,
+                             f"{where}.loss_fn_inputs.{name}")
+
+
+def validate_prompt(prompt: np.ndarray, vocab_size: int, max_context: int | None, max_tokens: int,
+                    field: str = "prompt") -> None:
+    if prompt.size == 0:
+        raise FieldError(field, "needs at least one token")
+    check_token_ids(prompt, vocab_size, field)
+    if max_context is not None and prompt.size + max_tokens > max_context:
+        raise FieldError(field, f"{prompt.size} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                                f"context of {max_context} tokens")

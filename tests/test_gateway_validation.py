@@ -1,0 +1,154 @@
+"""Bad input is stopped at the gateway with an error naming the field; a rejected seq_id is voided on the bus
+(so the trainer does not wait for it); the gateway keeps serving afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import zstandard
+from gateway_support import (
+    API_KEYS,
+    HEADERS_A,
+    BusProbe,
+    gateway_client,
+    seed_model,
+)
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from bus_events import EventType
+from bus_gateway.config import GatewayConfig
+from tinker_bus.base_models import vocab_size
+
+PROTO = {**HEADERS_A, "Content-Type": "application/x-protobuf"}
+
+pytest_plugins = ["gateway_support"]
+
+
+def _fb_body(model_id: str, seq_id: int, tokens=(1, 2, 3), targets=(2, 3, 4), loss_fn="cross_entropy",
+             extra: dict | None = None, config: dict | None = None) -> bytes:
+    inputs = {"target_tokens": types.TensorData(data=list(targets), dtype="int64", shape=[len(targets)]),
+              "weights": types.TensorData(data=[1.0] * len(targets), dtype="float32", shape=[len(targets)])}
+    for name, values in (extra or {}).items():
+        inputs[name] = types.TensorData(data=list(values), dtype="float32", shape=[len(values)])
+    request = types.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(
+            data=[types.Datum(model_input=types.ModelInput.from_ints(list(tokens)), loss_fn_inputs=inputs)],
+            loss_fn=loss_fn, loss_fn_config=config))
+    return forward_backward_request_to_proto(request).SerializeToString()
+
+
+async def test_valid_forward_backward_reaches_the_bus_compressed(gw_settings):
+    model_id = seed_model(gw_settings, "alice")
+    async with BusProbe(gw_settings) as bus, gateway_client(gw_settings, API_KEYS) as client:
+        body = zstandard.ZstdCompressor().compress(_fb_body(model_id, 1, extra={"advantages": [1.0, 0.0, -1.0],
+                                                                               "logprobs": [-1.0, -1.0, -1.0]},
+                                                            loss_fn="ppo", config={"clip_low_threshold": 0.9}))
+        resp = await client.post("/api/v1/forward_backward", content=body,
+                                 headers={**PROTO, "Content-Encoding": "zstd"})
+        assert resp.status_code == 200, resp.text
+        env, payload = await bus.next_event(EventType.FORWARD_BACKWARD)
+        assert (env.request_id, env.seq_id, payload.loss_fn) == (resp.json()["request_id"], 1, "ppo")
+        assert payload.loss_fn_config == {"clip_low_threshold": 0.9}
+        assert payload.data[0].loss_fn_inputs["advantages"].numpy().tolist() == [1.0, 0.0, -1.0]
+
+
+@pytest.mark.parametrize(("case", "field", "message"), [
+    ("vocab", "data[0].model_input", "outside the model's vocabulary"),
+    ("target_vocab", "data[0].loss_fn_inputs.target_tokens", "outside the model's vocabulary"),
+    ("nan", "data[0].loss_fn_inputs.advantages", "not a finite number"),
+    ("length", "data[0].loss_fn_inputs.target_tokens", "does not match model_input length"),
+    ("loss", "loss_fn", "unknown loss_fn"),
+    ("missing", "data[0].loss_fn_inputs.advantages", "required by loss_fn"),
+    ("config", "loss_fn_config.beta", "unknown key"),
+])
+async def test_bad_forward_backward_is_rejected_and_its_seq_voided(gw_settings, case, field, message):
+    model_id = seed_model(gw_settings, "alice")
+    vocab = vocab_size(gw_settings.base_models[0])
+    bodies = {
+        "vocab": lambda: _fb_body(model_id, 5, tokens=(1, vocab, 3)),
+        "target_vocab": lambda: _fb_body(model_id, 5, targets=(2, 3, -1)),
+        "nan": lambda: _fb_body(model_id, 5, loss_fn="importance_sampling",
+                                extra={"advantages": [0.0, float("nan"), 1.0], "logprobs": [-1.0] * 3}),
+        "length": lambda: _fb_body(model_id, 5, targets=(2, 3)),
+        "loss": lambda: _fb_body(model_id, 5, loss_fn="warp_drive"),
+        "missing": lambda: _fb_body(model_id, 5, loss_fn="importance_sampling", extra={"logprobs": [-1.0] * 3}),
+        "config": lambda: _fb_body(model_id, 5, config={"beta": 0.5}),
+    }
+    async with BusProbe(gw_settings) as bus, gateway_client(gw_settings, API_KEYS) as client:
+        resp = await client.post("/api/v1/forward_backward", content=bodies[case](), headers=PROTO)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["field"] == field and message in resp.json()["detail"]
+        env, payload = await bus.next_event(EventType.SEQ_VOID)
+        assert (env.model_id, env.seq_id, env.tenant) == (model_id, 5, "alice")
+        assert message in payload.reason
+        # Still serving: the next request goes through.
+        ok = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 6), headers=PROTO)
+        assert ok.status_code == 200
+        assert (await bus.next_event(EventType.FORWARD_BACKWARD))[0].seq_id == 6
+
+
+async def test_malformed_and_oversized_bodies(gw_settings):
+    model_id = seed_model(gw_settings, "alice")
+    config = GatewayConfig(max_body_bytes=4096, long_poll_s=1.0)
+    async with gateway_client(gw_settings, API_KEYS, config) as client:
+        garbage = await client.post("/api/v1/forward_backward", content=b"\x0a\xff\xff\xff\xff\x0f", headers=PROTO)
+        assert garbage.status_code == 400 and garbage.json()["field"] == "body"
+        big = _fb_body(model_id, 1, tokens=list(range(2000)), targets=list(range(1, 2001)))
+        too_big = await client.post("/api/v1/forward_backward", content=big, headers=PROTO)
+        assert too_big.status_code == 413
+        bomb = zstandard.ZstdCompressor().compress(b"\0" * 100_000)
+        inflated = await client.post("/api/v1/forward_backward", content=bomb,
+                                     headers={**PROTO, "Content-Encoding": "zstd"})
+        assert inflated.status_code == 413
+        bad_json = await client.post("/api/v1/optim_step", content=b"{not json", headers=HEADERS_A)
+        assert bad_json.status_code == 400
+        typed = await client.post("/api/v1/optim_step", headers=HEADERS_A,
+                                  json={"model_id": model_id, "adam_params": {"learning_rate": "fast"}})
+        assert typed.status_code == 400 and "learning_rate" in typed.text
+        negative = await client.post("/api/v1/optim_step", headers=HEADERS_A,
+                                     json={"model_id": model_id, "seq_id": 2, "adam_params": {"beta1": 1.5}})
+        assert negative.status_code == 400 and negative.json()["field"] == "adam_params"
+        assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 3),
+                                  headers=PROTO)).status_code == 200
+
+
+async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
+    async with gateway_client(gw_settings, API_KEYS) as client:
+        session = (await client.post("/api/v1/create_session", json={}, headers=HEADERS_A)).json()["session_id"]
+        sampler = (await client.post("/api/v1/create_sampling_session", headers=HEADERS_A, json={
+            "session_id": session, "sampling_session_seq_id": 0,
+            "base_model": gw_settings.base_models[0]})).json()["sampling_session_id"]
+
+        def sample(**overrides):
+            body = {"sampling_session_id": sampler, "seq_id": 0, "num_samples": 1,
+                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+                    "sampling_params": {"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 1.0}}
+            return client.post("/api/v1/asample", headers=HEADERS_A, json={**body, **overrides})
+
+        vocab = vocab_size(gw_settings.base_models[0])
+        out = await sample(prompt={"chunks": [{"type": "encoded_text", "tokens": [1, int(np.int64(vocab))]}]})
+        assert out.status_code == 400 and out.json()["field"] == "prompt"
+        image = await sample(prompt={"chunks": [{"type": "image", "data": "AA==", "format": "png"}]})
+        assert image.status_code == 400 and image.json()["field"] == "prompt.chunks[0]"
+        topk = await sample(topk_sample_logprobs=2)
+        assert topk.status_code == 400 and topk.json()["field"] == "topk_sample_logprobs"
+        bad_top_p = await sample(sampling_params={"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 0.0})
+        assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params"
+        assert (await sample()).status_code == 200
+
+
+async def test_big_requests_travel_by_claim_check(gw_settings):
+    settings = replace(gw_settings, claim_check_bytes=4096)
+    model_id = seed_model(settings, "alice")
+    tokens = list(range(1, 2001))
+    async with BusProbe(settings) as bus, gateway_client(settings, API_KEYS) as client:
+        resp = await client.post("/api/v1/forward_backward", headers=PROTO,
+                                 content=_fb_body(model_id, 1, tokens=[t % 200 for t in tokens],
+                                                  targets=[(t + 1) % 200 for t in tokens]))
+        assert resp.status_code == 200, resp.text
+        env, payload = await bus.next_event(EventType.FORWARD_BACKWARD)
+        assert env.payload is None and env.payload_ref is not None and env.payload_ref.size > 4096
+        assert payload.data[0].tokens.numel == 2000
