@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
+# A concurrent overwrite may replace the version a reader resolved; the reader retries with the new manifest.
+READ_ATTEMPTS = 3
+_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+_UNEMBED_MODULES = ("lm_head",)
 
 
 class CheckpointExists(FileExistsError):
@@ -67,6 +73,8 @@ class CheckpointInfo:
     expires_at: float | None
     user_metadata: dict[str, str]
     base_model: str
+    # The manifest version: changes on every save, so (path, version) names one immutable set of weights.
+    version: str = ""
 
     def as_tinker_json(self) -> dict[str, Any]:
         """The SDK's Checkpoint shape (tinker-protocol.md 2.5)."""
@@ -93,6 +101,21 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _json_default(value: Any) -> Any:
+    """PEFT configs hold sets (target_modules) and str enums (peft_type); PEFT's own save does the same."""
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"adapter_config value {value!r} ({type(value).__name__}) is not JSON serialisable")
+
+
+def _targets(config: dict[str, Any], candidates: tuple[str, ...]) -> bool:
+    """Whether a PEFT `target_modules` (list of suffixes, or one regex) covers any of `candidates`."""
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, f"model.layers.0.{c}") or re.fullmatch(targets, c) for c in candidates)
+    return any(t == c or t.endswith(f".{c}") for t in targets for c in candidates)
+
+
 class CheckpointStore:
     def __init__(self, objects: ObjectStore):
         self.objects = objects
@@ -111,7 +134,7 @@ class CheckpointStore:
         if not overwrite and self._manifest(path) is not None:
             raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
         files: dict[str, bytes] = {
-            ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1).encode(),
+            ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1, default=_json_default).encode(),
             ADAPTER_WEIGHTS: st_save(_contiguous(ckpt.adapter_weights)),
         }
         if path.kind == "weights":
@@ -131,7 +154,7 @@ class CheckpointStore:
             "user_metadata": user_metadata or {},
             "files": {name: {"sha256": _sha(data), "size": len(data)} for name, data in files.items()},
         }
-        previous = self._manifest(path)
+        previous = self._manifest(path, include_expired=True)
         self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode(),
                                "application/json")
         if previous is not None and previous["version"] != version:
@@ -139,12 +162,13 @@ class CheckpointStore:
         return self._info(path, manifest)
 
     # ------------------------------------------------------------------ read
-    def _manifest(self, path: TinkerPath) -> dict[str, Any] | None:
-        key = f"{path.prefix}{MANIFEST}"
-        if not self.objects.exists(key):
+    def _manifest(self, path: TinkerPath, include_expired: bool = False) -> dict[str, Any] | None:
+        # One GET, no exists() first: a delete between the two calls would surface as an S3 error.
+        data = self.objects.get_bytes_or_none(f"{path.prefix}{MANIFEST}")
+        if data is None:
             return None
-        manifest = json.loads(self.objects.get_bytes(key))
-        if manifest.get("expires_at") and manifest["expires_at"] < time.time():
+        manifest = json.loads(data)
+        if not include_expired and manifest.get("expires_at") and manifest["expires_at"] < time.time():
             return None
         return manifest
 
@@ -156,6 +180,7 @@ class CheckpointStore:
             expires_at=manifest.get("expires_at"),
             user_metadata=manifest.get("user_metadata", {}),
             base_model=manifest["base_model"],
+            version=manifest["version"],
         )
 
     def info(self, path: TinkerPath) -> CheckpointInfo:
@@ -164,27 +189,67 @@ class CheckpointStore:
             raise CheckpointNotFound(f"no checkpoint at {path}")
         return self._info(path, manifest)
 
+    def _read_verified(self, path: TinkerPath, only: tuple[str, ...] | None = None
+                       ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The manifest and the files it lists (or `only` those), each checked against its sha256.
+
+        An overwrite deletes the previous version's files right after publishing its manifest, so a reader
+        that resolved the old manifest may find files gone or replaced: it re-reads the manifest and retries.
+        """
+        for _ in range(READ_ATTEMPTS):
+            manifest = self._manifest(path)
+            if manifest is None:
+                raise CheckpointNotFound(f"no checkpoint at {path}")
+            out: dict[str, bytes] = {}
+            problem = None
+            for name, meta in manifest["files"].items():
+                if only is not None and name not in only:
+                    continue
+                data = self.objects.get_bytes_or_none(f"{path.prefix}{manifest['version']}/{name}")
+                if data is None:
+                    problem = f"{name} is missing"
+                    break
+                if len(data) != meta["size"] or _sha(data) != meta["sha256"]:
+                    problem = f"{name} does not match its manifest checksum"
+                    break
+                out[name] = data
+            if problem is None:
+                return manifest, out
+            current = self._manifest(path)
+            if current is None or current["version"] == manifest["version"]:
+                raise CheckpointCorrupt(f"{path} (version {manifest['version']}): {problem}")
+        raise CheckpointCorrupt(f"{path}: rewritten {READ_ATTEMPTS} times while being read")
+
     def read_files(self, path: TinkerPath) -> dict[str, bytes]:
         """Every file of the checkpoint, each verified against the manifest."""
-        manifest = self._manifest(path)
-        if manifest is None:
-            raise CheckpointNotFound(f"no checkpoint at {path}")
-        out = {}
-        for name, meta in manifest["files"].items():
-            data = self.objects.get_bytes(f"{path.prefix}{manifest['version']}/{name}")
-            if len(data) != meta["size"] or _sha(data) != meta["sha256"]:
-                raise CheckpointCorrupt(f"{path}: {name} does not match its manifest checksum")
-            out[name] = data
-        return out
+        return self._read_verified(path)[1]
 
     def load(self, path: TinkerPath) -> Checkpoint:
-        files = self.read_files(path)
-        return Checkpoint(
+        return self.load_with_info(path)[0]
+
+    def load_with_info(self, path: TinkerPath) -> tuple[Checkpoint, CheckpointInfo]:
+        """The checkpoint and the info (incl. manifest version) of exactly the files that were loaded."""
+        manifest, files = self._read_verified(path)
+        ckpt = Checkpoint(
             adapter_config=json.loads(files[ADAPTER_CONFIG]),
             adapter_weights=st_load(files[ADAPTER_WEIGHTS]),
             optimizer_state=st_load(files[OPTIMIZER]) if OPTIMIZER in files else None,
             state=json.loads(files[STATE]) if STATE in files else {},
         )
+        return ckpt, self._info(path, manifest)
+
+    def weights_info(self, path: TinkerPath) -> dict[str, Any]:
+        """The SDK's WeightsInfoResponse (tinker-protocol.md 2.5), read from the checkpoint's adapter config."""
+        manifest, files = self._read_verified(path, only=(ADAPTER_CONFIG,))
+        config = json.loads(files[ADAPTER_CONFIG])
+        return {
+            "base_model": manifest["base_model"],
+            "is_lora": True,
+            "lora_rank": int(config.get("r", 0)),
+            "train_attn": _targets(config, _ATTN_MODULES),
+            "train_mlp": _targets(config, _MLP_MODULES),
+            "train_unembed": _targets(config, _UNEMBED_MODULES),
+        }
 
     def download(self, path: TinkerPath, dest: Path) -> Path:
         """Write the checkpoint's files into `dest` (a folder PeftModel.from_pretrained loads as is)."""
@@ -215,19 +280,29 @@ class CheckpointStore:
                 continue
             if kind not in CHECKPOINT_TYPES:
                 continue
-            manifest = self._manifest(path)
+            manifest = self._manifest(path, include_expired=True)
             if manifest is None:
-                self.delete(path)  # expired: sweep it
+                continue  # deleted since it was listed
+            if manifest.get("expires_at") and manifest["expires_at"] < time.time():
+                self._sweep_expired(path, manifest["version"])
                 continue
             infos.append(self._info(path, manifest))
         return sorted(infos, key=lambda i: i.created_at)
+
+    def _sweep_expired(self, path: TinkerPath, version: str) -> None:
+        """Delete an expired checkpoint, unless a save replaced it since we looked."""
+        current = self._manifest(path, include_expired=True)
+        if current is not None and current["version"] == version and current.get("expires_at") \
+                and current["expires_at"] < time.time():
+            self.delete(path)
 
     def set_ttl(self, path: TinkerPath, ttl_seconds: int | None) -> None:
         manifest = self._manifest(path)
         if manifest is None:
             raise CheckpointNotFound(f"no checkpoint at {path}")
         manifest["expires_at"] = time.time() + ttl_seconds if ttl_seconds else None
-        self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode(),
+                               "application/json")
 
     def delete(self, path: TinkerPath) -> bool:
         """Manifest first, so the checkpoint disappears atomically; then its files."""

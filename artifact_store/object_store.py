@@ -10,6 +10,8 @@ from minio.error import S3Error
 
 from tinker_bus.settings import BusSettings
 
+MISSING_KEY_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
+
 
 class ObjectStore:
     """A bucket of immutable-by-convention objects. Implements bus_events.BlobStore for claim checks."""
@@ -42,12 +44,21 @@ class ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def get_bytes_or_none(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is no such key (one request, no exists() race)."""
+        try:
+            return self.get_bytes(key)
+        except S3Error as exc:
+            if exc.code in MISSING_KEY_CODES:
+                return None
+            raise
+
     def exists(self, key: str) -> bool:
         try:
             self.client.stat_object(self.bucket, key)
             return True
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            if exc.code in MISSING_KEY_CODES:
                 return False
             raise
 

@@ -68,9 +68,8 @@ class Registry:
         self.objects.put_bytes(key, json.dumps(asdict(doc)).encode(), "application/json")  # type: ignore[arg-type]
 
     def _get(self, key: str, cls: type[_T]) -> _T | None:
-        if not self.objects.exists(key):
-            return None
-        return msgspec.convert(json.loads(self.objects.get_bytes(key)), cls)
+        data = self.objects.get_bytes_or_none(key)
+        return None if data is None else msgspec.convert(json.loads(data), cls)
 
     def put_run(self, run: TrainingRun) -> None:
         self._put(f"runs/{run.model_id}/run.json", run)

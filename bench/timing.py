@@ -58,6 +58,7 @@ class Row:
 def print_table(title: str, rows: list[Row], baseline: str) -> None:
     base = next(r for r in rows if r.name == baseline)
     print(f"\n{title}")
-    print(f"{'variant':<34}{'tok/s':>12}{'vs ' + baseline:>16}{'median step s':>15}{'peak GiB':>10}")
+    width = max(len(r.name) for r in rows) + 2
+    print(f"{'variant':<{width}}{'tok/s':>12}{'ratio':>10}{'median step s':>15}{'peak GiB':>10}  (ratio vs {baseline})")
     for r in rows:
-        print(f"{r.name:<34}{r.tok_s:>12.0f}{r.tok_s / base.tok_s:>15.3f}x{r.median_s:>15.4f}{r.peak_gib:>10.2f}")
+        print(f"{r.name:<{width}}{r.tok_s:>12.0f}{r.tok_s / base.tok_s:>9.3f}x{r.median_s:>15.4f}{r.peak_gib:>10.2f}")

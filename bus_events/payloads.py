@@ -124,6 +124,9 @@ class SeqVoid(_Payload):
     """A seq_id the gateway rejected: consumed, so the trainer must not wait for it."""
 
     reason: str = ""
+    # The rejected request's event type, "" if unknown. A void forward_backward, or one of unknown type, fails
+    # the current gradient window exactly like a failed forward_backward (its optim_step is not applied).
+    request_type: str = ""
 
 
 # ----------------------------------------------------------------------------- sampling requests

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from artifact_store.object_store import ObjectStore
@@ -63,3 +64,16 @@ def read_health(store: ObjectStore) -> list[WorkerHealth]:
             continue
         out.append(WorkerHealth(doc["role"], doc["instance"], doc["last_seen"], doc.get("detail", {})))
     return out
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(store: ObjectStore, role: str, detail=None) -> AsyncIterator[str]:
+    """Heartbeat as `role` for the duration of the block; yields this worker's instance id."""
+    instance = instance_id(role)
+    task = asyncio.create_task(heartbeat_loop(store, role, instance, detail), name=f"{role}-heartbeat")
+    try:
+        yield instance
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

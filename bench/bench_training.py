@@ -1,0 +1,198 @@
+"""Training throughput: bare transformers + PEFT vs our HF backend vs the full bus path, one table per run.
+
+    python -m bench.bench_training --shape llama-1b --device cuda          # GPU box (device tool)
+    python -m bench.bench_training --shape smollm2 --device cpu --steps 3  # CPU companion
+
+Every figure is a ratio against the bare PEFT loop measured in the same run on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.shapes import DEFAULT_BATCH, build_model_dir
+from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
+
+RANK = 32
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq + 1), generator=g)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_bare(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int) -> Row:
+    from bench.bare_peft import make_bare_step
+
+    reset_peak(device)
+    model, step = make_bare_step(model_dir, device, tokens, RANK)
+    times = timed_steps(step, steps, warmup, device)
+    row = Row("bare transformers+PEFT", tokens[:, 1:].numel(), times, peak_gib(device))
+    del model, step
+    _free()
+    return row
+
+
+def _datums(tokens: torch.Tensor):
+    from bus_events import payloads as p
+    from bus_events import tensor_from_numpy
+
+    arr = tokens.numpy()
+    return [p.Datum(tokens=tensor_from_numpy(row[:-1].astype(np.int32)),
+                    loss_fn_inputs={"target_tokens": tensor_from_numpy(row[1:].astype(np.int64)),
+                                    "weights": tensor_from_numpy(np.ones(len(row) - 1, np.float32))})
+            for row in arr]
+
+
+def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
+                  adapters: int) -> Row:
+    """Our HF+PEFT backend called directly: `adapters` LoRAs trained round-robin on the same batches."""
+    from bus_events import payloads as p
+    from trainer_consumer.backends.base import AdapterSpec
+    from trainer_consumer.backends.hf_peft import HfPeftBackend
+
+    reset_peak(device)
+    backend = HfPeftBackend(device=device)
+    ids = [f"bench:train:{i}" for i in range(adapters)]
+    for i, model_id in enumerate(ids):
+        backend.create_adapter(model_id, AdapterSpec(base_model=str(model_dir), rank=RANK, seed=i,
+                                                     train_unembed=False))
+    data = _datums(tokens)
+    params = p.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+    turn = iter(range(1 << 30))
+
+    def step() -> None:
+        model_id = ids[next(turn) % adapters]
+        backend.forward_backward(model_id, data, "cross_entropy", {}, forward_only=False)
+        backend.optim_step(model_id, params)
+
+    times = timed_steps(step, steps * adapters, warmup * adapters, device)
+    row = Row(f"tinker-bus backend, {adapters} adapter(s)", tokens[:, 1:].numel(), times, peak_gib(device))
+    backend = None  # the last reference: lets _free() return its GPU memory
+    _free()
+    return row
+
+
+def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
+              out_dir: Path) -> tuple[Row, Row, dict[str, float]]:
+    """The full path: tinker SDK -> gateway -> Kafka -> trainer -> reply, pipelined like the cookbook."""
+    import tinker
+    from tinker import types
+
+    from bench.bus_stack import running_stack
+
+    arr = tokens.numpy()
+    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
+                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in arr]
+    adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+    with running_stack(model_dir, device, out_dir / "stack.log") as url:
+        service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+        client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False)
+
+        def step() -> None:
+            fb = client.forward_backward(data, "cross_entropy")
+            opt = client.optim_step(adam)
+            fb.result()
+            opt.result()
+
+        times = timed_steps(step, steps, warmup, "cpu")
+        # Pipelined steady state: submit every step before awaiting any, like submit-ahead in the cookbook.
+        t0 = time.perf_counter()
+        futures = [(client.forward_backward(data, "cross_entropy"), client.optim_step(adam)) for _ in range(steps)]
+        for fb, opt in futures:
+            fb.result()
+            opt.result()
+        pipelined = (time.perf_counter() - t0) / steps
+        latency = tiny_step_latency(client)
+    row = Row("full path (SDK->gateway->Kafka->trainer)", tokens[:, 1:].numel(), times, float("nan"))
+    pipe = Row("full path, pipelined", tokens[:, 1:].numel(), [pipelined], float("nan"))
+    return row, pipe, latency
+
+
+def tiny_step_latency(client, n: int = 40) -> dict[str, float]:
+    """Round trip of a one-datum, 8-token forward: what the bus adds per call."""
+    from tinker import types
+
+    datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(3, 11))),
+                        loss_fn_inputs={"target_tokens": np.arange(4, 12, dtype=np.int64),
+                                        "weights": np.ones(8, np.float32)})
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.forward([datum], "cross_entropy").result()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return {"p50_ms": 1000 * statistics.median(samples), "p99_ms": 1000 * samples[int(0.99 * (len(samples) - 1))]}
+
+
+def tiny_step_compute(model_dir: Path, device: str, n: int = 40) -> float:
+    """The same tiny forward on the backend alone (no bus), to subtract from the path's latency."""
+    from trainer_consumer.backends.base import AdapterSpec
+    from trainer_consumer.backends.hf_peft import HfPeftBackend
+
+    backend = HfPeftBackend(device=device)
+    backend.create_adapter("tiny:train:0", AdapterSpec(base_model=str(model_dir), rank=RANK, seed=0))
+    data = _datums(torch.arange(3, 12).unsqueeze(0))
+    times = timed_steps(lambda: backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True),
+                        n, 5, device)
+    backend = None  # the last reference: lets _free() return its GPU memory
+    _free()
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--work-dir", default="/tmp/tinker-bus-bench")
+    ap.add_argument("--skip", default="", help="comma list of: bus, multi")
+    args = ap.parse_args()
+    batch, seq = DEFAULT_BATCH[args.shape]
+    batch, seq = args.batch or batch, args.seq or seq
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir(args.shape, work / args.shape)
+    vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
+    tokens = make_batch(vocab, batch, seq)
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"shape {args.shape}, batch {batch} x {seq}, LoRA r={RANK}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""), flush=True)
+
+    rows, latency = [], None
+    if "bus" not in skip:  # first, while this process holds no GPU memory (the trainer is another process)
+        bus_row, pipe_row, latency = bench_bus(model_dir, args.device, tokens, args.steps, args.warmup, work)
+        rows += [bus_row, pipe_row]
+    rows.insert(0, bench_bare(model_dir, args.device, tokens, args.steps, args.warmup))
+    rows.append(bench_backend(model_dir, args.device, tokens, args.steps, args.warmup, adapters=1))
+    if "multi" not in skip:
+        rows.append(bench_backend(model_dir, args.device, tokens, max(1, args.steps // 2), 1,
+                                  adapters=args.adapters))
+    print_table(f"training, {args.shape}, {batch}x{seq} tokens/step", rows, baseline="bare transformers+PEFT")
+    if latency is not None:
+        compute_ms = tiny_step_compute(model_dir, args.device)
+        print(f"\ntiny forward (1 x 8 tokens) through the full path: p50 {latency['p50_ms']:.1f} ms, "
+              f"p99 {latency['p99_ms']:.1f} ms; backend alone {compute_ms:.1f} ms; "
+              f"the bus adds ~{latency['p50_ms'] - compute_ms:.1f} ms at p50")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Base models for sampling: loaded once, wrapped for per-row LoRA, kept in a small LRU."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sampler_consumer.lora import LoraBank
+from tinker_bus.base_models import load_tokenizer, resolve_base_model
+
+log = logging.getLogger(__name__)
+_M = TypeVar("_M")
+
+
+@dataclass
+class BaseModel:
+    name: str
+    model: Any  # a transformers *ForCausalLM, eval mode, LoRA-wrapped
+    tokenizer: Any
+    lora: LoraBank
+    eos_ids: frozenset[int]
+    vocab_size: int
+    max_positions: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _as_ids(value: int | list[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def load_base_model(name: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+    path = resolve_base_model(name)
+    log.info("loading base model %s from %s on %s (%s)", name, path, device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(name)
+    eos = _as_ids(model.config.eos_token_id) | _as_ids(getattr(model.generation_config, "eos_token_id", None))
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return BaseModel(
+        name=name, model=model, tokenizer=tokenizer, lora=LoraBank(model, device, dtype), eos_ids=frozenset(eos),
+        vocab_size=vocab, max_positions=int(getattr(model.config, "max_position_embeddings", 1 << 20)),
+        device=device, dtype=dtype,
+    )
+
+
+class ModelPool(Generic[_M]):
+    """Loaded base models (with whatever is built on them) by name, least recently used first out."""
+
+    def __init__(self, capacity: int, loader: Callable[[str], _M]) -> None:
+        self.capacity = capacity
+        self._loader = loader
+        self._models: OrderedDict[str, _M] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> _M:
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+            model = self._loader(name)
+            self._models[name] = model
+            while len(self._models) > self.capacity:
+                evicted, _ = self._models.popitem(last=False)
+                log.info("unloaded base model %s", evicted)
+            return model

@@ -1,0 +1,134 @@
+"""The sampler worker end to end over the real Tansu broker and S3: Sample events in, results out,
+poisoned events to the dead-letter topic while the worker carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import msgpack
+import pytest
+from aiokafka import TopicPartition
+from sampler_support import add_session, job, sample_request, save_sampler_weights, sequences, train_peft_adapter
+
+from artifact_store import CheckpointStore, Registry
+from bus_events import EventType, decode_envelope, decode_payload, make_event
+from bus_events import payloads as p
+from sampler_consumer.config import SamplerConfig
+from sampler_consumer.offsets import OffsetTracker
+from sampler_consumer.service import SamplerService
+from sampler_consumer.worker import run_sampler
+from tinker_bus.base_models import make_tiny_model
+from tinker_bus.kafka_io import make_consumer, make_producer, publish
+
+PROMPT = [5, 17, 42, 99, 7, 133]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+async def _collect(settings, topic: str, want: int, group: str, timeout: float = 60) -> list:
+    consumer = make_consumer(settings, topic, group_id=group)
+    await consumer.start()
+    found = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < want:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    found.extend(decode_envelope(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return found
+
+
+@contextlib.asynccontextmanager
+async def _running_sampler(settings):
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_sampler(settings, ready=ready, config=SamplerConfig(batch_window_ms=20)))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        yield task
+        assert not task.done(), "the worker stopped"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_worker_answers_samples_over_the_broker_and_dead_letters_poison(settings, store, tiny_dir):
+    settings = dataclasses.replace(settings, device="cpu")
+    base = str(tiny_dir)
+    ckpts, registry = CheckpointStore(store), Registry(store)
+    paths = [save_sampler_weights(ckpts, "s:train:0", f"a{seed}", train_peft_adapter(tiny_dir, seed=seed), base)
+             for seed in (1, 2)]
+    sessions = [add_session(registry, f"s:sample:{i}", base, path) for i, path in enumerate(paths)]
+    requests = [
+        sample_request(sessions[0], PROMPT),
+        sample_request(sessions[1], PROMPT, prompt_logprobs=True),
+        sample_request(sessions[1], PROMPT[:3], num_samples=3,
+                       params=p.SamplingParams(max_tokens=5, temperature=1.0, seed=9, stop=[])),
+        sample_request("s:sample:unknown", PROMPT),
+    ]
+    valid_jobs = [job(r) for r in requests]
+    after_poison = job(sample_request(sessions[0], PROMPT[:4]))
+    bad_payload = msgpack.packb({"v": 1, "type": "sample", "request_id": "req-badpayload", "model_id": sessions[0],
+                                 "payload": {"sampling_session_id": sessions[0], "num_samples": "many",
+                                             "prompt": {"dtype": "int32", "shape": [0], "data": b""}}})
+    wrong_type_env, wrong_type = make_event(EventType.OPTIM_STEP, p.OptimStep(), model_id=sessions[0])
+
+    async with _running_sampler(settings):
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for sample_job in valid_jobs:
+                await publish(producer, settings.topics.sample, sample_job.env, sample_job.request,
+                              claim_check_bytes=settings.claim_check_bytes)
+            await producer.send_and_wait(settings.topics.sample, b"\xc1 not an event", key=b"junk")
+            await producer.send_and_wait(settings.topics.sample, bad_payload, key=sessions[0].encode())
+            await publish(producer, settings.topics.sample, wrong_type_env, wrong_type,
+                          claim_check_bytes=settings.claim_check_bytes)
+            await publish(producer, settings.topics.sample, after_poison.env, after_poison.request,
+                          claim_check_bytes=settings.claim_check_bytes)
+        finally:
+            await producer.stop()
+        # 5 sample replies + the 2 poisoned events whose request_id was readable get an error reply.
+        replies = await _collect(settings, settings.topics.replies, 7, "test-replies")
+        dead = await _collect(settings, settings.topics.dead_letter, 3, "test-dead-letters")
+
+    results = {env.request_id: decode_payload(env, store) for env in replies}
+    expected = SamplerService(settings, SamplerConfig(), store).run_batch([*valid_jobs, after_poison])
+    for (env, want) in expected:
+        got = results[env.request_id]
+        assert got.request_type == "sample"
+        if want.error is not None:
+            assert got.error.category == "user" and "unknown sampling session" in got.error.message
+            continue
+        assert [s[0] for s in sequences(got)] == [s[0] for s in sequences(want)]
+        assert [s[2] for s in sequences(got)] == [s[2] for s in sequences(want)]
+    assert len(sequences(results[valid_jobs[2].env.request_id])) == 3
+    assert results[valid_jobs[1].env.request_id].result["prompt_logprobs"] is not None
+    for request_id in ("req-badpayload", wrong_type_env.request_id):
+        assert results[request_id].error.category == "user"
+
+    letters = [decode_payload(env) for env in dead]
+    assert sorted(letter.stage for letter in letters) == ["decode", "validate", "validate"]
+    assert any("num_samples" in letter.reason for letter in letters)
+    assert any("optim_step event on the sampling topic" in letter.reason for letter in letters)
+    assert all(letter.source_topic == settings.topics.sample for letter in letters)
+
+
+def test_offsets_commit_below_the_oldest_unanswered_request():
+    tracker, tp = OffsetTracker(), TopicPartition("t", 0)
+    for offset in (10, 11, 12):
+        tracker.received(tp, offset)
+    tracker.done(tp, 11)  # answered out of order (e.g. dead-lettered at once)
+    assert tracker.commit_positions() == {tp: 10}
+    tracker.committed({tp: 10})
+    assert tracker.commit_positions() == {}
+    tracker.done(tp, 10)
+    assert tracker.commit_positions() == {tp: 12}
+    tracker.done(tp, 12)
+    assert tracker.commit_positions() == {tp: 13}

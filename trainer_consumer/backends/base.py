@@ -1,0 +1,134 @@
+"""The one interface between the trainer engine and whatever runs the model (HF + PEFT today, Megatron later).
+
+The engine owns ordering, dedupe, the window-failure rule, checkpoints and replies; a backend owns tensors. A
+backend keeps one frozen base model per base-model name and any number of LoRA adapters on it, one per
+model_id, each with its own AdamW state. Calls come from ONE thread (the engine's compute thread), in the
+order the engine decided, so a backend needs no locking and must not reorder anything.
+
+Names are the contract between backends: adapter weights use PEFT key names (what `get_peft_model_state_dict`
+writes, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and optimizer state uses
+"<peft key>.exp_avg", "<peft key>.exp_avg_sq" and "<peft key>.step", so a checkpoint written by one backend
+loads into another and into `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from bus_events import payloads as p
+
+# Tinker fixes alpha server-side; with alpha = 32 the LoRA scale alpha / rank is 1 at the default rank 32.
+LORA_ALPHA = 32.0
+
+# LoRA targets by PEFT module name (the checkpoint format: a Megatron backend maps its fused layers to these).
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+
+
+class BackendInputError(ValueError):
+    """The request itself is wrong (token id outside the vocabulary, misaligned shapes...): a "user" error."""
+
+
+class UnknownModel(KeyError):
+    """No adapter is loaded for this model_id."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter: which blocks get LoRA, its rank, alpha and the seed of its initialisation."""
+
+    base_model: str
+    rank: int
+    seed: int
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    alpha: float = LORA_ALPHA
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [*(ATTN_MODULES if self.train_attn else ()), *(MLP_MODULES if self.train_mlp else ()),
+                *(UNEMBED_MODULES if self.train_unembed else ())]
+
+    def __post_init__(self) -> None:
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise BackendInputError("at least one of train_attn, train_mlp, train_unembed must be true")
+        if self.rank < 1:
+            raise BackendInputError(f"LoRA rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class ForwardBackwardOutput:
+    logprobs: list[np.ndarray]  # per datum, float32 [N]: log p(target_tokens[t]) at EVERY position
+    metrics: dict[str, float]  # the loss's metrics, keys "name:reduction", always "loss:sum"
+
+
+@dataclass
+class AdapterExport:
+    """An adapter as files: PEFT `adapter_config.json` content and PEFT-named CPU tensors."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    name: str
+    architecture: str
+    vocab_size: int
+    max_positions: int
+
+
+class TrainingBackend(Protocol):
+    """What the engine needs from a training backend. Every method is synchronous and may take long."""
+
+    def base_model_info(self, base_model: str) -> BaseModelInfo:
+        """Load the base model if needed (frozen, bf16 on GPU / fp32 on CPU) and describe it."""
+        ...
+
+    def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
+        """A fresh adapter initialised deterministically from `spec.seed`, with a fresh AdamW state."""
+        ...
+
+    def remove_adapter(self, model_id: str) -> None:
+        """Drop the adapter, its gradients and its optimizer state (no-op if unknown)."""
+        ...
+
+    def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
+                         loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
+        """Per-datum target logprobs and the loss (via loss_plugins.compute_loss, SUM-reduced over all tokens of
+        all datums). Unless `forward_only`, ADD the loss's gradients to the adapter's accumulated gradients.
+        Raises BackendInputError (or loss_plugins.LossInputError / UnknownLoss) for bad input."""
+        ...
+
+    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
+        """One AdamW step (decoupled weight decay, global-norm clipping when grad_clip_norm > 0) over the
+        accumulated gradients, then zero them. Returns float metrics, at least grad_norm and learning_rate."""
+        ...
+
+    def discard_gradients(self, model_id: str) -> None:
+        """Forget the accumulated gradients without touching weights or optimizer state."""
+        ...
+
+    def export_adapter(self, model_id: str) -> AdapterExport:
+        """The adapter's current weights (a snapshot: later steps must not change the returned tensors)."""
+        ...
+
+    def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
+        """AdamW moments keyed "<peft key>.exp_avg|exp_avg_sq|step" (empty before the first step)."""
+        ...
+
+    def load_adapter(self, model_id: str, weights: Mapping[str, torch.Tensor],
+                     optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
+        """Overwrite an existing adapter's weights (PEFT names) and, if given, its AdamW moments; else reset the
+        optimizer. Raises BackendInputError when names or shapes do not match the adapter."""
+        ...

@@ -1,0 +1,127 @@
+"""Checking a forward_backward request's datums and packing them into padded micro-batches.
+
+Shared by every backend: the errors here are the "user" errors of bad input, named by datum and field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bus_events import payloads as p
+from trainer_consumer.backends.base import BackendInputError
+
+TARGET_TOKENS = "target_tokens"
+
+
+@dataclass(frozen=True)
+class CheckedDatum:
+    tokens: np.ndarray  # int64 [N]
+    targets: np.ndarray  # int64 [N]
+    inputs: dict[str, np.ndarray]  # every other loss_fn_input, float32 [N]
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Datums [start, stop) of the request, right-padded to one length (causal attention never looks right)."""
+
+    start: int
+    stop: int
+    input_ids: torch.Tensor  # int64 [B, L]
+    targets: torch.Tensor  # int64 [B, L], 0 on padding
+    mask: torch.Tensor  # bool [B, L], True on real positions
+
+
+def check_data(data: Sequence[p.Datum], *, vocab_size: int, max_positions: int) -> list[CheckedDatum]:
+    if not data:
+        raise BackendInputError("forward_backward needs at least one datum")
+    return [_check_datum(i, d, vocab_size, max_positions) for i, d in enumerate(data)]
+
+
+def _check_ids(where: str, ids: np.ndarray, vocab_size: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise BackendInputError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _check_datum(index: int, datum: p.Datum, vocab_size: int, max_positions: int) -> CheckedDatum:
+    where = f"data[{index}]"
+    tokens = datum.tokens.numpy()
+    if tokens.ndim != 1 or tokens.dtype.kind != "i":
+        raise BackendInputError(f"{where}.tokens must be a 1-D integer tensor, got {tokens.dtype} {list(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise BackendInputError(f"{where}.tokens is empty")
+    if tokens.shape[0] > max_positions:
+        raise BackendInputError(f"{where} has {tokens.shape[0]} tokens; the model takes at most {max_positions}")
+    _check_ids(f"{where}.tokens", tokens, vocab_size)
+    if TARGET_TOKENS not in datum.loss_fn_inputs:
+        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] is missing")
+    targets = datum.loss_fn_inputs[TARGET_TOKENS].numpy()
+    if targets.ndim != 1:
+        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] has shape {list(targets.shape)}: "
+                                "only 1-D target_tokens are supported")
+    if targets.dtype.kind != "i":
+        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] must be integers, got {targets.dtype}")
+    if targets.shape != tokens.shape:
+        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] has shape {list(targets.shape)} but "
+                                f"tokens has shape {list(tokens.shape)}; they must align position by position")
+    _check_ids(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}]", targets, vocab_size)
+    inputs: dict[str, np.ndarray] = {}
+    for key, tensor in datum.loss_fn_inputs.items():
+        if key == TARGET_TOKENS:
+            continue
+        values = tensor.numpy()
+        if values.shape != tokens.shape:
+            raise BackendInputError(f"{where}.loss_fn_inputs[{key!r}] has shape {list(values.shape)} but tokens has "
+                                    f"shape {list(tokens.shape)}")
+        inputs[key] = values.astype(np.float32)
+    return CheckedDatum(tokens.astype(np.int64), targets.astype(np.int64), inputs)
+
+
+def concat_inputs(data: Sequence[CheckedDatum]) -> dict[str, torch.Tensor]:
+    """Every loss_fn_input concatenated over the datums; a key must be given for all datums or none."""
+    keys = set().union(*(d.inputs for d in data))
+    out = {}
+    for key in sorted(keys):
+        missing = [i for i, d in enumerate(data) if key not in d.inputs]
+        if missing:
+            raise BackendInputError(f"loss_fn_inputs[{key!r}] is given for some datums but not for data[{missing[0]}]")
+        out[key] = torch.from_numpy(np.concatenate([d.inputs[key] for d in data]))
+    return out
+
+
+def plan_micro_batches(data: Sequence[CheckedDatum], max_tokens: int) -> list[MicroBatch]:
+    """Consecutive datums grouped so that batch size x padded length stays within `max_tokens` (a datum longer
+    than that gets a batch of its own). Request order is kept, so results need no un-sorting."""
+    batches: list[MicroBatch] = []
+    start = 0
+    while start < len(data):
+        stop, longest = start + 1, data[start].length
+        while stop < len(data):
+            longer = max(longest, data[stop].length)
+            if longer * (stop - start + 1) > max_tokens:
+                break
+            stop, longest = stop + 1, longer
+        batches.append(_pad(data, start, stop, longest))
+        start = stop
+    return batches
+
+
+def _pad(data: Sequence[CheckedDatum], start: int, stop: int, length: int) -> MicroBatch:
+    size = stop - start
+    input_ids = torch.zeros(size, length, dtype=torch.int64)
+    targets = torch.zeros(size, length, dtype=torch.int64)
+    mask = torch.zeros(size, length, dtype=torch.bool)
+    for row, datum in enumerate(data[start:stop]):
+        n = datum.length
+        input_ids[row, :n] = torch.from_numpy(datum.tokens)
+        targets[row, :n] = torch.from_numpy(datum.targets)
+        mask[row, :n] = True
+    return MicroBatch(start, stop, input_ids, targets, mask)

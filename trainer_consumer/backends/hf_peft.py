@@ -1,0 +1,273 @@
+"""TrainingBackend on transformers + PEFT: one frozen base per base-model name, one LoRA adapter per model_id.
+
+- Base weights are frozen, bf16 on GPU and fp32 on CPU; adapters and their AdamW moments are fp32.
+- PEFT multi-adapter: each op first `set_adapter`s its model's adapter, which leaves only that adapter's tensors
+  trainable and active, so adapters sharing a base never see each other's weights or gradients.
+- LoRA targets: train_attn -> q/k/v/o_proj, train_mlp -> gate/up/down_proj, train_unembed -> lm_head (with tied
+  embeddings the LoRA delta still applies to the output projection only), alpha fixed at LORA_ALPHA.
+- Initialisation is ours, not PEFT's: each lora_A is drawn from a CPU generator seeded by (spec.seed, parameter
+  name) with PEFT's default distribution, each lora_B is zero. The same seed therefore gives bit-identical adapters
+  whatever else is loaded and in whatever order adapters were created (the basis of replay).
+- Logits never exist for a whole batch: hidden states go through lm_head in checkpointed chunks (logprobs.py).
+- Deterministic mode (default on CPU, where it costs nothing): the same event log gives bit-identical weights on
+  the same hardware and torch thread count. On GPU it is opt-in (deterministic=True): deterministic cuBLAS
+  workspaces and torch.use_deterministic_algorithms, which slows some kernels.
+- Requests longer than `micro_batch_tokens` run in two passes: logprobs without graph for the whole request, the
+  loss and its gradient w.r.t. those logprobs, then one forward+backward per micro-batch fed that gradient. This
+  is exactly the gradient of the loss over the whole request, with activations for one micro-batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bus_events import payloads as p
+from loss_plugins import compute_loss, get_loss
+from trainer_consumer.backends.adamw import AdapterOptimizer
+from trainer_consumer.backends.base import (
+    AdapterExport,
+    AdapterSpec,
+    BackendInputError,
+    BaseModelInfo,
+    ForwardBackwardOutput,
+    UnknownModel,
+)
+from trainer_consumer.backends.batch import MicroBatch, check_data, concat_inputs, plan_micro_batches
+from trainer_consumer.backends.logprobs import target_logprobs
+
+log = logging.getLogger(__name__)
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class _Base:
+    info: BaseModelInfo
+    model: Any  # the transformers CausalLM; PEFT injects LoRA layers into it in place
+    peft: Any = None  # the PeftModel wrapping `model`, once the first adapter exists
+    active: str | None = None
+
+
+@dataclass
+class _Adapter:
+    spec: AdapterSpec
+    slot: str  # PEFT adapter name (model ids contain ':' and '.', which PEFT names must not)
+    base: _Base
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # PEFT key -> parameter
+    optimizer: AdapterOptimizer | None = None
+
+
+class HfPeftBackend:
+    def __init__(self, *, device: str = "auto", gradient_checkpointing: bool = False,
+                 logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384, deterministic: bool | None = None):
+        self.device = pick_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.deterministic = self.device.type == "cpu" if deterministic is None else deterministic
+        if self.deterministic and self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.micro_batch_tokens = micro_batch_tokens
+        self._bases: dict[str, _Base] = {}
+        self._adapters: dict[str, _Adapter] = {}
+        self._slots = 0
+
+    # ------------------------------------------------------------------ base models
+    def _base(self, name: str) -> _Base:
+        if name not in self._bases:
+            self._bases[name] = self._load_base(name)
+        return self._bases[name]
+
+    def _load_base(self, name: str) -> _Base:
+        from transformers import AutoModelForCausalLM
+
+        from tinker_bus.base_models import resolve_base_model
+
+        path = resolve_base_model(name)
+        log.info("loading base model %s from %s on %s (%s)", name, path, self.device, self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+        model.requires_grad_(False)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers only checkpoints layers in train mode; without checkpointing, eval mode keeps any dropout a
+        # config might have off, which keeps training deterministic.
+        model.train(self.gradient_checkpointing)
+        config = model.config
+        vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
+        info = BaseModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0],
+                             vocab_size=vocab, max_positions=int(getattr(config, "max_position_embeddings", 1 << 20)))
+        return _Base(info=info, model=model)
+
+    def base_model_info(self, base_model: str) -> BaseModelInfo:
+        return self._base(base_model).info
+
+    # ------------------------------------------------------------------ adapters
+    def _adapter(self, model_id: str) -> _Adapter:
+        try:
+            return self._adapters[model_id]
+        except KeyError:
+            raise UnknownModel(f"no adapter is loaded for model {model_id!r}") from None
+
+    def _activate(self, adapter: _Adapter) -> None:
+        if adapter.base.active != adapter.slot:
+            adapter.base.peft.set_adapter(adapter.slot)
+            adapter.base.active = adapter.slot
+
+    def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if model_id in self._adapters:
+            raise BackendInputError(f"model {model_id!r} already has an adapter")
+        base = self._base(spec.base_model)
+        slot = f"adapter_{self._slots}"
+        self._slots += 1
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.target_modules,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # LoRA on lm_head of a tied-embedding model: PEFT warns about merging; we never merge.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            if base.peft is None:
+                base.peft = get_peft_model(base.model, config, adapter_name=slot)
+            else:
+                base.peft.add_adapter(slot, config)
+        adapter = _Adapter(spec=spec, slot=slot, base=base)
+        marker = f".{slot}."
+        adapter.params = {name.replace(marker, "."): param for name, param in base.peft.named_parameters()
+                          if marker in name}
+        _seeded_init(adapter.params, spec.seed)
+        adapter.optimizer = AdapterOptimizer(adapter.params)
+        self._adapters[model_id] = adapter
+        base.active = None  # PEFT may have switched the active adapter; re-activate on the next op
+        log.info("created adapter %s for %s (rank %d on %s)", slot, model_id, spec.rank, spec.target_modules)
+
+    def remove_adapter(self, model_id: str) -> None:
+        adapter = self._adapters.pop(model_id, None)
+        if adapter is None:
+            return
+        adapter.base.peft.delete_adapter(adapter.slot)
+        adapter.base.active = None
+
+    # ------------------------------------------------------------------ training
+    def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
+        """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
+        decoder = base.model.get_decoder()
+        hidden = decoder(input_ids=batch.input_ids.to(self.device), use_cache=False).last_hidden_state
+        mask = batch.mask.to(self.device)
+        return target_logprobs(base.model.get_output_embeddings(), hidden[mask], batch.targets.to(self.device)[mask],
+                               self.logprob_chunk_tokens)
+
+    def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
+                         loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
+        adapter = self._adapter(model_id)
+        get_loss(loss_fn)  # an unknown loss fails before any compute
+        base = adapter.base
+        checked = check_data(data, vocab_size=base.info.vocab_size, max_positions=base.info.max_positions)
+        inputs = concat_inputs(checked)
+        batches = plan_micro_batches(checked, self.micro_batch_tokens)
+        self._activate(adapter)
+        if forward_only or len(batches) > 1:
+            with torch.no_grad():
+                logprobs = torch.cat([self._logprobs(base, batch) for batch in batches])
+        if forward_only:
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        elif len(batches) == 1:
+            logprobs = self._logprobs(base, batches[0])
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+            loss.loss.backward()
+        else:
+            logprobs = logprobs.detach().requires_grad_()
+            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+            loss.loss.backward()
+            upstream, offset = logprobs.grad, 0
+            for batch in batches:
+                count = int(batch.mask.sum())
+                self._logprobs(base, batch).backward(upstream[offset:offset + count])
+                offset += count
+        flat = logprobs.detach().float().cpu().numpy()
+        splits = np.cumsum([d.length for d in checked])[:-1]
+        return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
+                                     metrics={k: float(v) for k, v in loss.metrics.items()})
+
+    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
+        adapter = self._adapter(model_id)
+        assert adapter.optimizer is not None
+        return adapter.optimizer.step(params)
+
+    def discard_gradients(self, model_id: str) -> None:
+        adapter = self._adapter(model_id)
+        assert adapter.optimizer is not None
+        adapter.optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ state in and out
+    def export_adapter(self, model_id: str) -> AdapterExport:
+        adapter = self._adapter(model_id)
+        weights = {key: param.detach().to("cpu", copy=True) for key, param in adapter.params.items()}
+        config = adapter.base.peft.peft_config[adapter.slot].to_dict()
+        config["base_model_name_or_path"] = adapter.spec.base_model
+        return AdapterExport(config=_json_safe(config), weights=weights)
+
+    def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
+        adapter = self._adapter(model_id)
+        assert adapter.optimizer is not None
+        return adapter.optimizer.export_state()
+
+    def load_adapter(self, model_id: str, weights: Mapping[str, torch.Tensor],
+                     optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
+        adapter = self._adapter(model_id)
+        missing = sorted(set(adapter.params) - set(weights))
+        unexpected = sorted(set(weights) - set(adapter.params))
+        if missing or unexpected:
+            raise BackendInputError(f"adapter weights do not match the adapter: missing {missing[:3]}"
+                                    f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                                    f"{'...' if len(unexpected) > 3 else ''}")
+        for key, param in adapter.params.items():
+            if weights[key].shape != param.shape:
+                raise BackendInputError(f"adapter weight {key} has shape {list(weights[key].shape)}, "
+                                        f"the adapter needs {list(param.shape)}")
+        assert adapter.optimizer is not None
+        adapter.optimizer.import_state(optimizer_state)  # validates before any weight changes
+        with torch.no_grad():
+            for key, param in adapter.params.items():
+                param.copy_(weights[key].to(param.device, param.dtype))
+        adapter.optimizer.zero_grad()
+
+
+def _seeded_init(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
+    """lora_A ~ kaiming_uniform(a=sqrt(5)) (PEFT's default), lora_B = 0, from per-parameter CPU generators."""
+    with torch.no_grad():
+        for key, param in params.items():
+            if ".lora_B." in key:
+                param.zero_()
+                continue
+            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+            fan_in = param.shape[1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a = sqrt(5) gives bound = 1 / sqrt(fan_in)
+            values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            param.copy_(values.to(param.device, param.dtype))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_safe(v) for v in value)
+    if isinstance(value, str):  # str-valued enums (PeftType, TaskType) become plain strings
+        return str(value.value) if hasattr(value, "value") else value
+    return value

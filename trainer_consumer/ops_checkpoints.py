@@ -1,0 +1,133 @@
+"""Op handlers that move adapters between the backend and S3: save_weights, save_weights_for_sampler, load_weights.
+
+The snapshot is taken on the compute thread in seq_id order (a save sees every earlier optim_step); the upload
+runs on an I/O thread, so other models keep computing while it goes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from artifact_store import Checkpoint, CheckpointInfo, CheckpointNotFound, SamplingSession, TinkerPath, check_name
+from bus_events import payloads as p
+from trainer_consumer.backends.base import (
+    ATTN_MODULES,
+    LORA_ALPHA,
+    MLP_MODULES,
+    UNEMBED_MODULES,
+    AdapterExport,
+    AdapterSpec,
+    TrainingBackend,
+)
+from trainer_consumer.errors import UserError
+from trainer_consumer.model_state import ModelState
+from trainer_consumer.ops_training import install_model, require_state
+from trainer_consumer.runtime import Runtime, default_seed
+from trainer_consumer.stream import Inbound, ModelStream
+
+
+def _training_snapshot(backend: TrainingBackend, model_id: str) -> tuple[AdapterExport, dict]:
+    return backend.export_adapter(model_id), backend.export_optimizer(model_id)
+
+
+async def save_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
+    payload: p.SaveWeights = inbound.payload
+    state = require_state(stream, inbound)
+    path = TinkerPath(state.model_id, "weights", check_name(payload.name))
+    adapter, optimizer = await rt.compute(_training_snapshot, rt.backend, state.model_id)
+    checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer,
+                            state.checkpoint_state(inbound.env.seq_id, inbound.position))
+    await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
+                overwrite=payload.overwrite, ttl_seconds=payload.ttl_seconds, user_metadata=payload.user_metadata)
+    return p.PathResult(path=str(path))
+
+
+async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
+    payload: p.SaveWeightsForSampler = inbound.payload
+    state = require_state(stream, inbound)
+    if payload.name is None and payload.sampling_session_id is None:
+        raise UserError("save_weights_for_sampler needs a name or a sampling_session_id")
+    ephemeral = payload.name is None
+    if ephemeral:
+        suffix = inbound.env.seq_id if inbound.env.seq_id is not None else inbound.env.request_id
+        name, ttl = f"ephemeral-{suffix}", payload.ttl_seconds or rt.config.ephemeral_ttl_s
+    else:
+        name, ttl = check_name(payload.name or ""), payload.ttl_seconds
+    path = TinkerPath(state.model_id, "sampler_weights", name)
+    adapter = await rt.compute(rt.backend.export_adapter, state.model_id)
+    # An ephemeral name is ours and derived from the seq_id, so a replayed save may overwrite it.
+    await rt.io(rt.storage.checkpoints.save, path, Checkpoint(adapter.config, adapter.weights),
+                base_model=state.base_model, overwrite=ephemeral, ttl_seconds=ttl, user_metadata=payload.user_metadata)
+    if payload.sampling_session_id is not None:
+        session = SamplingSession(sampling_session_id=payload.sampling_session_id, base_model=state.base_model,
+                                  tenant=state.tenant, model_path=str(path))
+        await rt.io(rt.storage.registry.put_sampling_session, session)
+    return p.PathResult(path=str(path), sampling_session_id=payload.sampling_session_id)
+
+
+def spec_from_checkpoint(checkpoint: Checkpoint, base_model: str, seed: int) -> AdapterSpec:
+    """The adapter a checkpoint needs: from our state.json, else from its PEFT adapter_config.json."""
+    lora: Mapping[str, Any] | None = checkpoint.state.get("lora")
+    if lora:
+        return AdapterSpec(base_model=base_model, rank=int(lora["rank"]), seed=int(lora.get("seed", seed)),
+                           train_attn=bool(lora["train_attn"]), train_mlp=bool(lora["train_mlp"]),
+                           train_unembed=bool(lora["train_unembed"]), alpha=float(lora.get("alpha", LORA_ALPHA)))
+    config = checkpoint.adapter_config
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        raise UserError(f"checkpoint adapter_config target_modules {targets!r} is not a list of module names")
+    unknown = set(targets) - {*ATTN_MODULES, *MLP_MODULES, *UNEMBED_MODULES}
+    if unknown:
+        raise UserError(f"checkpoint targets modules this trainer does not train: {sorted(unknown)}")
+    chosen = set(targets)
+    return AdapterSpec(base_model=base_model, rank=int(config["r"]), seed=seed,
+                       train_attn=bool(chosen & set(ATTN_MODULES)), train_mlp=bool(chosen & set(MLP_MODULES)),
+                       train_unembed=bool(chosen & set(UNEMBED_MODULES)),
+                       alpha=float(config.get("lora_alpha", LORA_ALPHA)))
+
+
+def _read_checkpoint(rt: Runtime, path: TinkerPath, tenant: str) -> tuple[Checkpoint, CheckpointInfo]:
+    run = rt.storage.registry.get_run(path.run_id)
+    if run is not None and run.tenant != tenant:  # another tenant's checkpoint looks exactly like a missing one
+        raise CheckpointNotFound(f"no checkpoint at {path}")
+    return rt.storage.checkpoints.load_with_info(path)
+
+
+async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
+    payload: p.LoadWeights = inbound.payload
+    env = inbound.env
+    path = TinkerPath.parse(payload.path)
+    if path.kind != "weights":
+        raise UserError(f"load_weights needs a training-state path (tinker://<run>/weights/<name>), got {path}")
+    if stream.state is None and env.seq_id not in (0, None):
+        raise UserError(f"unknown model {stream.model_id!r}: a load_weights that creates a model must be its first "
+                        f"request (seq_id 0), got seq_id {env.seq_id}")
+    checkpoint, info = await rt.io(_read_checkpoint, rt, path, env.tenant)
+    saved_step = int(checkpoint.state.get("step", 0))
+    if stream.state is None:  # create-via-load
+        base_model = payload.base_model or checkpoint.state.get("base_model") or info.base_model
+        rt.check_base_model(base_model)
+        spec = spec_from_checkpoint(checkpoint, base_model, default_seed(stream.model_id))
+        state = ModelState(model_id=stream.model_id, tenant=env.tenant, spec=spec, session_id=payload.session_id,
+                           user_metadata=dict(payload.user_metadata), step=saved_step, mutations=1)
+        await install_model(rt, stream, state, checkpoint, with_optimizer=payload.optimizer)
+        return p.PathResult(path=str(path), model_id=state.model_id)
+    state = require_state(stream, inbound)  # legacy: load into the model create_model just made
+    if not (env.seq_id == 1 or (env.seq_id is None and state.mutations == 0)):
+        raise UserError("load_weights into an existing model is only accepted as its first request after "
+                        f"create_model (seq_id 1), got seq_id {env.seq_id}; create a new training client from the "
+                        "checkpoint instead")
+    wanted = spec_from_checkpoint(checkpoint, state.base_model, state.spec.seed)
+    if (wanted.rank, wanted.target_modules, wanted.alpha) != (state.spec.rank, state.spec.target_modules,
+                                                              state.spec.alpha):
+        raise UserError(f"checkpoint {path} has LoRA rank {wanted.rank} on {wanted.target_modules}, but model "
+                        f"{state.model_id} has rank {state.spec.rank} on {state.spec.target_modules}")
+    if info.base_model != state.base_model:
+        raise UserError(f"checkpoint {path} was trained on {info.base_model!r}, model {state.model_id} uses "
+                        f"{state.base_model!r}")
+    await rt.compute(rt.backend.load_adapter, state.model_id, checkpoint.adapter_weights,
+                     checkpoint.optimizer_state if payload.optimizer else None)
+    state.step, state.window_failure = saved_step, None
+    state.mutations += 1
+    return p.PathResult(path=str(path), model_id=state.model_id)

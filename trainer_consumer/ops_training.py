@@ -1,0 +1,123 @@
+"""Op handlers for model lifecycle and training: create_model, get_info, forward_backward, optim_step, unload.
+
+Window-failure rule. Gradients accumulate over forward_backward calls until optim_step; the calls between two
+optim_steps form a gradient window. If a forward_backward (not forward_only) of the window fails, its future gets
+the error (category "user" for bad input, "server" otherwise) and the window is poisoned: the next optim_step
+does NOT apply the partial gradient. It fails with an error naming the failed seq_id, the accumulated gradients
+are discarded, weights and optimizer moments stay as they were, and the model continues cleanly from there (the
+following forward_backward starts a fresh window). A seq_id that never arrived (gap timeout) poisons the window
+the same way, since it may have been one of its forward_backwards.
+"""
+
+from __future__ import annotations
+
+from artifact_store import Checkpoint, TrainingRun
+from bus_events import payloads as p
+from bus_events.tensors import tensor_from_numpy
+from trainer_consumer.backends.base import AdapterSpec
+from trainer_consumer.errors import TrainerError, UserError, error_info
+from trainer_consumer.model_state import ModelState, WindowFailure
+from trainer_consumer.runtime import Runtime, default_seed
+from trainer_consumer.stream import Inbound, ModelStream
+
+
+def require_state(stream: ModelStream, inbound: Inbound) -> ModelState:
+    state = stream.state
+    # Another tenant's model is reported exactly like a missing one.
+    if state is None or state.tenant != inbound.env.tenant:
+        raise UserError(f"unknown model {stream.model_id!r}: no create_model or load_weights (seq_id 0) was applied")
+    if state.unloaded:
+        raise UserError(f"model {stream.model_id!r} was unloaded")
+    return state
+
+
+def run_record(state: ModelState) -> TrainingRun:
+    return TrainingRun(model_id=state.model_id, base_model=state.base_model, tenant=state.tenant,
+                       lora_rank=state.spec.rank, train_attn=state.spec.train_attn, train_mlp=state.spec.train_mlp,
+                       train_unembed=state.spec.train_unembed, session_id=state.session_id,
+                       user_metadata=state.user_metadata)
+
+
+async def install_model(rt: Runtime, stream: ModelStream, state: ModelState,
+                        checkpoint: Checkpoint | None = None, with_optimizer: bool = False) -> None:
+    """Create the adapter (loading `checkpoint` into it) and register the run; all or nothing."""
+    await rt.compute(rt.backend.create_adapter, state.model_id, state.spec)
+    try:
+        if checkpoint is not None:
+            await rt.compute(rt.backend.load_adapter, state.model_id, checkpoint.adapter_weights,
+                             checkpoint.optimizer_state if with_optimizer else None)
+        await rt.io(rt.storage.registry.put_run, run_record(state))
+    except BaseException:
+        await rt.compute(rt.backend.remove_adapter, state.model_id)
+        raise
+    stream.state = state
+
+
+async def create_model(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ModelInfo:
+    payload: p.CreateModel = inbound.payload
+    if stream.state is not None:
+        raise UserError(f"model {stream.model_id!r} already exists")
+    rt.check_base_model(payload.base_model)
+    lora = payload.lora
+    spec = AdapterSpec(base_model=payload.base_model, rank=lora.rank,
+                       seed=lora.seed if lora.seed is not None else default_seed(stream.model_id),
+                       train_attn=lora.train_attn, train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+    state = ModelState(model_id=stream.model_id, tenant=inbound.env.tenant, spec=spec,
+                       session_id=payload.session_id, user_metadata=dict(payload.user_metadata))
+    await install_model(rt, stream, state)
+    return state.model_info()
+
+
+async def get_info(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ModelInfo:
+    return require_state(stream, inbound).model_info()
+
+
+async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ForwardBackwardResult:
+    payload: p.ForwardBackward = inbound.payload
+    state = require_state(stream, inbound)
+    if not payload.forward_only:
+        state.mutations += 1
+    try:
+        out = await rt.compute(rt.backend.forward_backward, state.model_id, payload.data, payload.loss_fn,
+                               payload.loss_fn_config, payload.forward_only)
+    except Exception as exc:
+        if not payload.forward_only:
+            info = error_info(exc)
+            seq = inbound.env.seq_id
+            request = f"forward_backward seq_id {seq}" if seq is not None else "a forward_backward without seq_id"
+            state.poison_window(WindowFailure(request, info.message, info.category))
+        raise
+    return p.ForwardBackwardResult(outputs=[{"logprobs": tensor_from_numpy(lp, "float32")} for lp in out.logprobs],
+                                   metrics=out.metrics)
+
+
+async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.OptimStepResult:
+    payload: p.OptimStep = inbound.payload
+    state = require_state(stream, inbound)
+    failure = state.window_failure
+    if failure is not None:
+        state.window_failure = None
+        await rt.compute(rt.backend.discard_gradients, state.model_id)
+        raise TrainerError(
+            f"optim_step not applied: {failure.request} of this gradient window failed ({failure.message}). "
+            "The window's accumulated gradients were discarded and the weights left unchanged; the model "
+            "continues from its previous step.", failure.category)
+    metrics = await rt.compute(rt.backend.optim_step, state.model_id, payload.adam_params)
+    state.step += 1
+    state.mutations += 1
+    state.last_adam_params = payload.adam_params
+    return p.OptimStepResult(metrics=metrics)
+
+
+async def unload_model(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
+    state = require_state(stream, inbound)
+    await rt.compute(rt.backend.remove_adapter, state.model_id)
+    state.unloaded = True
+    await rt.io(_mark_unloaded, rt, state)
+    return p.PathResult(model_id=state.model_id)
+
+
+def _mark_unloaded(rt: Runtime, state: ModelState) -> None:
+    record = rt.storage.registry.get_run(state.model_id) or run_record(state)
+    record.unloaded = True
+    rt.storage.registry.put_run(record)
