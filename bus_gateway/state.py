@@ -106,9 +106,12 @@ class Gateway:
             raise
         return fut
 
-    async def void_seq(self, model_id: str, seq_id: int, reason: str, tenant: str) -> None:
-        """Tell the trainer that `seq_id` was rejected here, so its reorder buffer does not wait for it."""
-        env, body = make_event(EventType.SEQ_VOID, p.SeqVoid(reason=reason[:2000]), model_id=model_id,
+    async def void_seq(self, model_id: str, seq_id: int, reason: str, tenant: str,
+                       request_type: EventType | None = None) -> None:
+        """Tell the trainer that `seq_id` was rejected here, so its reorder buffer does not wait for it. The
+        request type lets the trainer keep the gradient window open when the void was not a forward_backward."""
+        void = p.SeqVoid(reason=reason[:2000], request_type=request_type.value if request_type else "")
+        env, body = make_event(EventType.SEQ_VOID, void, model_id=model_id,
                                seq_id=seq_id, tenant=tenant)
         try:
             await publish(self._producer(), self.settings.topics.train, env, body,

@@ -83,7 +83,7 @@ async def test_bad_forward_backward_is_rejected_and_its_seq_voided(gw_settings, 
         assert resp.json()["field"] == field and message in resp.json()["detail"]
         env, payload = await bus.next_event(EventType.SEQ_VOID)
         assert (env.model_id, env.seq_id, env.tenant) == (model_id, 5, "alice")
-        assert message in payload.reason
+        assert message in payload.reason and payload.request_type == "forward_backward"
         # Still serving: the next request goes through.
         ok = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 6), headers=PROTO)
         assert ok.status_code == 200

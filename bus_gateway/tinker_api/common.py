@@ -44,6 +44,7 @@ async def submit_training(
     seq_id: int | None,
     checked_payload: Callable[[], Awaitable[tuple[EventType, msgspec.Struct]]],
     context: dict[str, Any] | None = None,
+    request_type: EventType | None = None,
 ) -> Future:
     """Dedupe on (model_id, seq_id), validate, publish. A request rejected at validation still consumed its
     seq_id on the client, so the trainer is told (seq_void) not to wait for it."""
@@ -55,7 +56,7 @@ async def submit_training(
                                context=context)
     except FieldError as exc:
         if seq_id is not None:
-            await gw.void_seq(model_id, seq_id, str(exc), tenant)
+            await gw.void_seq(model_id, seq_id, str(exc), tenant, request_type)
         raise
 
 

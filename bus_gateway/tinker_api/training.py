@@ -98,7 +98,8 @@ async def submit_forward_backward(gw: Gateway, tenant: str, model_id: str, seq_i
         validate_forward_backward(payload, (await gw.base_models.info(run.base_model)).vocab_size)
         return EventType.FORWARD_BACKWARD, payload
 
-    return await submit_training(gw, tenant, model_id, seq_id, checked, context)
+    return await submit_training(gw, tenant, model_id, seq_id, checked, context,
+                                 request_type=EventType.FORWARD_BACKWARD)
 
 
 @post("/api/v1/forward_backward", status_code=200, tags=["training"],
@@ -132,7 +133,7 @@ async def submit_optim_step(gw: Gateway, tenant: str, model_id: str, seq_id: int
     async def checked() -> tuple[EventType, msgspec.Struct]:
         return EventType.OPTIM_STEP, p.OptimStep(adam_params=adam_params(params, field))
 
-    return await submit_training(gw, tenant, model_id, seq_id, checked)
+    return await submit_training(gw, tenant, model_id, seq_id, checked, request_type=EventType.OPTIM_STEP)
 
 
 @post("/api/v1/optim_step", status_code=200, tags=["training"])
@@ -152,7 +153,8 @@ async def save_weights(data: JSONBody[SaveWeightsRequest], gw: GatewayDep, tenan
             name=checkpoint_name(data.path), ttl_seconds=data.ttl_seconds, overwrite=data.overwrite,
             user_metadata=dict(data.user_metadata or {}))
 
-    return promise(await submit_training(gw, tenant, data.model_id, data.seq_id, checked))
+    return promise(await submit_training(gw, tenant, data.model_id, data.seq_id, checked,
+                                         request_type=EventType.SAVE_WEIGHTS))
 
 
 @post("/api/v1/save_weights_for_sampler", status_code=200, tags=["training"])
@@ -174,7 +176,8 @@ async def save_weights_for_sampler(data: JSONBody[SaveWeightsForSamplerRequest],
             raise FieldError("path", "give a checkpoint name (path) or sampling_session_seq_id for an ephemeral save")
         return EventType.SAVE_WEIGHTS_FOR_SAMPLER, payload
 
-    return promise(await submit_training(gw, tenant, data.model_id, data.seq_id, checked))
+    return promise(await submit_training(gw, tenant, data.model_id, data.seq_id, checked,
+                                         request_type=EventType.SAVE_WEIGHTS_FOR_SAMPLER))
 
 
 @post("/api/v1/load_weights", status_code=200, tags=["training"],
@@ -206,7 +209,7 @@ async def load_weights(data: JSONBody[LoadWeightsRequest], gw: GatewayDep, tenan
             path=str(path), optimizer=data.optimizer, base_model=data.base_model or info.base_model,
             session_id=data.session_id, user_metadata=dict(data.user_metadata or {}))
 
-    return promise(await submit_training(gw, tenant, model_id, seq_id, checked))
+    return promise(await submit_training(gw, tenant, model_id, seq_id, checked, request_type=EventType.LOAD_WEIGHTS))
 
 
 @post("/api/v1/unload_model", status_code=200, tags=["training"])
