@@ -74,10 +74,12 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> None:
+def run_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, static: bool = False) -> None:
+    """HF generate; `static` uses a static KV cache, with which transformers compiles the decoding forward."""
+    extra = {"cache_implementation": "static"} if static else {}
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=True, top_k=0, temperature=1.0)
+                       min_new_tokens=new_tokens, do_sample=True, top_k=0, temperature=1.0, **extra)
 
 
 def check_against_teacher_forcing(engine: Engine, base: BaseModel, prompts: torch.Tensor,
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--compile-mode", default="default", help='torch.compile mode, e.g. "reduce-overhead"')
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--static-baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time generate with a static cache (transformers compiles its decode step)")
     parser.add_argument("--check", action="store_true",
                         help="first check the engine's sampled-token logprobs against teacher forcing")
     args = parser.parse_args()
@@ -143,19 +147,27 @@ def main() -> None:
           f"median of {args.repeats}")
     if args.check:
         check_against_teacher_forcing(engine, base, prompts.to(device), adapters, args.new_tokens)
-    print("| scenario | batch | adapters | tokens/s | vs generate |\n|---|---|---|---|---|")
+    print("| scenario | batch | adapters | tokens/s | vs generate | vs generate static+compile |\n"
+          "|---|---|---|---|---|---|")
     for batch in batches:
         ids = prompts[:batch].to(device)
         tokens = batch * args.new_tokens
         reference = tokens / timed(lambda ids=ids: run_generate(baseline, ids, args.new_tokens), device, args.repeats)
-        print(f"| model.generate + PEFT | {batch} | 1 | {reference:,.0f} | 1.00 |", flush=True)
+        print(f"| model.generate + PEFT | {batch} | 1 | {reference:,.0f} | 1.00 | |", flush=True)
+        static_ref = float("nan")
+        if args.static_baseline:
+            static_ref = tokens / timed(lambda ids=ids: run_generate(baseline, ids, args.new_tokens, static=True),
+                                        device, args.repeats)
+            print(f"| model.generate + PEFT, static cache + compile | {batch} | 1 | {static_ref:,.0f} | "
+                  f"{static_ref / reference:.2f} | 1.00 |", flush=True)
         for n_adapters in (1, args.adapters):
             if n_adapters > batch:
                 continue
             requests = [GenRequest(ids[i].tolist(), params, adapter=adapters[i % n_adapters], first_sample=i)
                         for i in range(batch)]
             rate = tokens / timed(lambda r=requests: engine.generate(r), device, args.repeats)
-            print(f"| sampler engine | {batch} | {n_adapters} | {rate:,.0f} | {rate / reference:.2f} |", flush=True)
+            print(f"| sampler engine | {batch} | {n_adapters} | {rate:,.0f} | {rate / reference:.2f} | "
+                  f"{rate / static_ref:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
