@@ -115,7 +115,9 @@ def smoke_sequence(url: str, base_model: str) -> dict:
     return seen
 
 
-async def test_sdk_smoke_sequence(stack_settings):
+@pytest.mark.parametrize("backend", ["hf_peft", "megatron"])  # issue 8: the SDK works on either
+async def test_sdk_smoke_sequence(stack_settings, backend, monkeypatch):
+    monkeypatch.setenv("TINKER_BUS_TRAINER_BACKEND", backend)  # what `tinker-bus trainer --backend` sets
     base_model = stack_settings.base_models[0]
     async with running_stack(stack_settings) as url:
         seen = await in_thread(smoke_sequence, url, base_model)
