@@ -7,6 +7,7 @@ No key configured = development mode: any `tml-` key is accepted as tenant "defa
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -25,8 +26,13 @@ DEV_TENANT = "default"
 PUBLIC_PATHS = ["^/schema", "^/api/v1/healthz$", "^/healthz$"]
 
 
+def bare_key_tenant(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def parse_api_keys(cli_keys: Iterable[str] = (), env_value: str | None = None) -> dict[str, str] | None:
-    """key -> tenant from `key=tenant` entries; a bare `key` belongs to tenant "default". None if there are none."""
+    """key -> tenant from `key=tenant` entries. A bare `key` is a tenant of its own, named from a hash of the key so
+    that the secret never lands in S3 documents or logs. None if there are no keys at all."""
     entries = [*cli_keys, *(env_value or "").split(",")]
     keys: dict[str, str] = {}
     for raw in entries:
@@ -34,7 +40,7 @@ def parse_api_keys(cli_keys: Iterable[str] = (), env_value: str | None = None) -
         if not entry:
             continue
         key, _, tenant = entry.partition("=")
-        key, tenant = key.strip(), tenant.strip() or DEV_TENANT
+        key, tenant = key.strip(), tenant.strip() or bare_key_tenant(key.strip())
         if not key.startswith(KEY_PREFIX):
             raise ValueError(f"API key {key[:8]!r}... must start with {KEY_PREFIX!r} (the tinker SDK rejects others)")
         if keys.get(key, tenant) != tenant:

@@ -16,14 +16,15 @@ from gateway_support import (
 )
 
 from artifact_store import Checkpoint, CheckpointStore, ObjectStore, TinkerPath
-from bus_gateway.auth import parse_api_keys
+from bus_gateway.auth import bare_key_tenant, parse_api_keys
 
 pytest_plugins = ["gateway_support"]
 
 
 def test_api_keys_from_flags_and_environment():
     keys = parse_api_keys(["tml-a=acme"], "tml-b=beta, tml-c")
-    assert keys == {"tml-a": "acme", "tml-b": "beta", "tml-c": "default"}
+    assert keys == {"tml-a": "acme", "tml-b": "beta", "tml-c": bare_key_tenant("tml-c")}
+    assert bare_key_tenant("tml-c") != bare_key_tenant("tml-d")  # two bare keys never share a tenant
     assert parse_api_keys([], "") is None
     with pytest.raises(ValueError, match="tml-"):
         parse_api_keys(["sk-abc=acme"])
