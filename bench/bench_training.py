@@ -99,8 +99,8 @@ def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, wa
                         loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
                                         "weights": np.ones(len(row) - 1, np.float32)}) for row in arr]
     adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
-    with running_stack(model_dir, device, out_dir / "stack.log") as url:
-        service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+    with running_stack(model_dir, device, out_dir / "stack.log") as url, \
+            tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False)
 
         def step() -> None:

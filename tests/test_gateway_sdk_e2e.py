@@ -77,6 +77,12 @@ def smoke_sequence(url: str, base_model: str) -> dict:
         max_tokens=4, temperature=1.0, seed=7), include_prompt_logprobs=True, topk_prompt_logprobs=2).result()
     seen["sampled"] = sampled
     seen["computed_logprobs"] = sampler.compute_logprobs(prompt).result()
+    # the trainer's forward over the same tokens, same weights (nothing ran since the ephemeral save)
+    ints = list(prompt.to_ints())
+    probe = types.Datum(model_input=types.ModelInput.from_ints(ints[:-1]),
+                        loss_fn_inputs={"target_tokens": np.array(ints[1:], dtype=np.int64),
+                                        "weights": np.ones(len(ints) - 1, dtype=np.float32)})
+    seen["trainer_prompt_logprobs"] = logprobs_of(training.forward([probe], "cross_entropy").result())[0]
     # 6. ppo forward_backward + optim_step on the sampled tokens
     rl_data = [rl_datum(list(prompt.to_ints()) + s.tokens, s.logprobs, adv, prompt.length)
                for s, adv in zip(sampled.sequences, (1.0, -1.0), strict=True)]
@@ -138,6 +144,8 @@ async def test_sdk_smoke_sequence(stack_settings, backend, monkeypatch):
     assert sampled.topk_prompt_logprobs[1] is not None and len(sampled.topk_prompt_logprobs[1]) == 2
     assert seen["computed_logprobs"][0] is None
     assert seen["computed_logprobs"][1:] == pytest.approx(sampled.prompt_logprobs[1:], abs=1e-4)
+    # compute_logprobs from the sampler equals the trainer's forward logprobs (fp32 on CPU)
+    np.testing.assert_allclose(seen["trainer_prompt_logprobs"], seen["computed_logprobs"][1:], atol=1e-5)
     assert math.isfinite(seen["ppo_loss"])
 
     assert seen["state_path"] == f"tinker://{seen['model_id']}/weights/smoke-state"
