@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.data import random_datums
 from bench.shapes import DEFAULT_BATCH, build_model_dir
 from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
 from bus_events import payloads as p
-from bus_events.tensors import tensor_from_numpy
 from trainer_consumer.backends.base import AdapterSpec
 
 ADAM = p.AdamParams(learning_rate=1e-5)
@@ -39,17 +39,6 @@ def make_backend(name: str, tp: int):
     return MegatronBackend(tp_size=tp)
 
 
-def make_data(batch: int, length: int, vocab: int) -> list[p.Datum]:
-    rng = np.random.default_rng(0)
-    data = []
-    for _ in range(batch):
-        sequence = rng.integers(0, vocab, length + 1)
-        data.append(p.Datum(tokens=tensor_from_numpy(sequence[:-1], "int32"), loss_fn_inputs={
-            "target_tokens": tensor_from_numpy(sequence[1:], "int64"),
-            "weights": tensor_from_numpy(np.ones(length), "float32")}))
-    return data
-
-
 def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, args: argparse.Namespace):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reset_peak(device)
@@ -59,7 +48,7 @@ def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, 
     load_s = time.perf_counter() - started
     backend.create_adapter("bench", AdapterSpec(base_model=str(model_dir), rank=args.rank, seed=0,
                                                 train_unembed=False))
-    data = make_data(batch, length, info.vocab_size)
+    data = random_datums(batch, length, info.vocab_size)
     first = backend.forward_backward("bench", data, "cross_entropy", {}, forward_only=False)
     backend.discard_gradients("bench")
 

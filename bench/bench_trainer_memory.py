@@ -27,25 +27,14 @@ import numpy as np
 import torch
 
 from bench.bare_peft import make_bare_step
+from bench.data import random_datums
 from bench.shapes import build_model_dir
 from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
 from bus_events import payloads as p
-from bus_events.tensors import tensor_from_numpy
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 
 ADAM = p.AdamParams(learning_rate=1e-5)
-
-
-def make_data(batch: int, length: int, vocab: int) -> list[p.Datum]:
-    rng = np.random.default_rng(0)
-    data = []
-    for _ in range(batch):
-        sequence = rng.integers(0, vocab, length + 1)
-        data.append(p.Datum(tokens=tensor_from_numpy(sequence[:-1], "int32"), loss_fn_inputs={
-            "target_tokens": tensor_from_numpy(sequence[1:], "int64"),
-            "weights": tensor_from_numpy(np.ones(length), "float32")}))
-    return data
 
 
 def bench_backend(name: str, model_dir: Path, batch: int, length: int, args: argparse.Namespace,
@@ -55,7 +44,7 @@ def bench_backend(name: str, model_dir: Path, batch: int, length: int, args: arg
     info = backend.base_model_info(str(model_dir))
     backend.create_adapter("bench", AdapterSpec(base_model=str(model_dir), rank=args.rank, seed=0,
                                                 train_unembed=False))
-    data = make_data(batch, length, info.vocab_size)
+    data = random_datums(batch, length, info.vocab_size)
     reset_peak(device)
 
     def step() -> None:

@@ -17,15 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.data import datums_from_tokens, random_tokens
 from bench.shapes import DEFAULT_BATCH, build_model_dir
 from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
 
 RANK = 32
-
-
-def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, seq + 1), generator=g)
 
 
 def _free() -> None:
@@ -46,17 +42,6 @@ def bench_bare(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, w
     return row
 
 
-def _datums(tokens: torch.Tensor):
-    from bus_events import payloads as p
-    from bus_events import tensor_from_numpy
-
-    arr = tokens.numpy()
-    return [p.Datum(tokens=tensor_from_numpy(row[:-1].astype(np.int32)),
-                    loss_fn_inputs={"target_tokens": tensor_from_numpy(row[1:].astype(np.int64)),
-                                    "weights": tensor_from_numpy(np.ones(len(row) - 1, np.float32))})
-            for row in arr]
-
-
 def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
                   adapters: int) -> Row:
     """Our HF+PEFT backend called directly: `adapters` LoRAs trained round-robin on the same batches."""
@@ -70,7 +55,7 @@ def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int
     for i, model_id in enumerate(ids):
         backend.create_adapter(model_id, AdapterSpec(base_model=str(model_dir), rank=RANK, seed=i,
                                                      train_unembed=False))
-    data = _datums(tokens)
+    data = datums_from_tokens(tokens.numpy())
     params = p.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     turn = iter(range(1 << 30))
 
@@ -146,7 +131,7 @@ def tiny_step_compute(model_dir: Path, device: str, n: int = 40) -> float:
 
     backend = HfPeftBackend(device=device)
     backend.create_adapter("tiny:train:0", AdapterSpec(base_model=str(model_dir), rank=RANK, seed=0))
-    data = _datums(torch.arange(3, 12).unsqueeze(0))
+    data = datums_from_tokens(np.arange(3, 12)[None])
     times = timed_steps(lambda: backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True),
                         n, 5, device)
     backend = None  # the last reference: lets _free() return its GPU memory
@@ -172,7 +157,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = build_model_dir(args.shape, work / args.shape)
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
-    tokens = make_batch(vocab, batch, seq)
+    tokens = torch.from_numpy(random_tokens(batch, seq, vocab))
     skip = set(filter(None, args.skip.split(",")))
     print(f"shape {args.shape}, batch {batch} x {seq}, LoRA r={RANK}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""), flush=True)
