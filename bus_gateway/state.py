@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -125,15 +126,20 @@ class Gateway:
         return self.producer
 
     # ------------------------------------------------------------------ tenant-owned lookups (404 otherwise)
+    async def _owned(self, cache: dict[str, Any], key: str, fetch: Callable[[str], Any], tenant: str,
+                     what: str) -> Any:
+        """A registry document, cached once found, that only its own tenant may see (others get 404)."""
+        found = cache.get(key)
+        if found is None:
+            found = await asyncio.to_thread(fetch, key)
+            if found is not None:
+                cache[key] = found
+        if found is None or found.tenant != tenant:
+            raise NotFound(f"{what} {key!r} not found")
+        return found
+
     async def session(self, session_id: str, tenant: str) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None:
-            session = await asyncio.to_thread(self.registry.get_session, session_id)
-            if session is not None:
-                self._sessions[session_id] = session
-        if session is None or session.tenant != tenant:
-            raise NotFound(f"session {session_id!r} not found")
-        return session
+        return await self._owned(self._sessions, session_id, self.registry.get_session, tenant, "session")
 
     def remember_session(self, session: Session) -> None:
         self._sessions[session.session_id] = session
@@ -163,14 +169,8 @@ class Gateway:
         return run
 
     async def sampling_session(self, sampling_session_id: str, tenant: str) -> SamplingSession:
-        found = self._sampling_sessions.get(sampling_session_id)
-        if found is None:
-            found = await asyncio.to_thread(self.registry.get_sampling_session, sampling_session_id)
-            if found is not None:
-                self._sampling_sessions[sampling_session_id] = found
-        if found is None or found.tenant != tenant:
-            raise NotFound(f"sampling session {sampling_session_id!r} not found")
-        return found
+        return await self._owned(self._sampling_sessions, sampling_session_id, self.registry.get_sampling_session,
+                                 tenant, "sampling session")
 
     async def put_sampling_session(self, sampling_session: SamplingSession) -> None:
         await asyncio.to_thread(self.registry.put_sampling_session, sampling_session)
