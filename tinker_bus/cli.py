@@ -1,4 +1,5 @@
-"""`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler` run one part each.
+"""`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler` run one part each; `replay` and
+`export-log` read a model's event log back.
 
 Settings come from TINKER_BUS_* environment variables (tinker_bus.settings.BusSettings.from_env); a flag
 overrides its variable. The original server's PORT (gateway port) and USE_MEGATRON=true (trainer backend
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampler = sub.add_parser("sampler", parents=[common], help="one sampler consumer")
     _bus_options(sampler, for_up=False)
     sampler.set_defaults(func=cmd_sampler)
+
+    from tinker_bus.log_tools import add_log_commands  # replay and export-log: reading the log back
+
+    add_log_commands(sub, common)
     return parser
 
 

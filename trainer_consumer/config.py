@@ -30,6 +30,20 @@ class TrainerConfig:
     micro_batch_tokens: int = 16384
     # Smallest interval between two offset commits of the consumer.
     commit_interval_s: float = 0.1
+    # Recovery (docs/recovery.md). A model with unsnapshotted changes is snapshotted at its next clean gradient
+    # window once it made this many optimizer steps (0: never by count) or this long after its first change
+    # (0: never by time). Offsets are committed only up to what snapshots cover, so these bound the replay after a
+    # crash. Create / load / unload are snapshotted at once.
+    snapshot_every_steps: int = 10
+    snapshot_interval_s: float = 60.0
+    # A model without lasting changes since its snapshot records its progress (a small JSON) at most this often.
+    marker_interval_s: float = 1.0
+    # Handing partitions over (rebalance, stop): how long to wait for running steps and final snapshots.
+    release_timeout_s: float = 30.0
+    # How long publishing a reply is retried (broker restart...) before the trainer gives up and stops.
+    publish_retry_s: float = 300.0
+    # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
+    torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"
     megatron_tp_size: int = 1  # tensor-parallel GPUs of the megatron backend
 

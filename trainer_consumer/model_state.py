@@ -43,12 +43,19 @@ class ModelState:
     last_applied_seq_id: int | None = None
     mutations: int = 0  # forward_backward / optim_step / load_weights applied (legacy load must come first)
     window_failure: WindowFailure | None = None
+    # Gradients may be accumulated (a forward_backward ran since the last optim_step): no snapshot until it closes.
+    window_open: bool = False
     last_adam_params: p.AdamParams | None = None
     unloaded: bool = False
 
     @property
     def base_model(self) -> str:
         return self.spec.base_model
+
+    @property
+    def window_clean(self) -> bool:
+        """No gradients accumulated and no failure pending: the whole state is weights + moments + this record."""
+        return not self.window_open and self.window_failure is None
 
     def poison_window(self, failure: WindowFailure) -> None:
         if self.window_failure is None:  # name the first failure of the window
@@ -74,4 +81,30 @@ class ModelState:
             "adam_params": msgspec.to_builtins(self.last_adam_params) if self.last_adam_params else None,
             "bus_position": dataclasses.asdict(position) if position else None,
             "saved_at": time.time(),
+            # What a snapshot restore needs besides the tensors (see from_checkpoint_state).
+            "session_id": self.session_id,
+            "user_metadata": self.user_metadata,
+            "mutations": self.mutations,
+            "window_open": self.window_open,
+            "unloaded": self.unloaded,
         }
+
+    @classmethod
+    def from_checkpoint_state(cls, state: dict[str, Any]) -> ModelState:
+        """The record a snapshot's state.json describes (its window is always clean: snapshots wait for that)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state.json format {state.get('format')!r} is not {STATE_FORMAT}")
+        adam = state.get("adam_params")
+        return cls(model_id=state["model_id"], tenant=state["tenant"], spec=AdapterSpec(**state["lora"]),
+                   session_id=state.get("session_id"), user_metadata=dict(state.get("user_metadata") or {}),
+                   step=int(state["step"]), last_applied_seq_id=state.get("last_applied_seq_id"),
+                   mutations=int(state.get("mutations", 0)), unloaded=bool(state.get("unloaded", False)),
+                   last_adam_params=msgspec.convert(adam, p.AdamParams) if adam else None)
+
+
+def lasting_key(state: ModelState | None) -> tuple:
+    """Everything an event can change that outlives it. An event that leaves this unchanged (get_info, a forward
+    pass, a save, an error) needs no snapshot: re-applying it after a crash would change nothing."""
+    if state is None:
+        return (None,)
+    return (id(state), state.step, state.mutations, state.window_failure, state.window_open, state.unloaded)

@@ -1,6 +1,8 @@
 """Which offsets the trainer may commit: per partition, up to (not including) the lowest offset whose event is
-not finished yet. An event is finished once it is applied and replied, dead-lettered, or answered as a duplicate;
-so a crash re-delivers every event whose effects were not yet visible, and none that were."""
+not finished yet, and not past the lowest offset some model still needs re-read (its hold, see durability.py).
+An event is finished once it is applied and replied, dead-lettered, or answered as a duplicate; it is durable
+once its model's snapshot (or progress marker) covers it. So a crash re-delivers every event whose effects were
+not yet in S3, and nothing older."""
 
 from __future__ import annotations
 
@@ -37,11 +39,17 @@ class OffsetTracker:
         part = self._partitions.get(tp)
         return len(part.unfinished) if part else 0
 
-    def to_commit(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+    def to_commit(self, only: set[TopicPartition] | None = None,
+                  holds: dict[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:
         out = {}
         for tp, part in self._partitions.items():
+            if only is not None and tp not in only:
+                continue
             offset = part.committable()
-            if (only is None or tp in only) and offset is not None and offset != part.committed:
+            hold = (holds or {}).get(tp)
+            if hold is not None:
+                offset = hold if offset is None else min(offset, hold)
+            if offset is not None and (part.committed is None or offset > part.committed):
                 out[tp] = offset
         return out
 

@@ -2,14 +2,28 @@
 
 The snapshot is taken on the compute thread in seq_id order (a save sees every earlier optim_step); the upload
 runs on an I/O thread, so other models keep computing while it goes out.
+
+Saves are idempotent under recovery: a trainer that crashed after a save but before its offset was durable
+applies the save again. Finding its own earlier save at the path (the same model's training state saved at the
+same seq_id, or sampler weights equal to the ones being saved) is then a success, not "already exists".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from artifact_store import Checkpoint, CheckpointInfo, CheckpointNotFound, SamplingSession, TinkerPath, check_name
+import torch
+
+from artifact_store import (
+    Checkpoint,
+    CheckpointExists,
+    CheckpointInfo,
+    CheckpointNotFound,
+    SamplingSession,
+    TinkerPath,
+    check_name,
+)
 from bus_events import payloads as p
 from trainer_consumer.backends.base import (
     ATTN_MODULES,
@@ -27,7 +41,7 @@ from trainer_consumer.runtime import Runtime, default_seed
 from trainer_consumer.stream import Inbound, ModelStream
 
 
-def _training_snapshot(backend: TrainingBackend, model_id: str) -> tuple[AdapterExport, dict]:
+def training_state(backend: TrainingBackend, model_id: str) -> tuple[AdapterExport, dict]:
     return backend.export_adapter(model_id), backend.export_optimizer(model_id)
 
 
@@ -35,12 +49,35 @@ async def save_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.
     payload: p.SaveWeights = inbound.payload
     state = require_state(stream, inbound)
     path = TinkerPath(state.model_id, "weights", check_name(payload.name))
-    adapter, optimizer = await rt.compute(_training_snapshot, rt.backend, state.model_id)
+    adapter, optimizer = await rt.compute(training_state, rt.backend, state.model_id)
     checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer,
                             state.checkpoint_state(inbound.env.seq_id, inbound.position))
-    await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
-                overwrite=payload.overwrite, ttl_seconds=payload.ttl_seconds, user_metadata=payload.user_metadata)
+    try:
+        await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
+                    overwrite=payload.overwrite, ttl_seconds=payload.ttl_seconds, user_metadata=payload.user_metadata)
+    except CheckpointExists:
+        if not await rt.io(_saved_by, rt, path, lambda existing: _same_training_save(existing, checkpoint)):
+            raise
     return p.PathResult(path=str(path))
+
+
+def _same_training_save(existing: Checkpoint, ours: Checkpoint) -> bool:
+    """This very save, applied before a crash: same model, same seq_id (seq-less saves are never matched)."""
+    seq = ours.state.get("saved_at_seq_id")
+    return seq is not None and existing.state.get("model_id") == ours.state.get("model_id") \
+        and existing.state.get("saved_at_seq_id") == seq
+
+
+def _same_weights(existing: Checkpoint, ours: Checkpoint) -> bool:
+    a, b = existing.adapter_weights, ours.adapter_weights
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _saved_by(rt: Runtime, path: TinkerPath, matches: Callable[[Checkpoint], bool]) -> bool:
+    try:
+        return matches(rt.storage.checkpoints.load(path))
+    except CheckpointNotFound:
+        return False
 
 
 async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
@@ -57,8 +94,13 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
     path = TinkerPath(state.model_id, "sampler_weights", name)
     adapter = await rt.compute(rt.backend.export_adapter, state.model_id)
     # An ephemeral name is ours and derived from the seq_id, so a replayed save may overwrite it.
-    await rt.io(rt.storage.checkpoints.save, path, Checkpoint(adapter.config, adapter.weights),
-                base_model=state.base_model, overwrite=ephemeral, ttl_seconds=ttl, user_metadata=payload.user_metadata)
+    checkpoint = Checkpoint(adapter.config, adapter.weights)
+    try:
+        await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model, overwrite=ephemeral,
+                    ttl_seconds=ttl, user_metadata=payload.user_metadata)
+    except CheckpointExists:  # the path is this model's own: equal weights there are this save, applied before
+        if not await rt.io(_saved_by, rt, path, lambda existing: _same_weights(existing, checkpoint)):
+            raise
     if payload.sampling_session_id is not None:
         session = SamplingSession(sampling_session_id=payload.sampling_session_id, base_model=state.base_model,
                                   tenant=state.tenant, model_path=str(path))
@@ -128,6 +170,6 @@ async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.
                         f"{state.base_model!r}")
     await rt.compute(rt.backend.load_adapter, state.model_id, checkpoint.adapter_weights,
                      checkpoint.optimizer_state if payload.optimizer else None)
-    state.step, state.window_failure = saved_step, None
+    state.step, state.window_failure, state.window_open = saved_step, None, False
     state.mutations += 1
     return p.PathResult(path=str(path), model_id=state.model_id)

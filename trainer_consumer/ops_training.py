@@ -23,6 +23,8 @@ from trainer_consumer.stream import Inbound, ModelStream
 
 def require_state(stream: ModelStream, inbound: Inbound) -> ModelState:
     state = stream.state
+    if stream.unavailable is not None:
+        raise TrainerError(stream.unavailable)
     # Another tenant's model is reported exactly like a missing one.
     if state is None or state.tenant != inbound.env.tenant:
         raise UserError(f"unknown model {stream.model_id!r}: no create_model or load_weights (seq_id 0) was applied")
@@ -77,6 +79,7 @@ async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound) -
     state = require_state(stream, inbound)
     if not payload.forward_only:
         state.mutations += 1
+        state.window_open = True
     try:
         out = await rt.compute(rt.backend.forward_backward, state.model_id, payload.data, payload.loss_fn,
                                payload.loss_fn_config, payload.forward_only)
@@ -98,11 +101,13 @@ async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.Op
     if failure is not None:
         state.window_failure = None
         await rt.compute(rt.backend.discard_gradients, state.model_id)
+        state.window_open = False
         raise TrainerError(
             f"optim_step not applied: {failure.request} of this gradient window failed ({failure.message}). "
             "The window's accumulated gradients were discarded and the weights left unchanged; the model "
             "continues from its previous step.", failure.category)
     metrics = await rt.compute(rt.backend.optim_step, state.model_id, payload.adam_params)
+    state.window_open = False
     state.step += 1
     state.mutations += 1
     state.last_adam_params = payload.adam_params

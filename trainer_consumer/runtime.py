@@ -33,7 +33,7 @@ class Runtime:
     backend: TrainingBackend
     storage: Storage
     config: TrainerConfig
-    base_models: tuple[str, ...]
+    base_models: tuple[str, ...] | None  # None: any (a replay serves whatever the log trained)
     # One thread owns the device: backend calls run there one at a time, in the order they were submitted, while
     # the asyncio loop keeps polling Kafka and heart-beating.
     executor: ThreadPoolExecutor = field(
@@ -46,7 +46,7 @@ class Runtime:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     def check_base_model(self, name: str) -> None:
-        if name not in self.base_models:
+        if self.base_models is not None and name not in self.base_models:
             raise UserError(f"base_model {name!r} is not served by this trainer; served: {list(self.base_models)}")
 
     def close(self) -> None:

@@ -1,29 +1,36 @@
 """The trainer's Kafka worker: consume the training topic in a consumer group, decode, feed the engine, publish
-its replies, and commit offsets only for finished events.
+its replies, and commit offsets only as far as the models' state is durable.
 
 - Poison (bad msgpack, unknown schema version, missing field, wrong event type) goes to the dead-letter topic with
   its reason, its future (if known) is failed, and the worker carries on. A poisoned event that still names its
-  model and seq_id voids that seq_id, so the model does not wait for it.
+  model and seq_id voids that seq_id, so the model does not wait for it (intake.py).
 - Compute runs on the engine's compute thread, so this asyncio loop keeps fetching, heart-beating and committing
   during a long step. A partition with `max_scheduled_per_partition` events waiting for compute is paused (its
   other events stay on the broker) and resumed once it drains; out-of-order events held for a gap do not count,
   so a pause can never wait on an event it keeps from arriving.
-- Offsets: see offsets.py. Revoked partitions are committed as far as finished, then forgotten.
+- Offsets (offsets.py, durability.py): a partition's commit stops at its lowest unfinished event and at the lowest
+  event some model of it still needs re-read after a crash (not yet covered by that model's snapshot). A trainer
+  killed at any moment therefore loses nothing: its successor restores each model from its snapshot and re-applies
+  the rest from the log (docs/recovery.md).
+- Rebalance: revoked partitions are released (running steps finish, models snapshotted where their gradient
+  window allows), committed, then their models are dropped; the next owner restores them lazily.
+- The broker may go away for a while (restart, failover): fetch and commit errors are logged and retried, and a
+  reply is re-published until `publish_retry_s`; only then does the worker stop (and its successor replays).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import TRAINING_EVENTS, ContractError, EventType, decode_envelope, decode_payload, make_event
+from bus_events import Envelope
 from bus_events import payloads as p
 from tinker_bus.dead_letter import dead_letter_contract_error
 from tinker_bus.health import heartbeating
@@ -33,6 +40,7 @@ from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
+from trainer_consumer.intake import Poisoned, decode_training_record
 from trainer_consumer.model_state import BusPosition
 from trainer_consumer.offsets import OffsetTracker
 from trainer_consumer.runtime import Runtime, Storage
@@ -42,6 +50,11 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 100
 MAX_RECORDS_PER_POLL = 64
+RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
+
+
+def _partitions(tps: set[TopicPartition]) -> set[tuple[str, int]]:
+    return {(tp.topic, tp.partition) for tp in tps}
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -49,13 +62,11 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker, self.ready = worker, ready
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.worker.commit(only=set(revoked))
-        self.worker.offsets.forget(set(revoked))
-        for tp in revoked:
-            self.worker.inflight.pop(tp, None)
+        await self.worker.hand_over(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("trainer assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        self.worker.owned |= set(assigned)
         if self.ready is not None:
             self.ready.set()
 
@@ -70,9 +81,16 @@ class TrainerWorker:
         self.inflight: dict[TopicPartition, dict[int, Inbound]] = defaultdict(dict)
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=settings.trainer_group)
+        # Partitions this worker may feed to the engine. A revoke removes them before anything else, so a record
+        # still being decoded when its partition goes away is dropped (its next owner reads it again).
+        self.owned: set[TopicPartition] = set()
         self._last_commit = 0.0
 
+    def health(self) -> dict:
+        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(self.engine.streams)}
+
     async def run(self, ready: asyncio.Event | None = None) -> None:
+        await self._preload()
         await self.producer.start()
         try:
             await self.consumer.start()
@@ -82,17 +100,41 @@ class TrainerWorker:
                 try:
                     await self._loop()
                 finally:
-                    await self.engine.stop()
-                    with contextlib.suppress(Exception):
-                        await self.commit()
+                    await self._stop_engine()
             finally:
                 await self.consumer.stop()
         finally:
             await self.producer.stop()
 
+    async def _preload(self) -> None:
+        """Load the served base models before joining the group: partitions handed to this trainer (a restart,
+        a rebalance) then restore at once instead of waiting for a model load."""
+        runtime = self.engine.runtime
+        for name in runtime.base_models or ():
+            try:
+                await runtime.compute(runtime.backend.base_model_info, name)
+            except Exception as exc:  # create_model of it will say why; the other base models still serve
+                log.error("base model %s could not be loaded: %s", name, exc)
+
+    async def _stop_engine(self) -> None:
+        """Graceful stop: finish running steps, snapshot, commit what is durable, then cancel the rest."""
+        try:
+            if self.engine.failure is None:
+                await self.engine.release()
+            await self.commit()
+        except Exception:
+            log.exception("final snapshots / commit failed; the next owner replays from the last commit")
+        finally:
+            await self.engine.stop()
+
     async def _loop(self) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
+            except KafkaError as exc:  # the broker is away: aiokafka reconnects, we keep asking
+                log.warning("fetch failed (%s); retrying", exc)
+                await asyncio.sleep(RETRY_DELAY_S[0])
+                continue
             for tp, records in batches.items():
                 for record in records:
                     await self._intake(tp, record)
@@ -104,65 +146,70 @@ class TrainerWorker:
 
     # ------------------------------------------------------------------ intake
     async def _intake(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        if tp not in self.owned:
+            return
         self.offsets.received(tp, record.offset)
         position = BusPosition(record.topic, record.partition, record.offset)
-        try:
-            env = decode_envelope(record.value or b"")
-        except ContractError as exc:
-            await self._dead_letter(tp, record, exc, "decode")
+        decoded = await decode_training_record(record.value or b"", position, self.objects)
+        if tp not in self.owned:  # revoked while the claim check was fetched
             return
-        try:
-            if env.type not in TRAINING_EVENTS:
-                raise ContractError(f"{env.type.value} events do not belong on the training topic {record.topic}",
-                                    env.request_id, env.model_id)
-            if env.seq_id is not None and env.seq_id < 0:
-                raise ContractError(f"seq_id must be >= 0, got {env.seq_id}", env.request_id, env.model_id)
-            if env.payload_ref is not None:
-                payload = await asyncio.to_thread(decode_payload, env, self.objects)
-            else:
-                payload = decode_payload(env)
-        except ContractError as exc:
-            await self._dead_letter(tp, record, exc, "validate", void=(env, position))
-            return
-        except Exception as exc:  # the claim check could not be fetched: this event cannot be applied
-            await self._dead_letter(tp, record, ContractError(f"payload unreadable: {exc}", env.request_id,
-                                                              env.model_id), "decode", void=(env, position))
-            return
-        inbound = Inbound(env, payload, position)
-        self.inflight[tp][record.offset] = inbound
-        await self.engine.submit(inbound)
-
-    async def _dead_letter(self, tp: TopicPartition, record: ConsumerRecord, exc: ContractError, stage: str,
-                           void: tuple | None = None) -> None:
-        await dead_letter_contract_error(self.producer, self.settings, record, exc, stage)
-        env, position = void if void is not None else (None, None)
-        if env is None or env.seq_id is None or env.type == EventType.SEQ_VOID:
-            self.offsets.finished(tp, record.offset)
-            return
-        # Its seq_id is burnt: void it in order (finishing the offset when the model gets there).
-        void_env, body = make_event(EventType.SEQ_VOID, p.SeqVoid(reason=f"dead-lettered: {exc}"),
-                                    model_id=env.model_id, request_id=env.request_id, seq_id=env.seq_id,
-                                    tenant=env.tenant)
-        inbound = Inbound(void_env, body, position, voided_type=env.type.value)
-        self.inflight[tp][record.offset] = inbound
-        await self.engine.submit(inbound)
+        if isinstance(decoded, Poisoned):
+            await dead_letter_contract_error(self.producer, self.settings, record, decoded.error, decoded.stage)
+            if decoded.void is None:
+                self.offsets.finished(tp, record.offset)
+                return
+            decoded = decoded.void  # its seq_id is burnt: void it in order (finished when the model gets there)
+        self.inflight[tp][record.offset] = decoded
+        await self.engine.submit(decoded)
 
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
         for env, result in replies:
-            await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+            await self._publish_reply(env, result)
         if inbound.position is not None:
             tp = TopicPartition(inbound.position.topic, inbound.position.partition)
             self.inflight.get(tp, {}).pop(inbound.position.offset, None)
             self.offsets.finished(tp, inbound.position.offset)
 
+    async def _publish_reply(self, env: Envelope, result: p.Result) -> None:
+        deadline = time.monotonic() + self.config.publish_retry_s
+        delay = RETRY_DELAY_S[0]
+        while True:
+            try:
+                await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
+                              claim_check_bytes=self.settings.claim_check_bytes)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("publishing the reply to %s failed (%s); retrying in %.1f s", env.request_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_DELAY_S[1])
+
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         self._last_commit = time.monotonic()
-        offsets = self.offsets.to_commit(only)
-        if offsets:
+        holds = {TopicPartition(topic, partition): offset
+                 for (topic, partition), offset in self.engine.holds().items()}
+        offsets = self.offsets.to_commit(only, holds)
+        if not offsets:
+            return
+        try:
             await self.consumer.commit(offsets)
-            self.offsets.committed(offsets)
+        except KafkaError as exc:  # rebalancing, broker away: the next commit carries the same offsets
+            log.warning("offset commit failed (%s); retried with the next one", exc)
+            return
+        self.offsets.committed(offsets)
+
+    async def hand_over(self, revoked: set[TopicPartition]) -> None:
+        """Revoked partitions: stop feeding them, let their models settle and snapshot, commit, forget."""
+        self.owned -= revoked
+        partitions = _partitions(revoked)
+        await self.engine.release(partitions)
+        await self.commit(only=revoked)
+        await self.engine.drop(partitions)
+        self.offsets.forget(revoked)
+        for tp in revoked:
+            self.inflight.pop(tp, None)
 
     def _apply_backpressure(self) -> None:
         paused = self.consumer.paused()
@@ -179,10 +226,15 @@ async def run_trainer(settings: BusSettings, *, ready: asyncio.Event | None = No
                       config: TrainerConfig | None = None, backend: TrainingBackend | None = None) -> None:
     """Run the trainer until cancelled. `ready` is set once the consumer group has assigned partitions."""
     config = config or TrainerConfig.from_env()
+    if config.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     objects = ObjectStore.from_settings(settings)
     await asyncio.to_thread(objects.ensure_bucket)
     await ensure_topics(settings)
     runtime = Runtime(backend or make_backend(config, settings.device), Storage.on(objects), config,
                       settings.base_models)
-    async with heartbeating(objects, "trainer"):
-        await TrainerWorker(settings, runtime, objects).run(ready)
+    worker = TrainerWorker(settings, runtime, objects)
+    async with heartbeating(objects, "trainer", worker.health):
+        await worker.run(ready)  # a cancel stops it gracefully (TrainerWorker._stop_engine)

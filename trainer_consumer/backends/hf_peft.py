@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ from trainer_consumer.backends.batch import MicroBatch, check_data, concat_input
 from trainer_consumer.backends.logprobs import target_logprobs
 
 log = logging.getLogger(__name__)
+
+# from_pretrained initialises on the meta device through process-global state, so concurrent loads in two
+# threads break each other ("Cannot copy out of meta tensor").
+_LOAD_LOCK = threading.Lock()
+
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
@@ -76,9 +82,13 @@ class HfPeftBackend:
         self.device = pick_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.deterministic = self.device.type == "cpu" if deterministic is None else deterministic
+        if self.deterministic:
+            torch.manual_seed(0)  # nothing here should draw from the global RNG; if something does, draw the same
         if self.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         self.gradient_checkpointing = gradient_checkpointing
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
@@ -99,7 +109,8 @@ class HfPeftBackend:
 
         path = resolve_base_model(name)
         log.info("loading base model %s from %s on %s (%s)", name, path, self.device, self.dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+        with _LOAD_LOCK:  # two backends of one process (tests, in-process scale-out) must not load at once
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
         model.requires_grad_(False)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
