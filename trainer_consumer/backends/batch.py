@@ -5,14 +5,15 @@ Shared by every backend: the errors here are the "user" errors of bad input, nam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bus_events import payloads as p
-from trainer_consumer.backends.base import BackendInputError
+from loss_plugins import compute_loss, get_loss
+from trainer_consumer.backends.base import BackendInputError, ForwardBackwardOutput
 
 TARGET_TOKENS = "target_tokens"
 
@@ -125,3 +126,48 @@ def _pad(data: Sequence[CheckedDatum], start: int, stop: int, length: int) -> Mi
         targets[row, :n] = torch.from_numpy(datum.targets)
         mask[row, :n] = True
     return MicroBatch(start, stop, input_ids, targets, mask)
+
+
+def run_forward_backward(
+    data: Sequence[p.Datum],
+    loss_fn: str,
+    loss_fn_config: Mapping[str, float | str],
+    forward_only: bool,
+    *,
+    vocab_size: int,
+    max_positions: int,
+    micro_batch_tokens: int,
+    logprobs_of: Callable[[MicroBatch], torch.Tensor],
+) -> ForwardBackwardOutput:
+    """The forward_backward plan every backend shares; `logprobs_of(batch)` runs the active adapter's model.
+
+    One graph when one micro-batch holds the request. Otherwise logprobs without graph for the whole request, the
+    loss and its gradient w.r.t. those logprobs, then one forward+backward per micro-batch fed that gradient: exactly
+    the gradient of the loss over the whole request, with activations for one micro-batch at a time.
+    """
+    get_loss(loss_fn)  # an unknown loss fails before any compute
+    checked = check_data(data, vocab_size=vocab_size, max_positions=max_positions)
+    inputs = concat_inputs(checked)
+    batches = plan_micro_batches(checked, micro_batch_tokens)
+    if forward_only or len(batches) > 1:
+        with torch.no_grad():
+            logprobs = torch.cat([logprobs_of(batch) for batch in batches])
+    if forward_only:
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+    elif len(batches) == 1:
+        logprobs = logprobs_of(batches[0])
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        loss.loss.backward()
+    else:
+        logprobs = logprobs.detach().requires_grad_()
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        loss.loss.backward()
+        upstream, offset = logprobs.grad, 0
+        for batch in batches:
+            count = int(batch.mask.sum())
+            logprobs_of(batch).backward(upstream[offset:offset + count])
+            offset += count
+    flat = logprobs.detach().float().cpu().numpy()
+    splits = np.cumsum([d.length for d in checked])[:-1]
+    return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
+                                 metrics={k: float(v) for k, v in loss.metrics.items()})

@@ -29,11 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from bus_events import payloads as p
-from loss_plugins import compute_loss, get_loss
 from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.base import (
     AdapterExport,
@@ -43,7 +41,7 @@ from trainer_consumer.backends.base import (
     ForwardBackwardOutput,
     UnknownModel,
 )
-from trainer_consumer.backends.batch import MicroBatch, check_data, concat_inputs, plan_micro_batches
+from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
 from trainer_consumer.backends.logprobs import target_logprobs
 
 log = logging.getLogger(__name__)
@@ -184,34 +182,11 @@ class HfPeftBackend:
     def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
                          loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
         adapter = self._adapter(model_id)
-        get_loss(loss_fn)  # an unknown loss fails before any compute
         base = adapter.base
-        checked = check_data(data, vocab_size=base.info.vocab_size, max_positions=base.info.max_positions)
-        inputs = concat_inputs(checked)
-        batches = plan_micro_batches(checked, self.micro_batch_tokens)
         self._activate(adapter)
-        if forward_only or len(batches) > 1:
-            with torch.no_grad():
-                logprobs = torch.cat([self._logprobs(base, batch) for batch in batches])
-        if forward_only:
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-        elif len(batches) == 1:
-            logprobs = self._logprobs(base, batches[0])
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-            loss.loss.backward()
-        else:
-            logprobs = logprobs.detach().requires_grad_()
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-            loss.loss.backward()
-            upstream, offset = logprobs.grad, 0
-            for batch in batches:
-                count = int(batch.mask.sum())
-                self._logprobs(base, batch).backward(upstream[offset:offset + count])
-                offset += count
-        flat = logprobs.detach().float().cpu().numpy()
-        splits = np.cumsum([d.length for d in checked])[:-1]
-        return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
-                                     metrics={k: float(v) for k, v in loss.metrics.items()})
+        return run_forward_backward(data, loss_fn, loss_fn_config, forward_only, vocab_size=base.info.vocab_size,
+                                    max_positions=base.info.max_positions, micro_batch_tokens=self.micro_batch_tokens,
+                                    logprobs_of=lambda batch: self._logprobs(base, batch))
 
     def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
         adapter = self._adapter(model_id)

@@ -11,11 +11,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from bus_events import payloads as p
-from loss_plugins import compute_loss, get_loss
 from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.base import (
     AdapterExport,
@@ -25,7 +23,7 @@ from trainer_consumer.backends.base import (
     ForwardBackwardOutput,
     UnknownModel,
 )
-from trainer_consumer.backends.batch import check_data, concat_inputs, plan_micro_batches
+from trainer_consumer.backends.batch import run_forward_backward
 from trainer_consumer.backends.hf_peft import _seeded_init
 from trainer_consumer.backends.megatron.config import ModelShape, build_gpt_model, model_shape
 from trainer_consumer.backends.megatron.convert import load_hf_weights, safetensors_source
@@ -146,40 +144,13 @@ class MegatronEngine:
     def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
                          loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
         adapter = self._adapter(model_id)
-        get_loss(loss_fn)  # an unknown loss fails before any compute
         base = adapter.base
-        checked = check_data(data, vocab_size=base.info.vocab_size, max_positions=base.info.max_positions)
-        inputs = concat_inputs(checked)
-        batches = plan_micro_batches(checked, self.micro_batch_tokens)
         base.active.adapter = adapter.local
-
-        def logprobs_of(batch):
-            return target_logprobs(base.model, batch, base.shape.vocab_size, self.logprob_chunk_tokens)
-
-        # Same plan as the HF backend: one graph when one micro-batch holds the request, else logprobs without
-        # graph, the loss's gradient w.r.t. them, and one forward+backward per micro-batch fed that gradient.
-        if forward_only or len(batches) > 1:
-            with torch.no_grad():
-                logprobs = torch.cat([logprobs_of(batch) for batch in batches])
-        if forward_only:
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-        elif len(batches) == 1:
-            logprobs = logprobs_of(batches[0])
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-            loss.loss.backward()
-        else:
-            logprobs = logprobs.detach().requires_grad_()
-            loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
-            loss.loss.backward()
-            upstream, offset = logprobs.grad, 0
-            for batch in batches:
-                count = int(batch.mask.sum())
-                logprobs_of(batch).backward(upstream[offset:offset + count])
-                offset += count
-        flat = logprobs.detach().float().cpu().numpy()
-        splits = np.cumsum([d.length for d in checked])[:-1]
-        return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
-                                     metrics={k: float(v) for k, v in loss.metrics.items()})
+        return run_forward_backward(
+            data, loss_fn, loss_fn_config, forward_only, vocab_size=base.info.vocab_size,
+            max_positions=base.info.max_positions, micro_batch_tokens=self.micro_batch_tokens,
+            logprobs_of=lambda batch: target_logprobs(base.model, batch, base.shape.vocab_size,
+                                                      self.logprob_chunk_tokens))
 
     def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
         return self._adapter(model_id).optimizer.step(params)
