@@ -17,7 +17,7 @@ from artifact_store import CheckpointStore, ObjectStore, TinkerPath
 from bus_events import EventType, encode_event, make_event, tensor_from_numpy
 from bus_events import payloads as p
 from sampler_consumer.worker import run_sampler
-from tinker_bus import log_tools
+from tinker_bus import cli as tinker_bus_cli
 from tinker_bus.base_models import make_tiny_model
 from tinker_bus.settings import BusSettings
 from trainer_consumer.fingerprint import adapter_sha256
@@ -36,7 +36,7 @@ def bus_flags(settings: BusSettings) -> list[str]:
 
 async def cli(*argv: str) -> int:
     """`tinker-bus <argv>` in a thread (the commands run their own event loop)."""
-    return await asyncio.to_thread(log_tools.main, list(argv))
+    return await asyncio.to_thread(tinker_bus_cli.main, list(argv))
 
 
 async def test_a_finished_supervised_run_replays_to_the_live_checkpoints(settings, tiny, tmp_path):

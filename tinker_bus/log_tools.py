@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -239,26 +238,3 @@ def add_log_commands(subparsers: Any, common_parent: argparse.ArgumentParser) ->
                         help="stop reading the broker after this long without data (default 10)")
     _bus_options(export, for_up=False)
     export.set_defaults(func=cmd_export_log)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tinker_bus.log_tools replay|export-log ...` (the same commands as `tinker-bus replay|export-log`)."""
-    from tinker_bus.cli import UsageError
-
-    parser = argparse.ArgumentParser(prog="tinker-bus", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=os.environ.get("TINKER_BUS_LOG_LEVEL", "WARNING").upper(),
-                        type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add_log_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        parser.error(str(exc))
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
