@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shapes import SHAPES
+from bench.timing import profile_to
 from bus_events import payloads as p
 from sampler_consumer.config import SamplerConfig, resolve_cache_mode, resolve_device, resolve_dtype
 from sampler_consumer.engine import Engine, GenRequest
@@ -113,7 +114,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-mode", choices=["auto", "dynamic", "static"], default="auto")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--compile-mode", default="default", help='torch.compile mode, e.g. "reduce-overhead"')
+    parser.add_argument("--compile-mode", default=SamplerConfig.compile_mode,
+                        help='comma-separated torch.compile modes of the engine, one row each, e.g. '
+                             '"default,reduce-overhead"')
+    parser.add_argument("--profile", help="append a torch.profiler kernel table of one engine run to this file")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--static-baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time generate with a static cache (transformers compiles its decode step)")
@@ -135,7 +139,9 @@ def main() -> None:
     bank = LoraBank(model, device, dtype)
     base = BaseModel(name=args.model_config, model=model, tokenizer=None, lora=bank, eos_ids=frozenset(),
                      vocab_size=model.config.vocab_size, max_positions=8192, device=device, dtype=dtype)
-    engine = Engine(base, cache_mode, compiled, compile_mode=args.compile_mode)
+    modes = args.compile_mode.split(",") if compiled else ["-"]
+    engines = {mode: Engine(base, cache_mode, compiled, compile_mode=mode) for mode in modes}
+    engine = engines[modes[-1]]
     adapters = [random_adapter(model, i, args.rank, device, dtype) for i in range(args.adapters)]
     params = p.SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=0, stop=[])
     prompts = torch.randint(2, model.config.vocab_size, (max(batches), args.prompt_len), generator=torch.Generator()
@@ -143,7 +149,7 @@ def main() -> None:
 
     print(f"# {args.model_config} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f", {torch.get_num_threads()} threads), {dtype}, LoRA rank {args.rank}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, engine cache={cache_mode} compiled={compiled} ({args.compile_mode}), "
+          f"{args.new_tokens} new tokens, engine cache={cache_mode} compiled={compiled} ({'/'.join(modes)}), "
           f"median of {args.repeats}")
     if args.check:
         check_against_teacher_forcing(engine, base, prompts.to(device), adapters, args.new_tokens)
@@ -160,14 +166,18 @@ def main() -> None:
                                         device, args.repeats)
             print(f"| model.generate + PEFT, static cache + compile | {batch} | 1 | {static_ref:,.0f} | "
                   f"{static_ref / reference:.2f} | 1.00 |", flush=True)
-        for n_adapters in (1, args.adapters):
-            if n_adapters > batch:
-                continue
-            requests = [GenRequest(ids[i].tolist(), params, adapter=adapters[i % n_adapters], first_sample=i)
-                        for i in range(batch)]
-            rate = tokens / timed(lambda r=requests: engine.generate(r), device, args.repeats)
-            print(f"| sampler engine | {batch} | {n_adapters} | {rate:,.0f} | {rate / reference:.2f} | "
-                  f"{rate / static_ref:.2f} |", flush=True)
+        for mode, engine in engines.items():
+            for n_adapters in (1, args.adapters):
+                if n_adapters > batch:
+                    continue
+                requests = [GenRequest(ids[i].tolist(), params, adapter=adapters[i % n_adapters], first_sample=i)
+                            for i in range(batch)]
+                rate = tokens / timed(lambda r=requests, e=engine: e.generate(r), device, args.repeats)
+                print(f"| sampler engine ({mode}) | {batch} | {n_adapters} | {rate:,.0f} | {rate / reference:.2f} | "
+                      f"{rate / static_ref:.2f} |", flush=True)
+                if n_adapters == args.adapters:
+                    profile_to(args.profile, lambda r=requests, e=engine: e.generate(r), device.type,
+                               f"sampler engine ({mode}), batch {batch}, {n_adapters} adapters")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from bench.data import datums_from_tokens, random_tokens
 from bench.shapes import DEFAULT_BATCH, build_model_dir
-from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
+from bench.timing import Row, peak_gib, print_table, profile_to, reset_peak, timed_steps
 
 RANK = 32
 
@@ -30,27 +30,29 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_bare(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int) -> Row:
+def bench_bare(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
+               profile: str | None = None) -> Row:
     from bench.bare_peft import make_bare_step
 
     reset_peak(device)
     model, step = make_bare_step(model_dir, device, tokens, RANK)
     times = timed_steps(step, steps, warmup, device)
     row = Row("bare transformers+PEFT", tokens[:, 1:].numel(), times, peak_gib(device))
+    profile_to(profile, step, device, row.name)
     del model, step
     _free()
     return row
 
 
 def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
-                  adapters: int) -> Row:
+                  adapters: int, options: dict, label: str, profile: str | None = None) -> Row:
     """Our HF+PEFT backend called directly: `adapters` LoRAs trained round-robin on the same batches."""
     from bus_events import payloads as p
     from trainer_consumer.backends.base import AdapterSpec
     from trainer_consumer.backends.hf_peft import HfPeftBackend
 
     reset_peak(device)
-    backend = HfPeftBackend(device=device)
+    backend = HfPeftBackend(device=device, **options)
     ids = [f"bench:train:{i}" for i in range(adapters)]
     for i, model_id in enumerate(ids):
         backend.create_adapter(model_id, AdapterSpec(base_model=str(model_dir), rank=RANK, seed=i,
@@ -65,7 +67,8 @@ def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int
         backend.optim_step(model_id, params)
 
     times = timed_steps(step, steps * adapters, warmup * adapters, device)
-    row = Row(f"tinker-bus backend, {adapters} adapter(s)", tokens[:, 1:].numel(), times, peak_gib(device))
+    row = Row(label, tokens[:, 1:].numel(), times, peak_gib(device))
+    profile_to(profile, step, device, label)
     backend = None  # the last reference: lets _free() return its GPU memory
     _free()
     return row
@@ -149,7 +152,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--work-dir", default="/tmp/tinker-bus-bench")
-    ap.add_argument("--skip", default="", help="comma list of: bus, multi")
+    ap.add_argument("--skip", default="", help="comma list of: bus, multi, eager")
+    ap.add_argument("--profile", help="append a torch.profiler kernel table of one step per variant to this file")
     args = ap.parse_args()
     batch, seq = DEFAULT_BATCH[args.shape]
     batch, seq = args.batch or batch, args.seq or seq
@@ -166,11 +170,16 @@ def main() -> None:
     if "bus" not in skip:  # first, while this process holds no GPU memory (the trainer is another process)
         bus_row, pipe_row, latency = bench_bus(model_dir, args.device, tokens, args.steps, args.warmup, work)
         rows += [bus_row, pipe_row]
-    rows.insert(0, bench_bare(model_dir, args.device, tokens, args.steps, args.warmup))
-    rows.append(bench_backend(model_dir, args.device, tokens, args.steps, args.warmup, adapters=1))
+    rows.insert(0, bench_bare(model_dir, args.device, tokens, args.steps, args.warmup, args.profile))
+    variants = [("tinker-bus backend, 1 adapter", {}, 1)]  # torch_compile: the backend's default for the device
+    if "eager" not in skip:
+        variants.append(("tinker-bus backend, no torch.compile, 1 adapter", {"torch_compile": False}, 1))
     if "multi" not in skip:
-        rows.append(bench_backend(model_dir, args.device, tokens, max(1, args.steps // 2), 1,
-                                  adapters=args.adapters))
+        variants.append((f"tinker-bus backend, {args.adapters} adapters round-robin", {}, args.adapters))
+    for label, options, adapters in variants:
+        steps = args.steps if adapters == 1 else max(1, args.steps // 2)
+        rows.append(bench_backend(model_dir, args.device, tokens, steps, args.warmup if adapters == 1 else 1,
+                                  adapters, options, label, args.profile))
     print_table(f"training, {args.shape}, {batch}x{seq} tokens/step", rows, baseline="bare transformers+PEFT")
     if latency is not None:
         compute_ms = tiny_step_compute(model_dir, args.device)

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One device-tool call for docs/benchmarks.md (issue 7): training (bare PEFT vs backend vs full bus path,
-# 8 interleaved adapters, per-call latency) and sampling (engine vs generate, dynamic and static+compile).
-# Needs the cp312 wheels in .whl/ (see docs/benchmarks.md) carried with the call.
+# The device-tool calls behind docs/benchmarks.md (issue 7), one table per stage:
+#   bash bench/gpu_run.sh train1b   # bare PEFT vs backend (eager, compiled) vs full bus path, 8 adapters, latency
+#   bash bench/gpu_run.sh sample1b  # sampler engine vs generate (dynamic, static + compile), batch 64 and 256
+#   bash bench/gpu_run.sh train8b   # bare PEFT vs backend on the 8B shape
+#   bash bench/gpu_run.sh sample8b
+# Stages can be listed together. Needs the cp312 wheels in .whl/ (see docs/benchmarks.md) carried with the call;
+# logs and torch-profiler kernel tables land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
@@ -10,9 +14,20 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__,
 torch.cuda.get_device_name())"
-timeout "${TRAIN_1B_S:-230}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 --adapters 8 \
-  2>&1 | grep -v -E "HTTP/1.1|it/s]" | tee "$OUT/train-llama-1b.log"
-timeout "${SAMPLE_1B_S:-190}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda --batch 64 \
-  --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 2>&1 | tee "$OUT/sample-llama-1b.log"
-timeout "${TRAIN_8B_S:-140}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 --skip bus,multi \
-  2>&1 | grep -v -E "it/s]" | tee "$OUT/train-llama-8b.log"
+quiet() { grep --line-buffered -v -E "HTTP/1.1|it/s]|USDT|profiler_st"; }
+for stage in "$@"; do
+  case $stage in
+    train1b) timeout "${STAGE_S:-330}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 \
+        --adapters 8 --profile "$OUT/profile-train-llama-1b.txt" 2>&1 | quiet | tee "$OUT/train-llama-1b.log" ;;
+    sample1b) timeout "${STAGE_S:-260}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
+        --batch 64,256 --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 --check \
+        --compile-mode "${COMPILE_MODES:-default,reduce-overhead}" --profile "$OUT/profile-sample-llama-1b.txt" 2>&1 \
+        | quiet | tee "$OUT/sample-llama-1b.log" ;;
+    train8b) timeout "${STAGE_S:-200}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 \
+        --skip bus,multi --profile "$OUT/profile-train-llama-8b.txt" 2>&1 | quiet | tee "$OUT/train-llama-8b.log" ;;
+    sample8b) timeout "${STAGE_S:-260}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
+        --batch 64 --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 \
+        --compile-mode "${COMPILE_MODES:-reduce-overhead}" 2>&1 | quiet | tee "$OUT/sample-llama-8b.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

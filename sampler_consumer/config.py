@@ -23,7 +23,7 @@ class SamplerConfig:
     base_model_cache_size: int = 2  # base models kept loaded (LRU)
     cache_mode: CacheMode = "auto"  # KV cache: "static" on GPU (compiled decode step), "dynamic" on CPU
     compile: bool | None = None  # torch.compile the static decode step; None = on for CUDA
-    compile_mode: str = "default"  # torch.compile mode, e.g. "reduce-overhead" for CUDA graphs
+    compile_mode: str = "reduce-overhead"  # torch.compile mode of the decode step; this one replays CUDA graphs
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
     prompt_logprob_chunk: int = 256  # prompt positions per lm_head call when computing prompt logprobs
 

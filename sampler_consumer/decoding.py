@@ -1,9 +1,10 @@
 """KV-cached decode steps over a batch of rows, after a shared prefill.
 
 `DynamicDecoder` (CPU): a growing DynamicCache; finished rows are dropped from the cache so they cost nothing.
-`StaticDecoder` (GPU): a preallocated StaticCache of bucketed (rows, length) reused across batches, a fixed
-[rows, max_len] attention mask and a decode step that can be torch.compile'd (static shapes; finished rows
-keep decoding a dummy token and are ignored). Both return the logits of the rows still generating.
+`StaticDecoder` (GPU): a preallocated StaticCache of bucketed (rows, length) reused across batches, a fixed-shape
+4D attention mask kept here (so the compiled step gets it ready-made instead of rebuilding it in every layer) and
+a decode step that is torch.compile'd, by default into CUDA graphs (static shapes; finished rows keep decoding a
+dummy token and are ignored). Both return the logits of the rows still generating.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class StaticCachePool:
         if compiled:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILED_SHAPES_LIMIT)
         self.step_fn = torch.compile(step, mode=compile_mode, dynamic=False) if compiled else step
+        # CUDA graph replays reuse their output buffers; each step's logits are consumed before the next step.
+        self.graphs = compiled and compile_mode in ("reduce-overhead", "max-autotune")
 
     def acquire(self, rows: int, length: int) -> tuple[StaticCache, int, int]:
         want_rows, want_len = _bucket(rows, 8), _bucket(length, 256)
@@ -103,9 +106,10 @@ class StaticDecoder:
                             torch.zeros(self.padded_rows - rows, dtype=torch.long, device=device)])
         for layer_idx, layer in enumerate(prefill.layers):
             self.cache.update(layer.keys.index_select(0, source), layer.values.index_select(0, source), layer_idx)
-        # Causality hides positions not written yet, so only the left padding needs masking.
-        self.attention = torch.ones(self.padded_rows, max_len, dtype=torch.bool, device=device)
-        self.attention[:, :seen] = attention.index_select(0, source)
+        # [rows, 1, 1, max_len]: the prompt's real positions, then each slot as the step that writes it begins.
+        self.mask = torch.zeros(self.padded_rows, 1, 1, max_len, dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :seen] = attention.index_select(0, source)
+        self.next_slot = seen
         self.positions = positions.index_select(0, source).view(-1, 1).clone()
         self.tokens = torch.zeros(self.padded_rows, 1, dtype=torch.long, device=device)
         model.lora.pad_rows(self.padded_rows)
@@ -114,6 +118,10 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, live: list[int]) -> torch.Tensor:
         live_index = torch.tensor(live, device=self.tokens.device)
         self.tokens[live_index, 0] = tokens
-        logits = self.pool.step_fn(self.tokens, self.positions, self.attention, self.cache)
+        self.mask[:, :, :, self.next_slot] = True
+        if self.pool.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.pool.step_fn(self.tokens, self.positions, self.mask, self.cache)
         self.positions += 1
+        self.next_slot += 1
         return logits.index_select(0, live_index).float()

@@ -61,6 +61,25 @@ class _Row:
     sequence: Sequence
 
 
+class _HostCopy:
+    """Device tensors copied to the host without stalling the stream: `wait` blocks only until the copy is done,
+    not until work queued after it (the next decode step) finishes."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.event = None
+        self.host = list(tensors)
+        if tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors]
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> list[list]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.tolist() for t in self.host]
+
+
 class Engine:
     def __init__(self, model: BaseModel, cache_mode: Literal["dynamic", "static"] = "dynamic",
                  compiled: bool = False, prompt_logprob_chunk: int = 256, compile_mode: str = "default") -> None:
@@ -120,8 +139,17 @@ class Engine:
         logits = logits.index_select(0, torch.tensor(live, device=logits.device))
         while True:
             tokens, logprobs = sample_next(logits, [rows[i].sampling for i in live])
-            still, still_at = [], []
-            for j, (i, token, logprob) in enumerate(zip(live, tokens.tolist(), logprobs.tolist(), strict=True)):
+            on_host = _HostCopy(tokens, logprobs)
+            # The next step starts before this step's tokens reach the host, so the host's stop checks overlap the
+            # GPU's decoding; a row that turns out to have stopped costs one discarded step.
+            going = [j for j, i in enumerate(live) if len(rows[i].sequence.tokens) + 1 < rows[i].max_tokens]
+            next_logits = None
+            if going:
+                fed = tokens if len(going) == len(live) else tokens.index_select(
+                    0, torch.tensor(going, device=tokens.device))
+                next_logits = decoder.step(fed, [live[j] for j in going])
+            still = []
+            for i, token, logprob in zip(live, *on_host.wait(), strict=True):
                 seq = rows[i].sequence
                 seq.tokens.append(token)
                 seq.logprobs.append(logprob)
@@ -129,12 +157,13 @@ class Engine:
                     seq.stop_reason = "stop"
                 elif len(seq.tokens) < rows[i].max_tokens:
                     still.append(i)
-                    still_at.append(j)
-            if not still:
+            if not still or next_logits is None:
                 return
-            next_tokens = tokens.index_select(0, torch.tensor(still_at, device=tokens.device))
-            logits = decoder.step(next_tokens, still)
-            live = still
+            if len(still) < len(going):
+                where = {live[j]: k for k, j in enumerate(going)}
+                next_logits = next_logits.index_select(
+                    0, torch.tensor([where[i] for i in still], device=next_logits.device))
+            logits, live = next_logits, still
 
     def _prompt_outputs(self, index: int, request: GenRequest, hidden: torch.Tensor, width: int) -> GenOutput:
         """log p(prompt[t] | prompt[:t]) for t >= 1 (and the top-k alternatives), NaN / padding at t = 0."""

@@ -22,6 +22,8 @@ class TrainerConfig:
     ephemeral_ttl_s: int = 86400
     # Activation checkpointing of the decoder layers: less memory, about 30 % more compute.
     gradient_checkpointing: bool = False
+    # torch.compile the HF backend's decoder layers and logprob math: None = on for CUDA (docs/benchmarks.md).
+    torch_compile: bool | None = None
     # Bit-identical replays: None = on for CPU (free there), off for GPU (slower deterministic kernels).
     deterministic: bool | None = None
     # Positions per lm_head chunk when computing target logprobs (bounds the [chunk, vocab] fp32 logits).
@@ -55,7 +57,7 @@ class TrainerConfig:
             if raw is None:
                 continue
             kind = type(getattr(cls, f.name))
-            if kind is bool or f.name == "deterministic":
+            if kind is bool or f.name in ("deterministic", "torch_compile"):
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = kind(raw)

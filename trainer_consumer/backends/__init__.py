@@ -12,7 +12,8 @@ def make_backend(config: TrainerConfig, device: str = "auto") -> TrainingBackend
 
         return HfPeftBackend(device=device, gradient_checkpointing=config.gradient_checkpointing,
                              logprob_chunk_tokens=config.logprob_chunk_tokens,
-                             micro_batch_tokens=config.micro_batch_tokens, deterministic=config.deterministic)
+                             micro_batch_tokens=config.micro_batch_tokens, deterministic=config.deterministic,
+                             torch_compile=config.torch_compile)
     if config.backend == "megatron":
         from trainer_consumer.backends.megatron.backend import MegatronBackend
 

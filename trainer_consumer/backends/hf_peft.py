@@ -1,14 +1,20 @@
 """TrainingBackend on transformers + PEFT: one frozen base per base-model name, one LoRA adapter per model_id.
 
 - Base weights are frozen, bf16 on GPU and fp32 on CPU; adapters and their AdamW moments are fp32.
-- PEFT multi-adapter: each op first `set_adapter`s its model's adapter, which leaves only that adapter's tensors
-  trainable and active, so adapters sharing a base never see each other's weights or gradients.
+- PEFT multi-adapter, PEFT's module layout and checkpoint format, but not its adapter switching: each op points the
+  LoRA layers at its model's weights (lora_compute.use), so adapters sharing a base never see each other's weights
+  or gradients, and switching costs a pointer per layer instead of PEFT's requires_grad sweep over every adapter.
 - LoRA targets: train_attn -> q/k/v/o_proj, train_mlp -> gate/up/down_proj, train_unembed -> lm_head (with tied
   embeddings the LoRA delta still applies to the output projection only), alpha fixed at LORA_ALPHA.
 - Initialisation is ours, not PEFT's: each lora_A is drawn from a CPU generator seeded by (spec.seed, parameter
   name) with PEFT's default distribution, each lora_B is zero. The same seed therefore gives bit-identical adapters
   whatever else is loaded and in whatever order adapters were created (the basis of replay).
-- Logits never exist for a whole batch: hidden states go through lm_head in checkpointed chunks (logprobs.py).
+- LoRA runs through lora_compute.FusedLoraLinear: bf16 compute on the fp32 adapter weights, one fused addmm.
+- Logits never exist for a whole batch: hidden states go through lm_head in chunks (logprobs.py); with a frozen
+  lm_head the chunks' gradient directions are kept instead of recomputing the logits.
+- torch_compile (default on for CUDA): each decoder layer and the chunked logprob math go through torch.compile
+  with dynamic shapes (fuses norms, rotary, activations, softmax; one graph for all layers, batch shapes and
+  adapters of a rank).
 - Deterministic mode (default on CPU, where it costs nothing): the same event log gives bit-identical weights on
   the same hardware and torch thread count. On GPU it is opt-in (deterministic=True): deterministic cuBLAS
   workspaces and torch.use_deterministic_algorithms, which slows some kernels.
@@ -42,7 +48,8 @@ from trainer_consumer.backends.base import (
     UnknownModel,
 )
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
-from trainer_consumer.backends.logprobs import target_logprobs
+from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
+from trainer_consumer.backends.lora_compute import FusedLoraLinear, adopt, frozen_weight, use
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,8 @@ class _Base:
     model: Any  # the transformers CausalLM; PEFT injects LoRA layers into it in place
     peft: Any = None  # the PeftModel wrapping `model`, once the first adapter exists
     active: str | None = None
+    lora_layers: list[FusedLoraLinear] = field(default_factory=list)
+    compiled: bool = False
 
 
 @dataclass
@@ -76,7 +85,8 @@ class _Adapter:
 
 class HfPeftBackend:
     def __init__(self, *, device: str = "auto", gradient_checkpointing: bool = False,
-                 logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384, deterministic: bool | None = None):
+                 logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384, deterministic: bool | None = None,
+                 torch_compile: bool | None = None):
         self.device = pick_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.deterministic = self.device.type == "cpu" if deterministic is None else deterministic
@@ -88,6 +98,9 @@ class HfPeftBackend:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.gradient_checkpointing = gradient_checkpointing
+        self.torch_compile = self.device.type == "cuda" if torch_compile is None else torch_compile
+        self.logprob_math = torch.compile(logprob_and_direction, dynamic=True) if self.torch_compile else \
+            logprob_and_direction
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self._bases: dict[str, _Base] = {}
@@ -133,7 +146,7 @@ class HfPeftBackend:
 
     def _activate(self, adapter: _Adapter) -> None:
         if adapter.base.active != adapter.slot:
-            adapter.base.peft.set_adapter(adapter.slot)
+            use(adapter.base.lora_layers, adapter.slot)
             adapter.base.active = adapter.slot
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
@@ -153,10 +166,13 @@ class HfPeftBackend:
                 base.peft = get_peft_model(base.model, config, adapter_name=slot)
             else:
                 base.peft.add_adapter(slot, config)
+        base.lora_layers = adopt(base.peft)
         adapter = _Adapter(spec=spec, slot=slot, base=base)
         marker = f".{slot}."
         adapter.params = {name.replace(marker, "."): param for name, param in base.peft.named_parameters()
                           if marker in name}
+        for param in adapter.params.values():  # PEFT leaves only its active adapter trainable; we train any
+            param.requires_grad_(True)
         _seeded_init(adapter.params, spec.seed)
         adapter.optimizer = AdapterOptimizer(adapter.params)
         self._adapters[model_id] = adapter
@@ -168,16 +184,25 @@ class HfPeftBackend:
         if adapter is None:
             return
         adapter.base.peft.delete_adapter(adapter.slot)
+        use(adapter.base.lora_layers, None)  # drops the last references to the deleted weights
         adapter.base.active = None
 
     # ------------------------------------------------------------------ training
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
         """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
         decoder = base.model.get_decoder()
+        if self.torch_compile and not base.compiled:
+            for layer in decoder.layers:
+                layer.compile(dynamic=True)  # one graph for every batch shape
+            base.compiled = True
         hidden = decoder(input_ids=batch.input_ids.to(self.device), use_cache=False).last_hidden_state
         mask = batch.mask.to(self.device)
-        return target_logprobs(base.model.get_output_embeddings(), hidden[mask], batch.targets.to(self.device)[mask],
-                               self.logprob_chunk_tokens)
+        hidden, targets = hidden[mask], batch.targets.to(self.device)[mask]
+        unembed = base.model.get_output_embeddings()
+        weight = frozen_weight(unembed)
+        if weight is not None:
+            return frozen_unembed_logprobs(weight, hidden, targets, self.logprob_chunk_tokens, self.logprob_math)
+        return target_logprobs(unembed, hidden, targets, self.logprob_chunk_tokens)
 
     def forward_backward(self, model_id: str, data: Sequence[p.Datum], loss_fn: str,
                          loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
