@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shapes import SHAPES
-from bench.timing import profile_to
+from bench.timing import peak_gib, profile_to, reset_peak
 from bus_events import payloads as p
 from sampler_consumer.config import SamplerConfig, resolve_cache_mode, resolve_device, resolve_dtype
 from sampler_consumer.engine import Engine, GenRequest
@@ -153,28 +153,32 @@ def main() -> None:
           f"median of {args.repeats}")
     if args.check:
         check_against_teacher_forcing(engine, base, prompts.to(device), adapters, args.new_tokens)
-    print("| scenario | batch | adapters | tokens/s | vs generate | vs generate static+compile |\n"
-          "|---|---|---|---|---|---|")
+    print("| scenario | batch | adapters | tokens/s | vs generate | vs generate static+compile | peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
     for batch in batches:
         ids = prompts[:batch].to(device)
         tokens = batch * args.new_tokens
+        reset_peak(device.type)
         reference = tokens / timed(lambda ids=ids: run_generate(baseline, ids, args.new_tokens), device, args.repeats)
-        print(f"| model.generate + PEFT | {batch} | 1 | {reference:,.0f} | 1.00 | |", flush=True)
+        print(f"| model.generate + PEFT | {batch} | 1 | {reference:,.0f} | 1.00 | | {peak_gib(device.type):.1f} |",
+              flush=True)
         static_ref = float("nan")
         if args.static_baseline:
+            reset_peak(device.type)
             static_ref = tokens / timed(lambda ids=ids: run_generate(baseline, ids, args.new_tokens, static=True),
                                         device, args.repeats)
             print(f"| model.generate + PEFT, static cache + compile | {batch} | 1 | {static_ref:,.0f} | "
-                  f"{static_ref / reference:.2f} | 1.00 |", flush=True)
+                  f"{static_ref / reference:.2f} | 1.00 | {peak_gib(device.type):.1f} |", flush=True)
         for mode, engine in engines.items():
             for n_adapters in (1, args.adapters):
                 if n_adapters > batch:
                     continue
                 requests = [GenRequest(ids[i].tolist(), params, adapter=adapters[i % n_adapters], first_sample=i)
                             for i in range(batch)]
+                reset_peak(device.type)
                 rate = tokens / timed(lambda r=requests, e=engine: e.generate(r), device, args.repeats)
                 print(f"| sampler engine ({mode}) | {batch} | {n_adapters} | {rate:,.0f} | {rate / reference:.2f} | "
-                      f"{rate / static_ref:.2f} |", flush=True)
+                      f"{rate / static_ref:.2f} | {peak_gib(device.type):.1f} |", flush=True)
                 if n_adapters == args.adapters:
                     profile_to(args.profile, lambda r=requests, e=engine: e.generate(r), device.type,
                                f"sampler engine ({mode}), batch {batch}, {n_adapters} adapters")
