@@ -22,7 +22,8 @@ class TrainerConfig:
     ephemeral_ttl_s: int = 86400
     # Activation checkpointing of the decoder layers: less memory, about 30 % more compute.
     gradient_checkpointing: bool = False
-    # torch.compile the HF backend's decoder layers and logprob math: None = on for CUDA (docs/benchmarks.md).
+    # torch.compile the HF backend's decoder layers and logprob math: None = on for CUDA unless deterministic
+    # (docs/benchmarks.md).
     torch_compile: bool | None = None
     # Bit-identical replays: None = on for CPU (free there), off for GPU (slower deterministic kernels).
     deterministic: bool | None = None

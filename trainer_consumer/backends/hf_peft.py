@@ -9,12 +9,13 @@
 - Initialisation is ours, not PEFT's: each lora_A is drawn from a CPU generator seeded by (spec.seed, parameter
   name) with PEFT's default distribution, each lora_B is zero. The same seed therefore gives bit-identical adapters
   whatever else is loaded and in whatever order adapters were created (the basis of replay).
-- LoRA runs through lora_compute.FusedLoraLinear: bf16 compute on the fp32 adapter weights, one fused addmm.
+- LoRA runs through lora_compute.FusedLoraLinear: computed in the activations' dtype (bf16 on GPU) from the fp32
+  adapter weights, the scaled add fused into one addmm.
 - Logits never exist for a whole batch: hidden states go through lm_head in chunks (logprobs.py); with a frozen
   lm_head the chunks' gradient directions are kept instead of recomputing the logits.
-- torch_compile (default on for CUDA): each decoder layer and the chunked logprob math go through torch.compile
-  with dynamic shapes (fuses norms, rotary, activations, softmax; one graph for all layers, batch shapes and
-  adapters of a rank).
+- torch_compile (default on for CUDA unless deterministic): each decoder layer and the chunked logprob math go
+  through torch.compile with dynamic shapes (fuses norms, rotary, activations, softmax; one graph for all layers,
+  batch shapes and adapters of a rank).
 - Deterministic mode (default on CPU, where it costs nothing): the same event log gives bit-identical weights on
   the same hardware and torch thread count. On GPU it is opt-in (deterministic=True): deterministic cuBLAS
   workspaces and torch.use_deterministic_algorithms, which slows some kernels.
@@ -98,7 +99,12 @@ class HfPeftBackend:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.gradient_checkpointing = gradient_checkpointing
-        self.torch_compile = self.device.type == "cuda" if torch_compile is None else torch_compile
+        # Generated kernels and their autotuned configs can differ between processes, which would break bit-identical
+        # replays: deterministic mode stays eager unless compile is asked for explicitly.
+        auto_compile = self.device.type == "cuda" and not self.deterministic
+        self.torch_compile = auto_compile if torch_compile is None else torch_compile
+        if self.torch_compile:
+            torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
         self.logprob_math = torch.compile(logprob_and_direction, dynamic=True) if self.torch_compile else \
             logprob_and_direction
         self.logprob_chunk_tokens = logprob_chunk_tokens
