@@ -89,7 +89,7 @@ def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, wa
     adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     with running_stack(model_dir, device, out_dir / "stack.log") as url, \
             tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
-        client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False)
+        client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False).result()
 
         def step() -> None:
             fb = client.forward_backward(data, "cross_entropy")
