@@ -17,15 +17,15 @@ torch.cuda.get_device_name())"
 quiet() { grep --line-buffered -v -E "HTTP/1.1|it/s]|USDT|profiler_st"; }
 for stage in "$@"; do
   case $stage in
-    train1b) timeout "${STAGE_S:-330}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 \
+    train1b) timeout "${STAGE_S:-380}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 \
         --adapters 8 --profile "$OUT/profile-train-llama-1b.txt" 2>&1 | quiet | tee "$OUT/train-llama-1b.log" ;;
-    sample1b) timeout "${STAGE_S:-260}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
+    sample1b) timeout "${STAGE_S:-540}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
         --batch "${BATCHES:-64,256}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 --check \
         --compile-mode "${COMPILE_MODES:-reduce-overhead}" --profile "$OUT/profile-sample-llama-1b.txt" 2>&1 \
         | quiet | tee "$OUT/sample-llama-1b.log" ;;
-    train8b) timeout "${STAGE_S:-200}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 \
+    train8b) timeout "${STAGE_S:-540}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 \
         --adapters 8 --skip "${SKIP:-bus,multi}" --profile "$OUT/profile-train-llama-8b.txt" 2>&1 | quiet | tee "$OUT/train-llama-8b.log" ;;
-    sample8b) timeout "${STAGE_S:-260}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
+    sample8b) timeout "${STAGE_S:-560}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
         --batch "${BATCHES:-64}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 \
         --compile-mode "${COMPILE_MODES:-reduce-overhead}" --profile "$OUT/profile-sample-llama-8b.txt" 2>&1 | quiet \
         | tee "$OUT/sample-llama-8b-${BATCHES:-64}.log" ;;
