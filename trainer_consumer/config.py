@@ -58,7 +58,7 @@ class TrainerConfig:
             if raw is None:
                 continue
             kind = type(getattr(cls, f.name))
-            if kind is bool or f.name in ("deterministic", "torch_compile"):
+            if kind is bool or str(f.type) == "bool | None":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = kind(raw)

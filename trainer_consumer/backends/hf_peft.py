@@ -72,7 +72,6 @@ class _Base:
     peft: Any = None  # the PeftModel wrapping `model`, once the first adapter exists
     active: str | None = None
     lora_layers: list[FusedLoraLinear] = field(default_factory=list)
-    compiled: bool = False
 
 
 @dataclass
@@ -134,6 +133,10 @@ class HfPeftBackend:
         # transformers only checkpoints layers in train mode; without checkpointing, eval mode keeps any dropout a
         # config might have off, which keeps training deterministic.
         model.train(self.gradient_checkpointing)
+        if self.torch_compile:
+            # Compiled lazily at the first forward, so the LoRA layers PEFT injects later are part of the graph.
+            for layer in model.get_decoder().layers:
+                layer.compile(dynamic=True)  # one graph for every batch shape
         config = model.config
         vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
         info = BaseModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0],
@@ -197,10 +200,6 @@ class HfPeftBackend:
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
         """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
         decoder = base.model.get_decoder()
-        if self.torch_compile and not base.compiled:
-            for layer in decoder.layers:
-                layer.compile(dynamic=True)  # one graph for every batch shape
-            base.compiled = True
         hidden = decoder(input_ids=batch.input_ids.to(self.device), use_cache=False).last_hidden_state
         mask = batch.mask.to(self.device)
         hidden, targets = hidden[mask], batch.targets.to(self.device)[mask]

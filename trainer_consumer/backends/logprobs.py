@@ -28,10 +28,14 @@ def _check_lengths(hidden: torch.Tensor, targets: torch.Tensor) -> None:
         raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
 
 
-def _chunk_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = unembed(hidden).float()
+def _logprobs_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return target_logits - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _logprobs_of_logits(unembed(hidden), targets)
 
 
 def target_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -73,7 +77,7 @@ class _FrozenUnembedLogprobs(torch.autograd.Function):
             target = targets[start:stop].unsqueeze(1)
             logits = F.linear(hidden[start:stop], weight)
             if direction is None:
-                out[start:stop] = _chunk_logprobs(lambda x: x, logits, target.squeeze(1))
+                out[start:stop] = _logprobs_of_logits(logits, targets[start:stop])
                 continue
             out[start:stop], grad_logits = math(logits, target)
             direction[start:stop] = grad_logits @ weight
