@@ -8,7 +8,7 @@ from artifact_store.checkpoints import (
     CheckpointNotFound,
     CheckpointStore,
 )
-from artifact_store.object_store import ObjectStore
+from artifact_store.object_store import MemoryObjectStore, MinioObjectStore, ObjectStore, S3Config
 from artifact_store.paths import InvalidPath, TinkerPath, check_name
 from artifact_store.registry import Registry, SamplingSession, Session, TrainingRun
 
@@ -20,8 +20,11 @@ __all__ = [
     "CheckpointNotFound",
     "CheckpointStore",
     "InvalidPath",
+    "MemoryObjectStore",
+    "MinioObjectStore",
     "ObjectStore",
     "Registry",
+    "S3Config",
     "SamplingSession",
     "Session",
     "TinkerPath",

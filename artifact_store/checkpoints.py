@@ -20,13 +20,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+if TYPE_CHECKING:  # torch and safetensors load on first (de)serialisation: the gateway imports no torch
+    import torch
 
 from artifact_store.object_store import ObjectStore
 from artifact_store.paths import CHECKPOINT_TYPES, InvalidPath, TinkerPath, run_prefix
@@ -97,6 +96,18 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _st_save(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def _st_load(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
@@ -135,10 +146,10 @@ class CheckpointStore:
             raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
         files: dict[str, bytes] = {
             ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1, default=_json_default).encode(),
-            ADAPTER_WEIGHTS: st_save(_contiguous(ckpt.adapter_weights)),
+            ADAPTER_WEIGHTS: _st_save(_contiguous(ckpt.adapter_weights)),
         }
         if path.kind == "weights":
-            files[OPTIMIZER] = st_save(_contiguous(ckpt.optimizer_state or {}))
+            files[OPTIMIZER] = _st_save(_contiguous(ckpt.optimizer_state or {}))
             files[STATE] = json.dumps(ckpt.state, sort_keys=True).encode()
         version = f"v-{uuid.uuid4().hex[:12]}"
         for name, data in files.items():
@@ -232,8 +243,8 @@ class CheckpointStore:
         manifest, files = self._read_verified(path)
         ckpt = Checkpoint(
             adapter_config=json.loads(files[ADAPTER_CONFIG]),
-            adapter_weights=st_load(files[ADAPTER_WEIGHTS]),
-            optimizer_state=st_load(files[OPTIMIZER]) if OPTIMIZER in files else None,
+            adapter_weights=_st_load(files[ADAPTER_WEIGHTS]),
+            optimizer_state=_st_load(files[OPTIMIZER]) if OPTIMIZER in files else None,
             state=json.loads(files[STATE]) if STATE in files else {},
         )
         return ckpt, self._info(path, manifest)
@@ -263,8 +274,7 @@ class CheckpointStore:
         if manifest is None:
             raise CheckpointNotFound(f"no checkpoint at {path}")
         return {
-            name: self.objects.client.presigned_get_object(
-                self.objects.bucket, f"{path.prefix}{manifest['version']}/{name}", timedelta(seconds=expires_s))
+            name: self.objects.presigned_url(f"{path.prefix}{manifest['version']}/{name}", expires_s)
             for name in manifest["files"]
         }
 

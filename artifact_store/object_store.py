@@ -1,43 +1,79 @@
-"""S3 / MinIO through the `minio` client: the one place that talks to object storage."""
+"""Object storage behind one small Protocol: S3 / MinIO through the `minio` client, and an in-memory bucket.
+
+Everything above (checkpoints, registry, claim checks, heartbeats) talks to an `ObjectStore`; only
+`MinioObjectStore` knows S3. `MemoryObjectStore` is the same contract in a dict: engine tests and replay
+sandboxes run on it without a server.
+"""
 
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol, runtime_checkable
 
 from minio import Minio
 from minio.error import S3Error
 
-from tinker_bus.settings import BusSettings
-
 MISSING_KEY_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
 
 
-class ObjectStore:
-    """A bucket of immutable-by-convention objects. Implements bus_events.BlobStore for claim checks."""
+@dataclass(frozen=True)
+class S3Config:
+    """Where a bucket lives and how to reach it (storage's own connection config: no bus settings here)."""
 
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False):
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
-        self.bucket = bucket
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str = "minioadmin"
+    secret_key: str = "minioadmin"
+    bucket: str = "tinker-bus"
+    secure: bool = False
 
-    @classmethod
-    def from_settings(cls, settings: BusSettings) -> ObjectStore:
-        return cls(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.bucket,
-                   settings.s3_secure)
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A bucket of immutable-by-convention objects. Also a bus_events.BlobStore (put_blob / get_blob)."""
+
+    bucket: str
+
+    def ensure_bucket(self) -> None: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes_or_none(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is no such key (one request, no exists() race)."""
+        ...
+    def exists(self, key: str) -> bool: ...
+    def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str: ...
+    def ping(self) -> bool: ...
+    def put_blob(self, key: str, data: bytes) -> None: ...
+    def get_blob(self, key: str) -> bytes: ...
+
+
+class MinioObjectStore:
+    """An S3 / MinIO bucket: the one class that talks to object storage over the network."""
+
+    def __init__(self, config: S3Config):
+        self._client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
+                             secure=config.secure)
+        self.bucket = config.bucket
 
     def ensure_bucket(self) -> None:
-        if not self.client.bucket_exists(self.bucket):
+        if not self._client.bucket_exists(self.bucket):
             try:
-                self.client.make_bucket(self.bucket)
+                self._client.make_bucket(self.bucket)
             except S3Error as exc:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
     def get_bytes(self, key: str) -> bytes:
-        resp = self.client.get_object(self.bucket, key)
+        resp = self._client.get_object(self.bucket, key)
         try:
             return resp.read()
         finally:
@@ -45,7 +81,6 @@ class ObjectStore:
             resp.release_conn()
 
     def get_bytes_or_none(self, key: str) -> bytes | None:
-        """The object's bytes, or None if there is no such key (one request, no exists() race)."""
         try:
             return self.get_bytes(key)
         except S3Error as exc:
@@ -55,7 +90,7 @@ class ObjectStore:
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.stat_object(self.bucket, key)
+            self._client.stat_object(self.bucket, key)
             return True
         except S3Error as exc:
             if exc.code in MISSING_KEY_CODES:
@@ -63,25 +98,101 @@ class ObjectStore:
             raise
 
     def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]:
-        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=recursive):
-            yield obj.object_name
+        for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=recursive):
+            if obj.object_name is not None:
+                yield obj.object_name
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, key)
+        self._client.remove_object(self.bucket, key)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list_keys(prefix))
         for key in keys:
-            self.client.remove_object(self.bucket, key)
+            self._client.remove_object(self.bucket, key)
         return len(keys)
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        return self._client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expires_s))
 
     def ping(self) -> bool:
         try:
-            self.client.bucket_exists(self.bucket)
+            self._client.bucket_exists(self.bucket)
             return True
         except Exception:
             return False
 
-    # bus_events.BlobStore
+    put_blob = put_bytes
+    get_blob = get_bytes
+
+
+class MemoryObjectStore:
+    """A bucket in a dict, safe to share between threads. Optionally reads through to a `base` store for keys it
+    has never written or deleted, except keys under a `private` prefix (what a replay sandbox needs: a replayed
+    model sees its own checkpoints, never the live ones, and no write reaches the live bucket)."""
+
+    def __init__(self, bucket: str = "memory", base: ObjectStore | None = None, private: tuple[str, ...] = ()):
+        self.bucket = base.bucket if base is not None else bucket
+        self.base = base
+        self.private = private
+        self._written: dict[str, bytes] = {}
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _from_base(self, key: str) -> bool:
+        return self.base is not None and key not in self._deleted and not key.startswith(self.private)
+
+    def ensure_bucket(self) -> None:
+        pass
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        with self._lock:
+            self._written[key] = bytes(data)
+            self._deleted.discard(key)
+
+    def get_bytes_or_none(self, key: str) -> bytes | None:
+        with self._lock:
+            if key in self._written:
+                return self._written[key]
+            from_base = self._from_base(key)
+        return self.base.get_bytes_or_none(key) if from_base and self.base is not None else None
+
+    def get_bytes(self, key: str) -> bytes:
+        data = self.get_bytes_or_none(key)
+        if data is None:
+            raise FileNotFoundError(f"no object {key!r} in bucket {self.bucket!r}")
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self.get_bytes_or_none(key) is not None
+
+    def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]:
+        with self._lock:
+            keys = {k for k in self._written if k.startswith(prefix)}
+        if not recursive:  # S3 semantics: one level below the prefix, folders as "name/"
+            keys = {prefix + k[len(prefix):].split("/", 1)[0] + ("/" if "/" in k[len(prefix):] else "")
+                    for k in keys}
+        if self.base is not None and not prefix.startswith(self.private):
+            keys |= {k for k in self.base.list_keys(prefix, recursive) if self._from_base(k)}
+        yield from sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._written.pop(key, None)
+            self._deleted.add(key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list_keys(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        if self.base is not None and self._from_base(key):
+            return self.base.presigned_url(key, expires_s)
+        return f"memory://{self.bucket}/{key}"
+
+    def ping(self) -> bool:
+        return True
+
     put_blob = put_bytes
     get_blob = get_bytes

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from tinker_bus.infra import free_port, stop_process
+from bus_runtime.net import free_port
+from tinker_bus.infra import stop_process
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def main() -> None:
         return
     model_dir = args.model_dir
     if model_dir is None:
-        from tinker_bus.base_models import make_tiny_model
+        from bus_runtime.testing import make_tiny_model
 
         model_dir = str(make_tiny_model(Path(tempfile.mkdtemp()) / "model", vocab_size=512, hidden_size=512,
                                         num_layers=4, num_heads=8, num_kv_heads=4))

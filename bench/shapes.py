@@ -27,7 +27,7 @@ def build_model_dir(shape: str, directory: Path, dtype: str = "bfloat16", seed: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinker_bus.base_models import make_tiny_model
+    from bus_runtime.testing import make_tiny_model
 
     if (directory / "config.json").exists():
         return directory

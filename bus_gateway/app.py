@@ -22,7 +22,7 @@ from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.state import Gateway
 from bus_gateway.tinker_api import checkpoints, futures_api, sampling, sessions, training
-from tinker_bus.settings import BusSettings
+from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,6 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
                 "apiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header")}),
             security=[{"apiKey": []}],
         ),
-        logging_config=None,  # the host process owns logging (tests, the launcher, server.main)
+        logging_config=None,  # the host process owns logging (tests, the CLI)
         debug=False,
     )

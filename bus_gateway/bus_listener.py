@@ -19,8 +19,8 @@ from aiokafka.structs import ConsumerRecord
 from bus_events import BlobStore, ContractError, EventType, decode_envelope, decode_payload
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
-from tinker_bus.kafka_io import make_consumer
-from tinker_bus.settings import BusSettings
+from bus_runtime.kafka_io import make_consumer
+from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,12 @@
-"""Gateway-only knobs (the shared ones live in tinker_bus.settings.BusSettings)."""
+"""Gateway-only knobs (the shared ones live in bus_runtime.settings.BusSettings)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TINKER_BUS_GATEWAY_{name}", default)
+from bus_runtime.env_config import env_config
 
 
 @dataclass(frozen=True)
@@ -33,15 +32,5 @@ class GatewayConfig:
     sync_sample_timeout_s: float = 120.0
 
     @classmethod
-    def from_env(cls, **overrides: object) -> GatewayConfig:
-        base = cls(
-            long_poll_s=float(_env("LONG_POLL_S", str(cls.long_poll_s))),
-            max_body_bytes=int(_env("MAX_BODY_BYTES", str(cls.max_body_bytes))),
-            max_inflight_samples=int(_env("MAX_INFLIGHT_SAMPLES", str(cls.max_inflight_samples))),
-            unknown_request_grace_s=float(_env("UNKNOWN_REQUEST_GRACE_S", str(cls.unknown_request_grace_s))),
-            parallel_fwdbwd_chunks=_env("PARALLEL_FWDBWD_CHUNKS", "true").lower() in ("1", "true", "yes"),
-            compress_fwdbwd=_env("COMPRESS_FWDBWD", "true").lower() in ("1", "true", "yes"),
-            run_cache_s=float(_env("RUN_CACHE_S", str(cls.run_cache_s))),
-            sync_sample_timeout_s=float(_env("SYNC_SAMPLE_TIMEOUT_S", str(cls.sync_sample_timeout_s))),
-        )
-        return replace(base, **overrides)  # type: ignore[arg-type]
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:
+        return env_config(cls, "TINKER_BUS_GATEWAY_", environ, **overrides)

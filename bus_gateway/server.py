@@ -1,19 +1,16 @@
 """Run the gateway under uvicorn on 127.0.0.1 (another interface only where a container entrypoint passes
-`host`): in-process as a coroutine (tests) or as its own process (`tinker-bus gateway`, `python -m bus_gateway`)."""
+`host`): in-process as a coroutine (tests) or as its own process (`tinker-bus gateway`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
 
 import uvicorn
 
 from bus_gateway.app import create_app
-from bus_gateway.auth import API_KEYS_ENV, api_keys_from_env
 from bus_gateway.config import GatewayConfig
-from tinker_bus.settings import BusSettings
+from bus_runtime.settings import BusSettings
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -47,20 +44,3 @@ async def run_gateway(settings: BusSettings, *, api_keys: dict[str, str] | None 
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tinker-bus gateway", description=__doc__)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY=TENANT",
-                        help=f"repeatable; also read from ${API_KEYS_ENV}. None = development mode")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server(BusSettings.from_env(), api_keys=api_keys_from_env(args.api_key), port=args.port,
-                         log_level=args.log_level)
-    server.run()
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSession, Session, TrainingRun
+from artifact_store import CheckpointStore, Registry, SamplingSession, Session, TrainingRun
 from bus_events import EventType, make_event
 from bus_events import payloads as p
 from bus_gateway.base_model_info import BaseModelCatalog
@@ -21,8 +21,8 @@ from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id
-from tinker_bus.kafka_io import ensure_topics, make_producer, publish
-from tinker_bus.settings import BusSettings
+from bus_runtime.kafka_io import ensure_topics, make_producer, publish
+from bus_runtime.settings import BusSettings, open_object_store
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Gateway:
         self.settings = settings
         self.config = config
         self.api_keys = api_keys
-        self.objects = ObjectStore.from_settings(settings)
+        self.objects = open_object_store(settings)
         self.registry = Registry(self.objects)
         self.checkpoints = CheckpointStore(self.objects)
         self.base_models = BaseModelCatalog(settings.base_models)

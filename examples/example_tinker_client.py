@@ -24,7 +24,7 @@ def load_client_tokenizer(training: tinker.TrainingClient, base_model: str):
     try:
         return training.get_tokenizer()
     except Exception:
-        from tinker_bus.base_models import load_tokenizer
+        from bus_runtime.base_models import load_tokenizer
 
         return load_tokenizer(base_model)
 

@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from artifact_store import CheckpointNotFound, CheckpointStore, InvalidPath, TinkerPath
+from bus_runtime.base_models import resolve_base_model
 from sampler_consumer.lora import AdapterError, LoraAdapter, LoraBank
-from tinker_bus.base_models import resolve_base_model
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from transformers import AutoModelForCausalLM
 
+from bus_runtime.base_models import load_tokenizer, resolve_base_model
 from sampler_consumer.lora import LoraBank
-from tinker_bus.base_models import load_tokenizer, resolve_base_model
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M")

@@ -15,13 +15,13 @@ import numpy as np
 from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSession
 from bus_events import Envelope, make_result, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.adapter_cache import AdapterCache, AdapterNotFound
 from sampler_consumer.config import SamplerConfig, resolve_cache_mode, resolve_device, resolve_dtype
 from sampler_consumer.engine import Engine, GenOutput, GenRequest
 from sampler_consumer.lora import AdapterError, LoraAdapter
 from sampler_consumer.models import BaseModel, ModelPool, load_base_model
 from sampler_consumer.stops import StopSpecError, check_stop_spec
-from tinker_bus.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _to_result(out: GenOutput) -> p.SampleResult:
 class SamplerService:
     def __init__(self, settings: BusSettings, config: SamplerConfig, objects: ObjectStore | None = None) -> None:
         self.config = config
-        self.objects = objects or ObjectStore.from_settings(settings)
+        self.objects = objects or open_object_store(settings)
         self.registry = Registry(self.objects)
         self.checkpoints = CheckpointStore(self.objects)
         self.device = resolve_device(settings.device)

@@ -20,13 +20,13 @@ from aiokafka.structs import ConsumerRecord
 from artifact_store import ObjectStore
 from bus_events import ContractError, EventType, decode_envelope, decode_payload, make_result
 from bus_events import payloads as p
+from bus_runtime.dead_letter import dead_letter_contract_error, send_to_dead_letter
+from bus_runtime.health import heartbeating
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.offsets import OffsetTracker
 from sampler_consumer.service import SampleJob, SamplerService
-from tinker_bus.dead_letter import dead_letter_contract_error, send_to_dead_letter
-from tinker_bus.health import heartbeating
-from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer, publish
-from tinker_bus.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = No
     """Serve the sampling topic until cancelled. `config` defaults to SamplerConfig.from_env()."""
     config = config or SamplerConfig.from_env()
     await ensure_topics(settings)
-    objects = ObjectStore.from_settings(settings)
+    objects = open_object_store(settings)
     await asyncio.to_thread(objects.ensure_bucket)
     service = SamplerService(settings, config, objects)
     producer = make_producer(settings)

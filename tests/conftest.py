@@ -10,8 +10,8 @@ import pytest
 
 from artifact_store import ObjectStore
 from bus_events import Topics
+from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus.infra import TansuBroker
-from tinker_bus.settings import BusSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,10 +50,10 @@ def settings(broker: TansuBroker, s3_endpoint: str) -> BusSettings:
         fetch_max_wait_ms=10,
         session_timeout_ms=3000,
     )
-    ObjectStore.from_settings(s).ensure_bucket()
+    open_object_store(s).ensure_bucket()
     return s
 
 
 @pytest.fixture
 def store(settings: BusSettings) -> ObjectStore:
-    return ObjectStore.from_settings(settings)
+    return open_object_store(settings)

@@ -17,8 +17,8 @@ import pytest
 from gateway_support import running_gateway
 
 from bus_gateway.config import GatewayConfig
+from bus_runtime.settings import BusSettings
 from sampler_consumer.worker import run_sampler
-from tinker_bus.settings import BusSettings
 from trainer_consumer.worker import run_trainer
 
 T = TypeVar("T")

@@ -19,15 +19,15 @@ import msgspec
 import pytest
 from aiokafka import TopicPartition
 
-from artifact_store import ObjectStore, Registry, Session, TrainingRun
+from artifact_store import Registry, Session, TrainingRun
 from bus_events import Envelope, EventType, decode_envelope, decode_payload, make_result
 from bus_events import payloads as p
 from bus_gateway.config import GatewayConfig
 from bus_gateway.server import run_gateway
-from tinker_bus.base_models import make_tiny_model
-from tinker_bus.infra import free_port
-from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer, publish
-from tinker_bus.settings import BusSettings
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.net import free_port
+from bus_runtime.settings import BusSettings, open_object_store
+from bus_runtime.testing import make_tiny_model
 
 KEY_A, KEY_B = "tml-alice-key", "tml-bob-key"
 API_KEYS = {KEY_A: "alice", KEY_B: "bob"}
@@ -78,7 +78,7 @@ async def gateway_client(settings: BusSettings, api_keys: dict[str, str] | None 
 def seed_model(settings: BusSettings, tenant: str, model_id: str | None = None,
                session_id: str | None = None) -> str:
     """What the trainer writes on create_model (a run document), so training routes accept the model."""
-    registry = Registry(ObjectStore.from_settings(settings))
+    registry = Registry(open_object_store(settings))
     session_id = session_id or f"sess-{tenant}"
     registry.put_session(Session(session_id=session_id, tenant=tenant))
     model_id = model_id or f"{session_id}:train:0"
@@ -95,7 +95,7 @@ class BusProbe:
         self.consumer = make_consumer(settings, group_id=None)
         self.producer = make_producer(settings)
         self.pending: list[tuple[Envelope, Any]] = []
-        self.blobs = ObjectStore.from_settings(settings)  # claim-checked payloads
+        self.blobs = open_object_store(settings)  # claim-checked payloads
 
     async def __aenter__(self) -> BusProbe:
         await ensure_topics(self.settings)

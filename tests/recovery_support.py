@@ -20,12 +20,12 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from trainer_support import adam, fb, random_data
 
-from artifact_store import CheckpointStore, ObjectStore, TinkerPath
+from artifact_store import CheckpointStore, TinkerPath
 from bus_events import EventType, Topics, decode_envelope, decode_payload, encode_event, make_event
 from bus_events import payloads as p
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer
+from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus.infra import stop_process
-from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer
-from tinker_bus.settings import BusSettings
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.fingerprint import adapter_sha256
 from trainer_consumer.worker import run_trainer
@@ -54,7 +54,7 @@ def fresh_settings(settings: BusSettings, name: str, **overrides: object) -> Bus
     unique = f"{name}{uuid.uuid4().hex[:6]}"
     topics = Topics(prefix=f"t{unique}", train_partitions=4, sample_partitions=2, reply_partitions=2)
     fresh = replace(settings, topics=topics, bucket=f"tb-{unique}", trainer_group=f"trainers-{unique}", **overrides)
-    ObjectStore.from_settings(fresh).ensure_bucket()
+    open_object_store(fresh).ensure_bucket()
     return fresh
 
 
@@ -68,7 +68,7 @@ class BusClient:
 
     async def __aenter__(self) -> BusClient:
         await ensure_topics(self.settings)
-        self.objects = ObjectStore.from_settings(self.settings)
+        self.objects = open_object_store(self.settings)
         self.producer = make_producer(self.settings)
         await self.producer.start()
         self.reader = make_consumer(self.settings, group_id=None)
@@ -166,7 +166,7 @@ class BusClient:
 
 
 def sampler_sha(settings: BusSettings, model_id: str, name: str = "final") -> str:
-    store = CheckpointStore(ObjectStore.from_settings(settings))
+    store = CheckpointStore(open_object_store(settings))
     return adapter_sha256(store.load(TinkerPath(model_id, "sampler_weights", name)).adapter_weights)
 
 
@@ -194,7 +194,7 @@ async def trainers(settings: BusSettings, count: int = 1, config: TrainerConfig 
 
 
 class TrainerProcess:
-    """`python -m trainer_consumer` with the settings in its environment; SIGKILL-able."""
+    """`python -m tinker_bus trainer` with the settings in its environment; SIGKILL-able."""
 
     def __init__(self, settings: BusSettings, log_file: Path, **trainer_config: object):
         self.env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -208,7 +208,7 @@ class TrainerProcess:
         self.starts += 1
         with self.log_file.open("ab") as out:
             out.write(f"\n===== start {self.starts}\n".encode())
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainer_consumer"], cwd=REPO, env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "tinker_bus", "trainer"], cwd=REPO, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:

@@ -207,9 +207,9 @@ def test_readers_racing_an_overwriter_always_get_one_whole_version(ckpts):
 
 _SAVER = textwrap.dedent("""
     import sys, time, torch
-    from artifact_store import Checkpoint, CheckpointStore, ObjectStore, TinkerPath
+    from artifact_store import Checkpoint, CheckpointStore, MinioObjectStore, S3Config, TinkerPath
     endpoint, bucket, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    store = ObjectStore(endpoint, "testing", "testing", bucket)
+    store = MinioObjectStore(S3Config(endpoint, "testing", "testing", bucket))
     writes = 0
     real_put = store.put_bytes
     def put_bytes(key, data, content_type="application/octet-stream"):

@@ -11,7 +11,7 @@ import pytest
 from recovery_support import BusClient, fresh_settings, sampler_sha, supervised_events, trainers
 
 from bus_events import Topics
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 from tinker_bus.infra import SeaweedS3, TansuBroker
 from trainer_consumer.config import TrainerConfig
 

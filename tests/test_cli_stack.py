@@ -21,10 +21,10 @@ import psutil
 import pytest
 
 from bus_events import Topics
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.net import free_port
+from bus_runtime.settings import BusSettings
+from bus_runtime.testing import make_tiny_model
 from tinker_bus.cli import UsageError, build_parser, gateway_port, settings_from_args, trainer_backend_env
-from tinker_bus.infra import free_port
-from tinker_bus.settings import BusSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

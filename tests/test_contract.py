@@ -20,7 +20,7 @@ from bus_events import (
     tensor_from_numpy,
 )
 from bus_events import payloads as p
-from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
 
 
 def _tok(n: int, dtype: str = "int32"):

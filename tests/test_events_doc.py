@@ -17,7 +17,7 @@ import pytest
 from bus_events import DEFAULT_CLAIM_CHECK_BYTES, EventType, Topics, encode_event, make_event, payloads
 from bus_events import envelope as envelope_module
 from bus_events import tensors as tensors_module
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "events.md"
 DOC_TEXT = DOC.read_text()

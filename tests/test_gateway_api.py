@@ -15,9 +15,10 @@ from gateway_support import (
 )
 from tinker.proto.response_conv import deserialize_sample_response
 
-from artifact_store import Checkpoint, CheckpointStore, ObjectStore, Registry, SamplingSession, TinkerPath
+from artifact_store import Checkpoint, CheckpointStore, Registry, SamplingSession, TinkerPath
 from bus_events import EventType, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.settings import open_object_store
 
 pytest_plugins = ["gateway_support"]
 
@@ -52,7 +53,7 @@ async def test_bootstrap_and_session_lifecycle(gw_settings):
 async def test_create_model_and_create_via_load_use_session_ids(gw_settings):
     source = seed_model(gw_settings, "alice")
     path = TinkerPath(source, "weights", "step-1")
-    CheckpointStore(ObjectStore.from_settings(gw_settings)).save(
+    CheckpointStore(open_object_store(gw_settings)).save(
         path, Checkpoint({"r": 4}, {"w": torch.zeros(2)}, {}, {"step": 1}), base_model=gw_settings.base_models[0])
     async with BusProbe(gw_settings) as bus, gateway_client(gw_settings, API_KEYS) as client:
         session_id = (await client.post("/api/v1/create_session", json={}, headers=HEADERS_A)).json()["session_id"]
@@ -134,7 +135,7 @@ async def test_asample_promise_back_pressure_and_proto_result(gw_settings):
 
 async def test_checkpoint_listing_hides_ephemeral_saves(gw_settings):
     model_id = seed_model(gw_settings, "alice")
-    store = CheckpointStore(ObjectStore.from_settings(gw_settings))
+    store = CheckpointStore(open_object_store(gw_settings))
     ckpt = Checkpoint({"r": 4}, {"w": torch.zeros(2)}, {}, {"step": 1})
     base = gw_settings.base_models[0]
     store.save(TinkerPath(model_id, "weights", "step-1"), ckpt, base_model=base, user_metadata={"k": "v"})
@@ -175,7 +176,7 @@ async def test_ephemeral_save_names_the_sampling_session(gw_settings):
             "model_id": model_id, "sampling_session_seq_id": 4, "kind": "snapshot", "seq_id": 7})).json()
         env, payload = await bus.next_event(EventType.SAVE_WEIGHTS_FOR_SAMPLER)
         assert (env.seq_id, payload.sampling_session_id, payload.name) == (7, "sess-eph:sample:4", None)
-        Registry(ObjectStore.from_settings(gw_settings)).put_sampling_session(SamplingSession(
+        Registry(open_object_store(gw_settings)).put_sampling_session(SamplingSession(
             "sess-eph:sample:4", gw_settings.base_models[0], "alice", f"tinker://{model_id}/sampler_weights/eph"))
         await bus.reply(env, p.PathResult(path=f"tinker://{model_id}/sampler_weights/ephemeral-7",
                                           sampling_session_id="sess-eph:sample:4"))

@@ -15,8 +15,9 @@ from gateway_support import (
     seed_model,
 )
 
-from artifact_store import Checkpoint, CheckpointStore, ObjectStore, TinkerPath
+from artifact_store import Checkpoint, CheckpointStore, TinkerPath
 from bus_gateway.auth import bare_key_tenant, parse_api_keys
+from bus_runtime.settings import open_object_store
 
 pytest_plugins = ["gateway_support"]
 
@@ -53,7 +54,7 @@ async def test_bearer_token_works_for_plain_http_clients(gw_settings):
 async def test_tenants_cannot_see_each_others_things(gw_settings):
     model_a = seed_model(gw_settings, "alice")
     path = TinkerPath(model_a, "weights", "step-1")
-    CheckpointStore(ObjectStore.from_settings(gw_settings)).save(
+    CheckpointStore(open_object_store(gw_settings)).save(
         path, Checkpoint({"r": 4}, {"w": torch.zeros(2)}, {}, {"step": 1}), base_model=gw_settings.base_models[0])
     async with gateway_client(gw_settings, API_KEYS) as client:
         session_a = (await client.post("/api/v1/create_session", json={}, headers=HEADERS_A)).json()["session_id"]

@@ -17,8 +17,8 @@ from gateway_support import (
 
 from bus_events import EventType, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.base_models import load_tokenizer
 from loss_plugins import list_losses
-from tinker_bus.base_models import load_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]

@@ -14,7 +14,7 @@ import torch
 from gateway_stack import API_KEY, in_thread, running_stack
 from tinker import types
 
-from tinker_bus.base_models import load_tokenizer
+from bus_runtime.base_models import load_tokenizer
 
 pytest_plugins = ["gateway_support", "gateway_stack"]
 

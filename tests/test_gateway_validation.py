@@ -20,7 +20,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from bus_events import EventType
 from bus_gateway.config import GatewayConfig
-from tinker_bus.base_models import vocab_size
+from bus_runtime.base_models import read_base_model_info
 
 PROTO = {**HEADERS_A, "Content-Type": "application/x-protobuf"}
 
@@ -66,7 +66,7 @@ async def test_valid_forward_backward_reaches_the_bus_compressed(gw_settings):
 ])
 async def test_bad_forward_backward_is_rejected_and_its_seq_voided(gw_settings, case, field, message):
     model_id = seed_model(gw_settings, "alice")
-    vocab = vocab_size(gw_settings.base_models[0])
+    vocab = read_base_model_info(gw_settings.base_models[0]).vocab_size
     bodies = {
         "vocab": lambda: _fb_body(model_id, 5, tokens=(1, vocab, 3)),
         "target_vocab": lambda: _fb_body(model_id, 5, targets=(2, 3, -1)),
@@ -128,7 +128,7 @@ async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
                     "sampling_params": {"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 1.0}}
             return client.post("/api/v1/asample", headers=HEADERS_A, json={**body, **overrides})
 
-        vocab = vocab_size(gw_settings.base_models[0])
+        vocab = read_base_model_info(gw_settings.base_models[0]).vocab_size
         out = await sample(prompt={"chunks": [{"type": "encoded_text", "tokens": [1, int(np.int64(vocab))]}]})
         assert out.status_code == 400 and out.json()["field"] == "prompt"
         image = await sample(prompt={"chunks": [{"type": "image", "data": "AA==", "format": "png"}]})

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from bus_events import payloads as p
 from bus_events.tensors import tensor_from_numpy
+from bus_runtime.testing import make_tiny_model
 from loss_plugins import LossInputError, UnknownLoss
-from tinker_bus.base_models import make_tiny_model
 from trainer_consumer.backends.base import AdapterSpec, BackendInputError, UnknownModel
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.backends.megatron.backend import MegatronBackend

@@ -10,7 +10,7 @@ from megatron_support import TOLERANCE, make_tiny_qwen2
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.base import BackendInputError
 from trainer_consumer.backends.megatron.config import build_gpt_model, model_shape
 from trainer_consumer.backends.megatron.convert import load_hf_weights, megatron_to_hf, safetensors_source

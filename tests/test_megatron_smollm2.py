@@ -6,7 +6,7 @@ import pytest
 from megatron_support import TOLERANCE, loss_data, max_diff, max_logprob_diff, random_adapter
 
 from bus_events import payloads as p
-from tinker_bus.base_models import DEFAULT_BASE_MODEL, resolve_base_model
+from bus_runtime.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.backends.megatron.backend import MegatronBackend

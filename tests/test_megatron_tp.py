@@ -17,7 +17,7 @@ from megatron_support import TOLERANCE, loss_data, make_tiny_qwen2, max_diff, ma
 
 from bus_events import payloads as p
 from bus_events.tensors import tensor_from_numpy
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.base import AdapterSpec, BackendInputError
 from trainer_consumer.backends.megatron.backend import MegatronBackend
 

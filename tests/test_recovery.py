@@ -13,11 +13,11 @@ from trainer_support import EngineHarness, adapter_weights, fresh_objects
 
 from bus_events import EventType, make_event
 from bus_events import payloads as p
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.offsets import OffsetTracker
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.durability import Durability, DurablePoint
 from trainer_consumer.model_state import BusPosition
-from trainer_consumer.offsets import OffsetTracker
 from trainer_consumer.stream import Inbound
 
 SNAPSHOT_EVERY = 4  # small, so that the restarts go through snapshots AND through replays of several steps

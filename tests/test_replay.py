@@ -13,13 +13,13 @@ from recovery_support import BusClient, fresh_settings, sampler_sha, supervised_
 from safetensors.torch import load_file
 from trainer_support import adam, fb
 
-from artifact_store import CheckpointStore, ObjectStore, TinkerPath
+from artifact_store import CheckpointStore, TinkerPath
 from bus_events import EventType, encode_event, make_event, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.settings import BusSettings, open_object_store
+from bus_runtime.testing import make_tiny_model
 from sampler_consumer.worker import run_sampler
 from tinker_bus import cli as tinker_bus_cli
-from tinker_bus.base_models import make_tiny_model
-from tinker_bus.settings import BusSettings
 from trainer_consumer.fingerprint import adapter_sha256
 
 
@@ -75,7 +75,7 @@ async def test_a_finished_supervised_run_replays_to_the_live_checkpoints(setting
     assert await cli("replay", "--model-id", model, "--until-seq", str(halfway), "--out", str(out10),
                      *bus_flags(s)) == 0
     until = json.loads((out10 / "report.json").read_text())
-    step10 = adapter_sha256(CheckpointStore(ObjectStore.from_settings(s)).load(
+    step10 = adapter_sha256(CheckpointStore(open_object_store(s)).load(
         TinkerPath(model, "weights", "step-10")).adapter_weights)
     assert until["final"]["step"] == 10 and until["final"]["sha256"] == step10
     assert [c["match"] for c in until["final"]["live"]] == [True]

@@ -11,9 +11,9 @@ from sampler_support import train_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from bus_events import payloads as p
+from bus_runtime.testing import make_tiny_model
 from sampler_consumer.engine import TOPK_PAD_ID, TOPK_PAD_LOGPROB, Engine, GenOutput, GenRequest
 from sampler_consumer.models import load_base_model
-from tinker_bus.base_models import make_tiny_model
 
 PROMPT = [5, 17, 42, 99, 7, 133]
 OTHER_PROMPT = [250, 12, 64, 3, 201, 88, 19, 77, 140]

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from artifact_store import CheckpointStore, Registry, TinkerPath
 from bus_events import payloads as p
+from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.service import SamplerService
-from tinker_bus.base_models import make_tiny_model
 
 PROMPT = [5, 17, 42, 99, 7, 133, 250, 12, 64, 3, 201, 88]
 

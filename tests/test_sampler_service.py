@@ -20,9 +20,9 @@ from sampler_support import (
 from artifact_store import CheckpointStore, Registry, TinkerPath
 from bus_events import payloads as p
 from bus_events import tensor_from_numpy
+from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.service import SamplerService
-from tinker_bus.base_models import make_tiny_model
 
 RUN = "sess:train:0"
 PROMPT = [5, 17, 42, 99, 7, 133]

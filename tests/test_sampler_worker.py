@@ -15,12 +15,12 @@ from sampler_support import add_session, job, sample_request, save_sampler_weigh
 from artifact_store import CheckpointStore, Registry
 from bus_events import EventType, decode_envelope, decode_payload, make_event
 from bus_events import payloads as p
+from bus_runtime.kafka_io import make_consumer, make_producer, publish
+from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.offsets import OffsetTracker
 from sampler_consumer.service import SamplerService
 from sampler_consumer.worker import run_sampler
-from tinker_bus.base_models import make_tiny_model
-from tinker_bus.kafka_io import make_consumer, make_producer, publish
 
 PROMPT = [5, 17, 42, 99, 7, 133]
 

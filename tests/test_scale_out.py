@@ -10,9 +10,9 @@ import pytest
 from aiokafka.partitioner import murmur2
 from recovery_support import BusClient, fresh_settings, sampler_sha, supervised_events, trainers
 
-from artifact_store import ObjectStore
-from tinker_bus.base_models import make_tiny_model
-from tinker_bus.health import read_health
+from bus_runtime.health import read_health
+from bus_runtime.settings import open_object_store
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.config import TrainerConfig
 
 STEPS = 20
@@ -70,7 +70,7 @@ async def test_stopping_one_of_two_trainers_moves_its_models_to_the_other_intact
 
 async def _owners(settings) -> dict[str, list[int]]:
     """Which partitions each live trainer reports in its heartbeat, once two report."""
-    store = ObjectStore.from_settings(settings)
+    store = open_object_store(settings)
     for _ in range(100):
         alive = [h for h in await asyncio.to_thread(read_health, store) if h.role == "trainer" and h.alive]
         if len(alive) == 2 and all(len(h.detail.get("partitions", [])) == 2 for h in alive):

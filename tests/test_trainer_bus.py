@@ -16,8 +16,9 @@ from trainer_support import BusHarness, adam, bus_settings, datum, fb, random_da
 
 from bus_events import EventType, Topics
 from bus_events import payloads as p
-from tinker_bus.base_models import make_tiny_model
-from tinker_bus.kafka_io import make_consumer
+from bus_runtime.kafka_io import make_consumer
+from bus_runtime.settings import open_object_store
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.config import TrainerConfig
 
 Event = tuple[EventType, object, int]
@@ -189,7 +190,6 @@ async def test_a_long_compute_step_keeps_the_group_and_other_models_answered(set
 
 
 async def test_claim_checked_requests_and_results_travel_through_s3(settings, tiny):
-    from artifact_store import ObjectStore
     from bus_events import decode_envelope, encode_event, make_event
 
     s = bus_settings(settings, tiny, claim_check_bytes=4096)
@@ -201,7 +201,7 @@ async def test_claim_checked_requests_and_results_travel_through_s3(settings, ti
         assert [o["logprobs"]["shape"] for o in result["outputs"]] == [[int(d.tokens.shape[0])] for d in data]
         # A claim check whose blob is gone: dead-lettered with the reason, the model's seq_id voided.
         env, body = make_event(EventType.FORWARD_BACKWARD, fb(data), model_id="m", seq_id=2)
-        objects = ObjectStore.from_settings(s)
+        objects = open_object_store(s)
         raw = encode_event(env, body, blob_store=objects, claim_check_bytes=s.claim_check_bytes)
         objects.delete(decode_envelope(raw).payload_ref.key)
         await bus.publish_raw(raw, "m")

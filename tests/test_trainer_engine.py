@@ -24,7 +24,7 @@ from trainer_support import (
 from artifact_store import CheckpointStore, Registry, TinkerPath
 from bus_events import EventType
 from bus_events import payloads as p
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend

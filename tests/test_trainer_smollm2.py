@@ -10,7 +10,7 @@ from trainer_support import EngineHarness, adam, datum, fb, fresh_objects
 from artifact_store import CheckpointStore, TinkerPath
 from bus_events import EventType
 from bus_events import payloads as p
-from tinker_bus.base_models import load_tokenizer, resolve_base_model
+from bus_runtime.base_models import load_tokenizer, resolve_base_model
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from trainer_support import adapter_grads, random_data
 
-from tinker_bus.base_models import make_tiny_model
+from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs

@@ -12,10 +12,10 @@ import msgspec
 import numpy as np
 import torch
 
-from artifact_store import CheckpointStore, ObjectStore, TinkerPath
+from artifact_store import CheckpointStore, MinioObjectStore, ObjectStore, S3Config, TinkerPath
 from bus_events import Envelope, EventType, decode_envelope, decode_payload, encode_event, make_event, tensor_from_numpy
 from bus_events import payloads as p
-from tinker_bus.settings import BusSettings
+from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
@@ -48,7 +48,7 @@ def adapter_grads(backend: HfPeftBackend, model_id: str) -> dict[str, torch.Tens
 
 
 def fresh_objects(s3_endpoint: str) -> ObjectStore:
-    objects = ObjectStore(s3_endpoint, "testing", "testing", f"tr-{uuid.uuid4().hex[:8]}")
+    objects = MinioObjectStore(S3Config(s3_endpoint, "testing", "testing", f"tr-{uuid.uuid4().hex[:8]}"))
     objects.ensure_bucket()
     return objects
 
@@ -138,7 +138,7 @@ class BusHarness:
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> BusHarness:
-        from tinker_bus.kafka_io import make_consumer, make_producer
+        from bus_runtime.kafka_io import make_consumer, make_producer
         from trainer_consumer.worker import run_trainer
 
         ready = asyncio.Event()
@@ -165,7 +165,7 @@ class BusHarness:
         await self.producer.stop()
 
     async def _read(self) -> None:
-        objects = ObjectStore.from_settings(self.settings)
+        objects = open_object_store(self.settings)
         while True:
             for records in (await self.reader.getmany(timeout_ms=100)).values():
                 for record in records:
@@ -181,7 +181,7 @@ class BusHarness:
                       request_id: str | None = None) -> str:
         env, body = make_event(event_type, payload, model_id=model_id, seq_id=seq_id,  # type: ignore[arg-type]
                                request_id=request_id)
-        raw = await asyncio.to_thread(encode_event, env, body, blob_store=ObjectStore.from_settings(self.settings),
+        raw = await asyncio.to_thread(encode_event, env, body, blob_store=open_object_store(self.settings),
                                       claim_check_bytes=self.settings.claim_check_bytes)  # big ones via S3
         await self.publish_raw(raw, model_id)
         return env.request_id
@@ -211,7 +211,7 @@ class BusHarness:
         return result.result
 
     def sampler_weights(self, model_id: str, name: str) -> dict[str, torch.Tensor]:
-        store = CheckpointStore(ObjectStore.from_settings(self.settings))
+        store = CheckpointStore(open_object_store(self.settings))
         return store.load(TinkerPath(model_id, "sampler_weights", name)).adapter_weights
 
 

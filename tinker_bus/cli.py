@@ -1,7 +1,7 @@
 """`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler` run one part each; `replay` and
 `export-log` read a model's event log back.
 
-Settings come from TINKER_BUS_* environment variables (tinker_bus.settings.BusSettings.from_env); a flag
+Settings come from TINKER_BUS_* environment variables (bus_runtime.settings.BusSettings.from_env); a flag
 overrides its variable. The original server's PORT (gateway port) and USE_MEGATRON=true (trainer backend
 megatron) keep working.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -18,9 +19,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bus_events import Topics
+from bus_runtime.env_config import parse_bool
+from bus_runtime.settings import BusSettings
+from tinker_bus.args import UsageError, bus_options, settings_from_args
 from tinker_bus.launcher import StackOptions, StartupError, prepare_bus, run_stack
-from tinker_bus.settings import BusSettings
 
 log = logging.getLogger("tinker_bus")
 
@@ -30,38 +32,7 @@ TRAINER_BACKEND_VAR = "TINKER_BUS_TRAINER_BACKEND"
 DEFAULT_GATEWAY_PORT = 8000
 
 
-class UsageError(ValueError):
-    pass
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 # ---------------------------------------------------------------------- arguments -> settings
-
-
-def settings_from_args(args: argparse.Namespace) -> BusSettings:
-    """BusSettings.from_env with every flag that was given on top."""
-    overrides: dict[str, object] = {}
-    for flag in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_secure", "bucket",
-                 "device"):
-        if getattr(args, flag, None) is not None:
-            overrides[flag] = getattr(args, flag)
-    if getattr(args, "topic_prefix", None):
-        overrides["topics"] = Topics(prefix=args.topic_prefix)
-    if getattr(args, "base_models", None):
-        overrides["base_models"] = tuple(args.base_models)
-    settings = BusSettings.from_env(**overrides)
-    if not settings.base_models:
-        raise UsageError("no base model: pass --base-model or set TINKER_BUS_BASE_MODELS")
-    return settings
-
-
-def trainer_backend_env(args: argparse.Namespace) -> dict[str, str]:
-    """--backend, else USE_MEGATRON=true, as the trainer's own TINKER_BUS_TRAINER_BACKEND; {} leaves it be."""
-    backend = args.backend or ("megatron" if _truthy(os.environ.get("USE_MEGATRON")) else None)
-    return {TRAINER_BACKEND_VAR: BACKENDS[backend]} if backend else {}
 
 
 def gateway_port(args: argparse.Namespace) -> int:
@@ -124,12 +95,29 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def trainer_backend(args: argparse.Namespace) -> str | None:
+    """--backend, else USE_MEGATRON=true, as a TrainerConfig.backend name; None leaves the config's own."""
+    try:
+        megatron = parse_bool(os.environ.get("USE_MEGATRON") or "false", "USE_MEGATRON")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    backend = args.backend or ("megatron" if megatron else None)
+    return BACKENDS[backend] if backend else None
+
+
+def trainer_backend_env(args: argparse.Namespace) -> dict[str, str]:
+    """trainer_backend as the child trainer's TINKER_BUS_TRAINER_BACKEND; {} leaves it be."""
+    backend = trainer_backend(args)
+    return {TRAINER_BACKEND_VAR: backend} if backend else {}
+
+
 def cmd_trainer(args: argparse.Namespace) -> int:
-    # The trainer reads its backend from the environment (TrainerConfig.from_env), this process's own.
-    os.environ.update(trainer_backend_env(args))
+    from trainer_consumer.config import TrainerConfig
     from trainer_consumer.worker import run_trainer
 
-    return _serve_worker("trainer", run_trainer, settings_from_args(args))
+    backend = trainer_backend(args)
+    config = TrainerConfig.from_env(**({"backend": backend} if backend else {}))
+    return _serve_worker("trainer", functools.partial(run_trainer, config=config), settings_from_args(args))
 
 
 def cmd_sampler(args: argparse.Namespace) -> int:
@@ -169,23 +157,6 @@ def _serve_worker(role: str, run: WorkerFn, settings: BusSettings) -> int:
 # ---------------------------------------------------------------------- parser
 
 
-def _bus_options(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
-    g = parser.add_argument_group("bus and storage (each defaults to its TINKER_BUS_* variable)")
-    g.add_argument("--kafka-bootstrap", metavar="HOST:PORT",
-                   help="use this existing Kafka instead of starting Tansu" if for_up else "Kafka bootstrap servers")
-    g.add_argument("--s3-endpoint", metavar="HOST:PORT",
-                   help="use this existing S3 / MinIO instead of starting SeaweedFS" if for_up else "S3 / MinIO")
-    g.add_argument("--s3-access-key")
-    g.add_argument("--s3-secret-key")
-    g.add_argument("--s3-secure", action=argparse.BooleanOptionalAction, default=None, help="HTTPS to S3")
-    g.add_argument("--bucket", help="bucket for checkpoints, registry and claim checks")
-    g.add_argument("--topic-prefix", help="topic names are PREFIX.train.requests etc.")
-    g.add_argument("--base-model", dest="base_models", action="append", metavar="NAME_OR_DIR",
-                   help="base model that may be trained and sampled (repeatable); "
-                        "default HuggingFaceTB/SmolLM2-135M-Instruct")
-    g.add_argument("--device", help="torch device of the trainer and sampler (auto, cpu, cuda, cuda:1, ...)")
-
-
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help=f"gateway port (default: $PORT, else {DEFAULT_GATEWAY_PORT})")
     parser.add_argument("--api-key", action="append", metavar="KEY[=TENANT]",
@@ -216,22 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up if /healthz is not healthy by then (default 600)")
     _gateway_options(up)
     _backend_option(up)
-    _bus_options(up, for_up=True)
+    bus_options(up, for_up=True)
     up.set_defaults(func=cmd_up)
 
     gateway = sub.add_parser("gateway", parents=[common], help="the HTTP gateway (Tinker API) alone")
     gateway.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
     _gateway_options(gateway)
-    _bus_options(gateway, for_up=False)
+    bus_options(gateway, for_up=False)
     gateway.set_defaults(func=cmd_gateway)
 
     trainer = sub.add_parser("trainer", parents=[common], help="one trainer (more processes: more group members)")
     _backend_option(trainer)
-    _bus_options(trainer, for_up=False)
+    bus_options(trainer, for_up=False)
     trainer.set_defaults(func=cmd_trainer)
 
     sampler = sub.add_parser("sampler", parents=[common], help="one sampler consumer")
-    _bus_options(sampler, for_up=False)
+    bus_options(sampler, for_up=False)
     sampler.set_defaults(func=cmd_sampler)
 
     from tinker_bus.log_tools import add_log_commands  # replay and export-log: reading the log back

@@ -27,10 +27,11 @@ from typing import Any
 import httpx
 
 from artifact_store.object_store import ObjectStore
+from bus_runtime.kafka_io import ensure_topics
+from bus_runtime.net import free_port
+from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus import console as out
-from tinker_bus.infra import S3Endpoint, SeaweedS3, TansuBroker, free_port, stop_process
-from tinker_bus.kafka_io import ensure_topics
-from tinker_bus.settings import BusSettings
+from tinker_bus.infra import S3Endpoint, SeaweedS3, TansuBroker, stop_process
 
 TANSU_BUCKET = "tansu"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -143,7 +144,7 @@ class Stack:
         self.settings = replace(self.settings, kafka_bootstrap=self.broker.bootstrap)
 
     def _prepare_base_models(self) -> None:
-        from tinker_bus.base_models import resolve_base_model
+        from bus_runtime.base_models import resolve_base_model
 
         for name in self.settings.base_models:
             with out.step("model", f"preparing {name} (the first run converts it, ~20 s)") as line:
@@ -218,7 +219,7 @@ async def prepare_bus(settings: BusSettings, timeout_s: float = 120.0) -> None:
     while True:
         try:
             await ensure_topics(settings)
-            await asyncio.to_thread(ObjectStore.from_settings(settings).ensure_bucket)
+            await asyncio.to_thread(open_object_store(settings).ensure_bucket)
             return
         except Exception as exc:
             if time.monotonic() > deadline:
@@ -249,7 +250,7 @@ def unhealthy_parts(report: dict[str, Any]) -> list[str]:
 
 
 def _object_store(settings: BusSettings, bucket: str) -> ObjectStore:
-    return ObjectStore.from_settings(replace(settings, bucket=bucket))
+    return open_object_store(replace(settings, bucket=bucket))
 
 
 def _port_or_free(port: int, option: str) -> int:

@@ -27,6 +27,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bus_runtime.settings import open_object_store
+
 log = logging.getLogger("tinker_bus")
 # emoji=False: model ids like "s:train:0" are not emoji codes.
 stderr = Console(stderr=True, highlight=False, emoji=False)
@@ -67,7 +69,7 @@ class _LiveProgress:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from tinker_bus.cli import settings_from_args
+    from tinker_bus.args import settings_from_args
     from trainer_consumer.config import TrainerConfig
     from trainer_consumer.event_log import iterate_file, model_key_filter, read_bus, read_file
     from trainer_consumer.replay import ReplayError, ReplayRequest, replay_model
@@ -150,7 +152,7 @@ def _print_replay(report: dict[str, Any]) -> None:
 
 
 def cmd_export_log(args: argparse.Namespace) -> int:
-    from tinker_bus.cli import UsageError, settings_from_args
+    from tinker_bus.args import UsageError, settings_from_args
 
     if not (args.model_id or args.session_id):
         raise UsageError("export-log needs --model-id or --session-id")
@@ -198,9 +200,8 @@ def _quiet_logs() -> None:
 
 
 def _objects(settings: Any) -> Any:
-    from artifact_store import ObjectStore
 
-    return ObjectStore.from_settings(settings)
+    return open_object_store(settings)
 
 
 # ---------------------------------------------------------------------- parser
@@ -208,7 +209,7 @@ def _objects(settings: Any) -> Any:
 
 def add_log_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
     """Register `replay` and `export-log` on the `tinker-bus` parser's subparsers."""
-    from tinker_bus.cli import _bus_options  # the same bus / storage flags as every other command
+    from tinker_bus.args import bus_options  # the same bus / storage flags as every other command
 
     replay = subparsers.add_parser(
         "replay", parents=[common_parent],
@@ -225,7 +226,7 @@ def add_log_commands(subparsers: Any, common_parent: argparse.ArgumentParser) ->
                                                     "trainer's count; default $TINKER_BUS_TRAINER_TORCH_THREADS)")
     replay.add_argument("--idle-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="stop reading the broker after this long without data (default 10)")
-    _bus_options(replay, for_up=False)
+    bus_options(replay, for_up=False)
     replay.set_defaults(func=cmd_replay)
 
     export = subparsers.add_parser("export-log", parents=[common_parent],
@@ -236,5 +237,5 @@ def add_log_commands(subparsers: Any, common_parent: argparse.ArgumentParser) ->
     export.add_argument("--no-replies", action="store_true", help="leave the live replies out")
     export.add_argument("--idle-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="stop reading the broker after this long without data (default 10)")
-    _bus_options(export, for_up=False)
+    bus_options(export, for_up=False)
     export.set_defaults(func=cmd_export_log)

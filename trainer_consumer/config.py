@@ -1,12 +1,15 @@
-"""Trainer-only settings (the bus-wide ones live in tinker_bus.settings.BusSettings).
+"""Trainer-only settings (the bus-wide ones live in bus_runtime.settings.BusSettings).
 
 Read from TINKER_BUS_TRAINER_* environment variables by `TrainerConfig.from_env()`.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bus_runtime.env_config import env_config
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,5 @@ class TrainerConfig:
     megatron_tp_size: int = 1  # tensor-parallel GPUs of the megatron backend
 
     @classmethod
-    def from_env(cls, **overrides: object) -> TrainerConfig:
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"TINKER_BUS_TRAINER_{f.name.upper()}")
-            if raw is None:
-                continue
-            kind = type(getattr(cls, f.name))
-            if kind is bool or str(f.type) == "bool | None":
-                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            else:
-                values[f.name] = kind(raw)
-        return replace(cls(**values), **overrides)  # type: ignore[arg-type]
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> TrainerConfig:
+        return env_config(cls, "TINKER_BUS_TRAINER_", environ, **overrides)

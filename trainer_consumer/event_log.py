@@ -26,8 +26,8 @@ import msgpack
 from aiokafka import TopicPartition
 
 from bus_events import BlobStore
-from tinker_bus.kafka_io import make_consumer
-from tinker_bus.settings import BusSettings
+from bus_runtime.kafka_io import make_consumer
+from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ The records (from the broker or an export file, event_log.py) go through the wor
 a TrainerEngine with the configured backend: the same ordering, dedupe, window rule and op handlers as live.
 What differs is only around it:
 
-- Storage is a SandboxStore over the live bucket: checkpoints the run loads are read from S3, but everything
-  the replay writes (its saves, run records, sampling sessions) stays in memory; nothing live changes.
+- Storage is a MemoryObjectStore reading through to the live bucket: checkpoints the run loads are read from
+  S3, but everything the replay writes (its saves, run records, sampling sessions) stays in
+  memory; nothing live changes.
 - No snapshots are written; with `from_snapshot` the model starts from its live auto-snapshot (restore path of
   the engine) and only the events after it are applied.
 - Gaps: nothing is voided while records still come (a late seq_id may follow in the log); at the end of the log
@@ -30,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from artifact_store import Checkpoint, CheckpointStore, ObjectStore, TinkerPath
+from artifact_store import Checkpoint, CheckpointStore, MemoryObjectStore, ObjectStore, TinkerPath
 from bus_events import EventType, decode_envelope, decode_payload
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
@@ -41,7 +42,6 @@ from trainer_consumer.fingerprint import adapter_sha256
 from trainer_consumer.intake import Poisoned, decode_training_record
 from trainer_consumer.model_state import BusPosition
 from trainer_consumer.runtime import Runtime, Storage
-from trainer_consumer.sandbox_store import SandboxStore
 from trainer_consumer.snapshots import SnapshotStore, snapshot_path
 from trainer_consumer.stream import Inbound, Reply
 
@@ -202,7 +202,7 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
     if request.from_snapshot and live is None:
         raise ReplayError("--from-snapshot needs the live bucket (the snapshot is in S3)")
     config = replace(config or TrainerConfig(), gap_timeout_s=NO_GAP_TIMEOUT_S)
-    sandbox_objects = SandboxStore(live, private=(f"runs/{model_id}/",))
+    sandbox_objects = MemoryObjectStore(base=live, private=(f"runs/{model_id}/",))
     sandbox = CheckpointStore(sandbox_objects)
     runtime = Runtime(backend or make_backend(config, device), Storage.on(sandbox_objects), config, None)
     recorder = _Recorder(model_id, sandbox, on_applied)

@@ -32,17 +32,17 @@ from aiokafka.structs import ConsumerRecord
 from artifact_store import ObjectStore
 from bus_events import Envelope
 from bus_events import payloads as p
-from tinker_bus.dead_letter import dead_letter_contract_error
-from tinker_bus.health import heartbeating
-from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer, publish
-from tinker_bus.settings import BusSettings
+from bus_runtime.dead_letter import dead_letter_contract_error
+from bus_runtime.health import heartbeating
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.offsets import OffsetTracker
+from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.intake import Poisoned, decode_training_record
 from trainer_consumer.model_state import BusPosition
-from trainer_consumer.offsets import OffsetTracker
 from trainer_consumer.runtime import Runtime, Storage
 from trainer_consumer.stream import Inbound, Reply
 
@@ -230,7 +230,7 @@ async def run_trainer(settings: BusSettings, *, ready: asyncio.Event | None = No
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    objects = ObjectStore.from_settings(settings)
+    objects = open_object_store(settings)
     await asyncio.to_thread(objects.ensure_bucket)
     await ensure_topics(settings)
     runtime = Runtime(backend or make_backend(config, settings.device), Storage.on(objects), config,

@@ -118,7 +118,7 @@ async def submit_sample(gw: Gateway, tenant: str, session: SamplingSession, prom
             headers={"retry-after": "1"})
     info = await gw.base_models.info(session.base_model)
     wire_params = sampling_params(params, info.vocab_size)
-    validate_prompt(prompt, info.vocab_size, info.max_context_length, wire_params.max_tokens, prompt_field)
+    validate_prompt(prompt, info.vocab_size, info.max_positions, wire_params.max_tokens, prompt_field)
     if topk_prompt_logprobs and topk_prompt_logprobs > info.vocab_size:
         raise FieldError("topk_prompt_logprobs", f"must be at most the vocabulary size {info.vocab_size}")
     payload = build(p.Sample, "num_samples", sampling_session_id=session_id,

@@ -32,7 +32,7 @@ from bus_gateway.tinker_api.schemas import (
     SupportedModel,
     TelemetryRequest,
 )
-from tinker_bus.health import read_health
+from bus_runtime.health import read_health
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ async def get_server_capabilities(gw: GatewayDep) -> ServerCapabilities:
     models = []
     for name in gw.settings.base_models:
         try:
-            context = (await gw.base_models.info(name)).max_context_length
+            context = (await gw.base_models.info(name)).max_positions
         except Exception as exc:  # listed but not resolvable here: still advertise what is configured
             log.warning("base model %s: %s", name, exc)
             context = None

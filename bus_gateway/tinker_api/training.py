@@ -81,7 +81,7 @@ async def create_model(data: JSONBody[CreateModelRequest], gw: GatewayDep, tenan
 async def get_info(data: JSONBody[GetInfoRequest], gw: GatewayDep, tenant: TenantDep) -> GetInfoResponse:
     run = await gw.run(data.model_id, tenant)
     try:
-        arch = (await gw.base_models.info(run.base_model)).arch
+        arch = (await gw.base_models.info(run.base_model)).model_type
     except Exception:  # informational only
         arch = None
     return GetInfoResponse(

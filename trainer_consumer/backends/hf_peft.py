@@ -121,7 +121,7 @@ class HfPeftBackend:
     def _load_base(self, name: str) -> _Base:
         from transformers import AutoModelForCausalLM
 
-        from tinker_bus.base_models import resolve_base_model
+        from bus_runtime.base_models import resolve_base_model
 
         path = resolve_base_model(name)
         log.info("loading base model %s from %s on %s (%s)", name, path, self.device, self.dtype)

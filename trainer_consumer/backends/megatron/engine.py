@@ -77,7 +77,7 @@ class MegatronEngine:
     def _load_base(self, name: str) -> _Base:
         from transformers import AutoConfig
 
-        from tinker_bus.base_models import resolve_base_model
+        from bus_runtime.base_models import resolve_base_model
 
         path = resolve_base_model(name)
         hf_config = AutoConfig.from_pretrained(path)

@@ -127,7 +127,7 @@ def sum_over_tp(value: torch.Tensor) -> torch.Tensor:
 
 
 def free_tcp_init_method() -> str:
-    from tinker_bus.infra import free_port
+    from bus_runtime.net import free_port
 
     return f"tcp://127.0.0.1:{free_port()}"
 

@@ -1,8 +1,7 @@
-"""Which offsets the trainer may commit: per partition, up to (not including) the lowest offset whose event is
-not finished yet, and not past the lowest offset some model still needs re-read (its hold, see durability.py).
-An event is finished once it is applied and replied, dead-lettered, or answered as a duplicate; it is durable
-once its model's snapshot (or progress marker) covers it. So a crash re-delivers every event whose effects were
-not yet in S3, and nothing older."""
+"""Which offsets a consumer may commit: per partition, up to (not including) the lowest offset whose event is
+not finished yet, and not past a caller's hold (the trainer holds the lowest offset some model still needs re-read,
+see trainer_consumer/durability.py). An event is finished once it is answered (applied and replied,
+dead-lettered, or answered as a duplicate). So a crash re-delivers every unanswered event, and nothing older."""
 
 from __future__ import annotations
 
@@ -34,10 +33,6 @@ class OffsetTracker:
         part = self._partitions.get(tp)
         if part is not None:  # a revoked partition is forgotten; its late completions do not matter here
             part.unfinished.discard(offset)
-
-    def unfinished(self, tp: TopicPartition) -> int:
-        part = self._partitions.get(tp)
-        return len(part.unfinished) if part else 0
 
     def to_commit(self, only: set[TopicPartition] | None = None,
                   holds: dict[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:

@@ -9,8 +9,8 @@ from aiokafka.structs import ConsumerRecord
 
 from bus_events import ContractError, Envelope, EventType, make_event, make_result, new_id
 from bus_events import payloads as p
-from tinker_bus.kafka_io import publish
-from tinker_bus.settings import BusSettings
+from bus_runtime.kafka_io import publish
+from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("TINKER_BUS_MODEL_CACHE", Path.home() / ".cache" / "tinker-bus" / "models"))
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
@@ -64,7 +65,7 @@ def _convert_packaged_gguf(name: str, dest: Path) -> Path:
         raise FileNotFoundError(f"{name} is not cached and PyPI package {package.replace('_', '-')} is not installed")
     source = Path(spec.submodule_search_locations[0])
     with _file_lock(dest.parent / f".{dest.name}.lock"):
-        if _is_model_dir(dest):
+        if is_model_dir(dest):
             return dest
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -93,15 +94,15 @@ def _convert_packaged_gguf(name: str, dest: Path) -> Path:
 def resolve_base_model(name: str, cache_dir: Path | None = None) -> Path:
     """A local folder holding config.json, weights and tokenizer for `name`."""
     local = Path(name).expanduser()
-    if _is_model_dir(local):
+    if is_model_dir(local):
         return local.resolve()
     online = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes")
     found = _from_hf_cache(name, online=False) or (_from_hf_cache(name, online=True) if online else None)
-    if found is not None and _is_model_dir(found):
+    if found is not None and is_model_dir(found):
         return found
     if name in _PACKAGED_GGUF:
         dest = (cache_dir or model_cache_dir()) / name.replace("/", "--")
-        return dest if _is_model_dir(dest) else _convert_packaged_gguf(name, dest)
+        return dest if is_model_dir(dest) else _convert_packaged_gguf(name, dest)
     raise FileNotFoundError(
         f"base model {name!r} is not a local folder, not in the HF cache"
         + ("" if online else " (offline, so the hub was not asked)")
@@ -119,49 +120,34 @@ def load_tokenizer(name: str):  # -> PreTrainedTokenizerBase (import kept lazy: 
     return tokenizer
 
 
-def vocab_size(name: str) -> int:
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What every part needs to know about a base model, read from its config.json: one home for these facts.
+
+    The vocabulary size is config.json's `vocab_size` (a multimodal config's `text_config`): token ids must lie
+    below it everywhere (gateway checks, trainer, sampler), whatever padding an embedding matrix may carry."""
+
+    name: str
+    architecture: str  # config.architectures[0], else model_type
+    model_type: str | None
+    vocab_size: int
+    max_positions: int | None  # max_position_embeddings; None when the config does not say
+
+
+def info_from_config(name: str, config: dict) -> BaseModelInfo:
+    text = config.get("text_config") or {}  # multimodal configs nest the language model's settings
+    vocab = config.get("vocab_size") or text.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ValueError(f"base model {name!r}: config.json has no usable vocab_size")
+    context = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+    model_type = config.get("model_type")
+    architecture = (config.get("architectures") or [model_type or "unknown"])[0]
+    return BaseModelInfo(name, architecture, model_type, vocab, context if isinstance(context, int) else None)
+
+
+@functools.lru_cache(maxsize=64)
+def read_base_model_info(name: str) -> BaseModelInfo:
+    """Resolves (for SmolLM2: converts, the first time) the model, then reads its config.json. Blocking."""
     import json
 
-    return int(json.loads((resolve_base_model(name) / "config.json").read_text())["vocab_size"])
-
-
-def make_tiny_model(
-    directory: Path,
-    vocab_size: int = 256,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    seed: int = 0,
-) -> Path:
-    """A tiny random Llama with a BPE tokenizer trained on the spot, for fast offline tests."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    if _is_model_dir(directory):
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = [
-        "The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
-        "user assistant system hello world 0 1 2 3 4 5 6 7 8 9 + - = ?", "Once upon a time there was a model.",
-    ] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML_TEMPLATE
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return info_from_config(name, json.loads((resolve_base_model(name) / "config.json").read_text()))

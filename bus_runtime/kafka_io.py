@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bus_events import BlobStore, Envelope, encode_event
-from tinker_bus.settings import BusSettings
+from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,0 @@
-from bus_gateway.server import main
-
-main()

@@ -1,0 +1,52 @@
+"""One settings object for every process, read from TINKER_BUS_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from artifact_store.object_store import MinioObjectStore, S3Config
+from bus_events import DEFAULT_CLAIM_CHECK_BYTES, Topics
+from bus_runtime.env_config import env_config, env_of
+
+ENV_PREFIX = "TINKER_BUS_"
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_secure: bool = False
+    bucket: str = "tinker-bus"
+    topics: Topics = field(default_factory=Topics, metadata={"env": "topic"})  # TINKER_BUS_TOPIC_PREFIX
+    # Tansu does not wake long-polling fetches, so this bounds bus latency (local-infra.md 2.2).
+    fetch_max_wait_ms: int = 20
+    session_timeout_ms: int = 6000
+    claim_check_bytes: int = DEFAULT_CLAIM_CHECK_BYTES
+    result_ttl_s: float = 3600.0
+    base_models: tuple[str, ...] = ("HuggingFaceTB/SmolLM2-135M-Instruct",)
+    device: str = "auto"
+    # Replicas per topic partition: 1 for a single broker, 3 on a 3-broker Kafka (compose/README.md).
+    replication_factor: int = 1
+    trainer_group: str = "tinker-bus-trainers"
+    sampler_group: str = "tinker-bus-samplers"
+
+    @property
+    def s3(self) -> S3Config:
+        return S3Config(self.s3_endpoint, self.s3_access_key, self.s3_secret_key, self.bucket, self.s3_secure)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BusSettings:
+        return env_config(cls, ENV_PREFIX, environ, **overrides)
+
+    def to_env(self) -> dict[str, str]:
+        """The TINKER_BUS_* variables `from_env` rebuilds these settings from (how the launcher configures
+        its child processes)."""
+        return env_of(self, ENV_PREFIX)
+
+
+def open_object_store(settings: BusSettings) -> MinioObjectStore:
+    return MinioObjectStore(settings.s3)
