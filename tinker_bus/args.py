@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from bus_events import Topics
 from bus_runtime.settings import BusSettings
@@ -14,7 +15,7 @@ class UsageError(ValueError):
 
 def settings_from_args(args: argparse.Namespace) -> BusSettings:
     """BusSettings.from_env with every flag that was given on top."""
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     for flag in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_secure", "bucket",
                  "device"):
         if getattr(args, flag, None) is not None:

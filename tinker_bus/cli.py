@@ -16,8 +16,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from bus_runtime.env_config import parse_bool
 from bus_runtime.settings import BusSettings
@@ -116,7 +117,8 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     from trainer_consumer.worker import run_trainer
 
     backend = trainer_backend(args)
-    config = TrainerConfig.from_env(**({"backend": backend} if backend else {}))
+    overrides: dict[str, Any] = {"backend": backend} if backend else {}
+    config = TrainerConfig.from_env(**overrides)
     return _serve_worker("trainer", functools.partial(run_trainer, config=config), settings_from_args(args))
 
 
@@ -126,7 +128,7 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     return _serve_worker("sampler", run_sampler, settings_from_args(args))
 
 
-WorkerFn = Callable[..., Awaitable[None]]
+WorkerFn = Callable[..., Coroutine[Any, Any, None]]
 
 
 def _serve_worker(role: str, run: WorkerFn, settings: BusSettings) -> int:

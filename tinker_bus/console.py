@@ -66,7 +66,7 @@ def health_table(report: dict[str, Any]) -> Table:
 
 def _pairs(detail: dict[str, Any]) -> str:
     """`k=v, ...`; a list of dicts (one per worker instance) becomes one `k=v` group per instance."""
-    parts = []
+    parts: list[str] = []
     for key, value in detail.items():
         if isinstance(value, list) and all(isinstance(v, dict) for v in value):
             parts.extend(f"[{_pairs(v)}]" for v in value if v)
