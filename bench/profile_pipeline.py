@@ -1,0 +1,141 @@
+"""Where the full training path spends its time, one step at a time vs steps submitted ahead (issue 14).
+
+    python -m bench.profile_pipeline --shape llama-1b --device cuda --steps 5   # GPU box, py-spy wheel carried
+    python -m bench.profile_pipeline --shape smollm2 --device cpu --steps 3     # CPU companion
+
+Starts the local stack, trains with the official SDK one step at a time, then with every step submitted before any
+is awaited (the cookbook's submit-ahead), and samples the trainer and gateway processes with py-spy during each
+phase (all threads, idle included). Prints tok/s per phase and, per process and thread, where the samples fell:
+the evidence docs/benchmarks.md cites. Raw py-spy output goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bench.data import random_tokens
+from bench.shapes import DEFAULT_BATCH, build_model_dir
+
+OUR_PACKAGES = ("trainer_consumer", "bus_runtime", "bus_events", "bus_gateway", "artifact_store", "loss_plugins")
+
+
+def _role_pids() -> dict[str, int]:
+    import psutil
+
+    pids = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if len(argv) >= 4 and argv[1:3] == ["-m", "tinker_bus"] and argv[3] in ("trainer", "gateway"):
+            pids[argv[3]] = proc.pid
+    return pids
+
+
+def _spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds) + 1), "--rate", "100",
+                             "--format", "raw", "--threads", "--idle", "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize(raw: Path, top: int = 8) -> str:
+    """Samples per thread, and per thread the innermost frame of ours (or the leaf) that the samples fell in."""
+    threads: collections.Counter[str] = collections.Counter()
+    where: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread, calls = frames[0], frames[1:]
+        ours = [f for f in calls if any(pkg in f for pkg in OUR_PACKAGES)]
+        leaf = calls[-1] if calls else "?"
+        threads[thread] += int(count)
+        where[thread][f"{ours[-1] if ours else '-'} | {leaf}"[:150]] += int(count)
+    lines = []
+    for thread, total in threads.most_common():
+        lines.append(f"  {thread}: {total} samples")
+        for frame, n in where[thread].most_common(top):
+            lines.append(f"    {100 * n / total:5.1f}%  {frame}")
+    return "\n".join(lines)
+
+
+def _timed(label: str, steps: int, tokens: int, run: Callable[[], None], out: Path) -> float:
+    pids = _role_pids()
+    spies = {role: _spy(pid, 600, out / f"{label}-{role}.txt") for role, pid in pids.items()}
+    t0 = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - t0
+    for spy in spies.values():
+        spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+    for spy in spies.values():
+        spy.wait(timeout=60)
+    tok_s = steps * tokens / elapsed
+    print(f"{label}: {elapsed / steps:.3f} s/step, {tok_s:,.0f} tok/s", flush=True)
+    for role in pids:
+        raw = out / f"{label}-{role}.txt"
+        if raw.exists():
+            print(f"{label}, {role} process:\n{summarize(raw)}", flush=True)
+    return tok_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--work-dir", default="/tmp/tinker-bus-profile")
+    ap.add_argument("--out", default="/tmp/tinker-bus-profile/out")
+    args = ap.parse_args()
+    import tinker
+    from tinker import types
+
+    from bench.bus_stack import running_stack
+
+    work, out = Path(args.work_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir(args.shape, work / args.shape)
+    vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
+    batch, seq = DEFAULT_BATCH[args.shape]
+    rows = random_tokens(batch, seq, vocab)
+    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
+                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in rows]
+    adam = types.AdamParams(learning_rate=1e-4)
+    tokens = batch * (seq - 1)
+    with running_stack(model_dir, args.device, work / "stack.log") as url, \
+            tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
+        client = service.create_lora_training_client(base_model=str(model_dir), rank=32, train_unembed=False).result()
+
+        def one_at_a_time() -> None:
+            for _ in range(args.steps):
+                fb, opt = client.forward_backward(data, "cross_entropy"), client.optim_step(adam)
+                fb.result()
+                opt.result()
+
+        def ahead() -> None:
+            futures = [(client.forward_backward(data, "cross_entropy"), client.optim_step(adam))
+                       for _ in range(args.steps)]
+            for fb, opt in futures:
+                fb.result()
+                opt.result()
+
+        for _ in range(args.warmup):
+            client.forward_backward(data, "cross_entropy").result()
+            client.optim_step(adam).result()
+        sequential = _timed("one-at-a-time", args.steps, tokens, one_at_a_time, out)
+        pipelined = _timed("submitted-ahead", args.steps, tokens, ahead, out)
+    print(f"\n{args.shape} {batch}x{seq}: submitted ahead / one at a time = {pipelined / sequential:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
