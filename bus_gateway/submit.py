@@ -73,10 +73,11 @@ def sampling_params(params: SamplingParamsIn, vocab_size: int) -> p.SamplingPara
 
 
 # ------------------------------------------------------------------ training operations (train topic)
-async def create_model(gw: Gateway, tenant: str, model_id: str, payload: Build[p.CreateModel]) -> Future:
+async def create_model(gw: Gateway, tenant: str, model_id: str, payload: Build[p.CreateModel],
+                       context: dict[str, Any] | None = None) -> Future:
     """Seq 0 of a new model: a duplicate create (same model id) gets the first one's future."""
     return await gw.submit(p.CreateModel, payload, model_id=model_id, seq_id=0, tenant=tenant,
-                           check=lambda create: require_served(gw, create.base_model))
+                           check=lambda create: require_served(gw, create.base_model), context=context)
 
 
 async def load_weights(gw: Gateway, tenant: str, model_id: str, seq_id: int | None,

@@ -18,6 +18,7 @@ from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.schemas import DEFAULT_RANK
 
 ADAPTER_NAME_KEY = "adapter_name"  # in the model's user_metadata: the name it was created under
+MODEL_REF = "model_ref"  # in a future's context: the model as the caller named it
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ async def ensure_adapter(gw: Gateway, tenant: str, name: str, new: NewAdapter | 
         session = Session(session_id=session_of_model(record.model_id), tenant=tenant, tags=["json-api"])
         await asyncio.to_thread(gw.registry.put_session, session)
         gw.remember_session(session)
-        return record, await submit.create_model(gw, tenant, record.model_id, lambda: _create(record))
+        return record, await submit.create_model(gw, tenant, record.model_id, lambda: _create(record),
+                                                 context={MODEL_REF: name})
 
 
 async def _new_record(gw: Gateway, tenant: str, name: str, new: NewAdapter,

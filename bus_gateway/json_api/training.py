@@ -21,7 +21,7 @@ from bus_gateway.errors import FieldError
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.datums import conversation_datums
-from bus_gateway.json_api.names import training_target
+from bus_gateway.json_api.names import MODEL_REF, training_target
 from bus_gateway.json_api.schemas import (
     JsonForwardBackward,
     JsonOptimStep,
@@ -35,7 +35,6 @@ from bus_gateway.results import MalformedResult, failure, forward_backward_json,
 from bus_gateway.tinker_api.schemas import AdamParamsIn
 from loss_plugins import list_losses
 
-MODEL_REF = "model_ref"  # future context: the model as the caller named it
 LOSS_METRIC = "loss:sum"
 # The documented top-level metrics, as the loss itself reports them (loss_plugins.builtin.cross_entropy).
 DOCUMENTED_METRICS = {"mean_nll": "mean_nll:mean", "perplexity": "perplexity:mean"}
