@@ -14,7 +14,7 @@ from bus_gateway.errors import FieldError
 from bus_gateway.json_api.schemas import JsonForwardBackward
 
 
-def _input_values(value: list[float] | float, mask: np.ndarray, default: np.ndarray, field: str) -> np.ndarray:
+def per_token_values(value: list[float] | float, mask: np.ndarray, default: np.ndarray, field: str) -> np.ndarray:
     """Per-token values of one input: a number is spread over the assistant tokens; a list lines up with the end
     of model_input (the original server's examples give values for the final answer only) and must reach back
     to the first assistant token. Positions before a short list keep `default`."""
@@ -50,7 +50,7 @@ def conversation_datums(tokenizer: Any, data: JsonForwardBackward) -> list[p.Dat
         fields = {"target_tokens": ids[1:].astype(np.float64), "weights": mask.astype(np.float64)}
         for name, per_conversation in inputs.items():
             default = fields.get(name, np.zeros(mask.size))
-            fields[name] = _input_values(per_conversation[i], mask, default, f"loss_fn_inputs.{name}[{i}]")
+            fields[name] = per_token_values(per_conversation[i], mask, default, f"loss_fn_inputs.{name}[{i}]")
         target = fields.pop("target_tokens")
         if np.any(target != np.round(target)):
             raise FieldError(f"loss_fn_inputs.target_tokens[{i}]", "token ids must be integers")
