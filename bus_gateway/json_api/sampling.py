@@ -16,7 +16,7 @@ from bus_events.ids import sampling_session_id_for, session_of_model
 from bus_gateway import submit
 from bus_gateway.chat_data import prompt_for_messages
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import FieldError
+from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.schemas import JsonSample, JsonSampleResult, SampledText
@@ -33,6 +33,11 @@ async def _current_weights_session(gw: Gateway, tenant: str, ref: str) -> Sampli
     """Save the current weights of the model `ref` names for the sampler (in order with its training) and sample
     those."""
     model_id, _ = await gw.live_model(ref, tenant)
+    try:
+        await gw.live_run(model_id, tenant)
+    except NotFound as exc:  # a name whose create_model the trainer has not applied: nothing to sample yet
+        raise FieldError("model_id", f"adapter {ref!r} has no model on the trainer yet (its creation is on its "
+                                     "way or failed): retry once a training call on it has completed", 409) from exc
     session_id = sampling_session_id_for(session_of_model(model_id), secrets.randbits(40))
     saved = await submit.save_weights_for_sampler(gw, tenant, model_id, None,
                                                   lambda: p.SaveWeightsForSampler(sampling_session_id=session_id))
@@ -90,9 +95,9 @@ async def sample(data: JSONBody[JsonSample], gw: GatewayDep, tenant: TenantDep) 
     prompt_logprobs = None
     if result.prompt_logprobs is not None:
         prompt_logprobs = nan_to_none(result.prompt_logprobs.numpy().tolist())
-    return Response(JsonSampleResult(request_id=fut.request_id, text=sequences[0].text if sequences else "",
-                                     sequences=sequences, prompt_tokens=int(prompt.size),
-                                     prompt_logprobs=prompt_logprobs))
+    return Response(JsonSampleResult(request_id=fut.request_id, status="complete",
+                                     text=sequences[0].text if sequences else "", sequences=sequences,
+                                     prompt_tokens=int(prompt.size), prompt_logprobs=prompt_logprobs))
 
 
 ROUTES = [sample]

@@ -141,7 +141,7 @@ class SampledText(msgspec.Struct):
 
 class JsonSampleResult(msgspec.Struct, omit_defaults=True):
     request_id: str
-    status: Literal["complete", "pending", "failed"] = "complete"
+    status: Literal["complete", "pending", "failed"]  # always sent: no default to omit
     error: str | None = None
     category: str | None = None
     text: str | None = None
