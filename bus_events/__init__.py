@@ -4,43 +4,53 @@ Producers and consumers (gateway, trainer, sampler, external publishers) all go 
 The human-readable form of the same contract is docs/events.md.
 """
 
-from bus_events import payloads
+from bus_events import ids, payloads
 from bus_events.envelope import (
     DEFAULT_CLAIM_CHECK_BYTES,
+    EVENT_TYPES,
     PAYLOAD_TYPES,
     SCHEMA_VERSION,
     TRAINING_EVENTS,
     BlobStore,
     ContractError,
     Envelope,
+    Event,
     EventType,
     PayloadRef,
     decode_envelope,
     decode_payload,
     encode_event,
+    event_type_of,
     make_event,
-    make_result,
     new_id,
     payload_bytes,
 )
+from bus_events.results import RESULT_TYPES, decode_result, make_error_result, make_result
 from bus_events.tensors import Tensor, tensor_from_numpy
 from bus_events.topics import Topics
 
 __all__ = [
     "DEFAULT_CLAIM_CHECK_BYTES",
+    "EVENT_TYPES",
     "PAYLOAD_TYPES",
+    "RESULT_TYPES",
     "SCHEMA_VERSION",
     "TRAINING_EVENTS",
     "BlobStore",
     "ContractError",
     "Envelope",
+    "Event",
     "EventType",
     "PayloadRef",
     "Tensor",
     "Topics",
     "decode_envelope",
     "decode_payload",
+    "decode_result",
     "encode_event",
+    "event_type_of",
+    "ids",
+    "make_error_result",
     "make_event",
     "make_result",
     "new_id",

@@ -6,7 +6,7 @@ import enum
 import hashlib
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 import msgspec
@@ -46,6 +46,19 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.RESULT: p.Result,
     EventType.DEAD_LETTER: p.DeadLetter,
 }
+
+# The inverse of PAYLOAD_TYPES: a payload's class names its event type (each class serves exactly one type).
+EVENT_TYPES: dict[type[msgspec.Struct], EventType] = {cls: event_type for event_type, cls in PAYLOAD_TYPES.items()}
+
+
+def event_type_of(payload: msgspec.Struct | type[msgspec.Struct]) -> EventType:
+    """The event type that carries `payload` (an instance or a payload class)."""
+    cls = payload if isinstance(payload, type) else type(payload)
+    try:
+        return EVENT_TYPES[cls]
+    except KeyError:
+        raise TypeError(f"{cls.__name__} is not the payload of any event type") from None
+
 
 TRAINING_EVENTS = frozenset(
     {
@@ -100,6 +113,13 @@ class BlobStore(Protocol):
     def get_blob(self, key: str) -> bytes: ...
 
 
+class Event(NamedTuple):
+    """An envelope and its typed payload, as made by `make_event` and encoded by `encode_event`."""
+
+    env: Envelope
+    payload: msgspec.Struct
+
+
 def new_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -113,7 +133,7 @@ def make_event(
     seq_id: int | None = None,
     tenant: str = "default",
     trace_id: str | None = None,
-) -> tuple[Envelope, msgspec.Struct]:
+) -> Event:
     """An envelope for `payload`; encode it with `encode_event`."""
     if not isinstance(payload, PAYLOAD_TYPES[event_type]):
         raise TypeError(f"{event_type} takes {PAYLOAD_TYPES[event_type].__name__}, got {type(payload).__name__}")
@@ -127,11 +147,12 @@ def make_event(
         created_at=time.time(),
         trace_id=trace_id or uuid.uuid4().hex,
     )
-    return env, payload
+    return Event(env, payload)
 
 
 def payload_bytes(payload: msgspec.Struct) -> bytes:
-    return msgpack.packb(msgspec.to_builtins(payload, builtin_types=(bytes,)), use_bin_type=True)
+    """The payload's msgpack bytes: a map of its fields, defaults omitted, bytes as msgpack bin."""
+    return msgspec.msgpack.encode(payload)
 
 
 def encode_event(
@@ -143,17 +164,18 @@ def encode_event(
 ) -> bytes:
     """msgpack bytes of the envelope; payloads over `claim_check_bytes` go to `blob_store`."""
     body = payload_bytes(payload)
-    fields = msgspec.to_builtins(env, builtin_types=(bytes,))
+    fields: dict[str, Any] = msgspec.to_builtins(env, builtin_types=(bytes,))
+    fields.pop("payload", None)
+    fields.pop("payload_ref", None)
     if len(body) > claim_check_bytes:
         if blob_store is None:
             raise ValueError(f"payload is {len(body)} bytes (> {claim_check_bytes}) and no blob store is set")
         key = f"claims/{env.model_id}/{env.request_id}"
         blob_store.put_blob(key, body)
         fields["payload_ref"] = {"key": key, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-        fields.pop("payload", None)
     else:
-        fields["payload"] = msgpack.unpackb(body, raw=False)
-    return msgpack.packb(fields, use_bin_type=True)
+        fields["payload"] = msgspec.Raw(body)  # the bytes packed above, spliced in as they are
+    return msgspec.msgpack.encode(fields)
 
 
 def decode_envelope(raw: bytes) -> Envelope:
@@ -194,21 +216,3 @@ def decode_payload(env: Envelope, blob_store: BlobStore | None = None) -> Any:
         return msgspec.convert(data, PAYLOAD_TYPES[env.type])
     except msgspec.ValidationError as exc:
         raise ContractError(f"bad {env.type.value} payload: {exc}", env.request_id, env.model_id) from exc
-
-
-def make_result(
-    request: Envelope,
-    result: msgspec.Struct | dict[str, Any] | None = None,
-    error: p.ErrorInfo | None = None,
-) -> tuple[Envelope, p.Result]:
-    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id."""
-    body = msgspec.to_builtins(result, builtin_types=(bytes,)) if isinstance(result, msgspec.Struct) else result
-    return make_event(
-        EventType.RESULT,
-        p.Result(request_type=request.type.value, result=body if error is None else None, error=error),
-        model_id=request.model_id,
-        request_id=request.request_id,
-        seq_id=request.seq_id,
-        tenant=request.tenant,
-        trace_id=request.trace_id,
-    )

@@ -202,6 +202,12 @@ class SampledSequence(_Payload):
     stop_reason: Literal["stop", "length"]
 
 
+# A padding cell of TopkLogprobs (tinker-protocol.md 3.2): rows with fewer than k entries, and rows the client did
+# not ask for, are filled with this (token id, logprob) pair.
+TOPK_PAD_ID = 0
+TOPK_PAD_LOGPROB = -99999.0
+
+
 class TopkLogprobs(_Payload):
     token_ids: Tensor  # int32 [P, k]
     logprobs: Tensor  # float32 [P, k]

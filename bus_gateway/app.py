@@ -14,20 +14,20 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import Scope
 
-from bus_gateway import legacy_api, legacy_sampling
+from bus_gateway import forward_backward_route, json_api
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
 from bus_gateway.config import GatewayConfig
 from bus_gateway.deps import DEPENDENCIES
 from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
-from bus_gateway.state import Gateway
+from bus_gateway.gateway import Gateway
 from bus_gateway.tinker_api import checkpoints, futures_api, sampling, sessions, training
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-ROUTES = [*sessions.ROUTES, *training.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES, *futures_api.ROUTES,
-          *legacy_api.ROUTES, *legacy_sampling.ROUTES]
+ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
+          *futures_api.ROUTES, *json_api.ROUTES]
 
 
 async def capture_idempotency_key(request: Request) -> None:

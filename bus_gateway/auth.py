@@ -2,7 +2,9 @@
 
 Keys come from `--api-key key=tenant` (repeatable) and/or TINKER_BUS_API_KEYS="key=tenant,key2=tenant2".
 The SDK refuses keys without the `tml-` prefix before sending anything, so we refuse to configure them.
-No key configured = development mode: any `tml-` key is accepted as tenant "default" (logged loudly).
+No key configured = development mode: any `tml-` key, or no key at all (the original server's JSON API had no
+keys, and its documented requests send none), is accepted as tenant "default" (logged loudly). A key that is
+presented but malformed is still refused: that is a client mistake worth reporting.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def warn_if_development_mode(api_keys: dict[str, str] | None) -> None:
     if api_keys is None:
         log.warning("!" * 78)
         log.warning("!! tinker-bus gateway in DEVELOPMENT MODE: no API keys configured.")
-        log.warning("!! Any 'tml-' key is accepted and everybody shares tenant %r.", DEV_TENANT)
+        log.warning("!! Any 'tml-' key (or none) is accepted and everybody shares tenant %r.", DEV_TENANT)
         log.warning("!! Configure keys with --api-key KEY=TENANT or %s=KEY=TENANT,...", API_KEYS_ENV)
         log.warning("!" * 78)
 
 
 def tenant_for_key(api_keys: dict[str, str] | None, presented: str | None) -> str | None:
+    if api_keys is None and not presented:
+        return DEV_TENANT
     if not presented or not presented.startswith(KEY_PREFIX):
         return None
     if api_keys is None:

@@ -9,7 +9,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import PathParameter
 
-from bus_gateway.state import Gateway
+from bus_gateway.gateway import Gateway
 from bus_gateway.tinker_api.schemas import ID_PATTERN
 
 

@@ -55,7 +55,7 @@ class Future:
     result: p.Result | None = None
     resolved_at: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    # Facts only the accepting gateway knows (e.g. the legacy API's assistant-token masks).
+    # Facts only the accepting gateway knows (e.g. the model name a JSON-API caller used).
     context: dict[str, Any] = field(default_factory=dict)
     idempotency_key: IdempotencyKey | None = None
 
@@ -67,6 +67,12 @@ class Future:
 
     def expires_at(self, ttl_s: float) -> float:
         return max(self.created_at, self.resolved_at or 0.0) + ttl_s
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the result; True once it is there."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), timeout_s)
+        return self.done.is_set()
 
 
 class FutureTable:

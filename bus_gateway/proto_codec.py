@@ -19,7 +19,6 @@ from bus_gateway.errors import FieldError
 _PROTO_TO_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
 _WIRE_TO_PROTO = {"float32": pb.DTYPE_FLOAT32, "float64": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64,
                   "int32": pb.DTYPE_INT32}
-TOPK_PAD_LOGPROB = -99999.0
 
 
 def decompress_zstd(body: bytes, limit: int) -> bytes:
@@ -173,7 +172,7 @@ def _topk(topk: p.TopkLogprobs, target: Any, keep_rows_from: int = 0) -> None:
     logprobs = topk.logprobs.numpy().astype("<f4")
     if keep_rows_from:  # prompt_logprobs_last_n: earlier rows become padding ("no data")
         ids, logprobs = ids.copy(), logprobs.copy()
-        ids[:keep_rows_from], logprobs[:keep_rows_from] = 0, TOPK_PAD_LOGPROB
+        ids[:keep_rows_from], logprobs[:keep_rows_from] = p.TOPK_PAD_ID, p.TOPK_PAD_LOGPROB
     target.token_ids = ids.tobytes()
     target.logprobs = logprobs.tobytes()
     target.length, target.k = (ids.shape[0], ids.shape[1]) if ids.ndim == 2 else (0, 0)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import msgspec
-
-from bus_events import EventType, Tensor
+from bus_events import ContractError, EventType, Tensor, decode_result
 from bus_events import payloads as p
 from bus_gateway import proto_codec
 from bus_gateway.futures import Future
@@ -27,21 +25,21 @@ def failure(fut: Future) -> dict[str, str] | None:
     return None
 
 
-def _convert(body: dict[str, Any] | None, cls: type[msgspec.Struct]) -> Any:
+def typed_result(fut: Future) -> Any:
+    """The successful result of `fut` as its request type's struct (bus_events.RESULT_TYPES)."""
+    assert fut.result is not None
     try:
-        return msgspec.convert(body or {}, cls)
-    except msgspec.ValidationError as exc:
-        raise MalformedResult(f"worker sent a malformed {cls.__name__}: {exc}") from exc
+        return decode_result(fut.request_type, fut.result.result)
+    except ContractError as exc:
+        raise MalformedResult(f"worker sent a {exc}") from exc
 
 
 def forward_backward_result(fut: Future) -> p.ForwardBackwardResult:
-    assert fut.result is not None
-    return _convert(fut.result.result, p.ForwardBackwardResult)
+    return typed_result(fut)
 
 
 def sample_result(fut: Future) -> p.SampleResult:
-    assert fut.result is not None
-    return _convert(fut.result.result, p.SampleResult)
+    return typed_result(fut)
 
 
 def sample_sequence_ids(sampling_session_id: str, seq_id: int | None, request_id: str, count: int) -> list[str]:
@@ -62,7 +60,7 @@ def _tensor_json(tensor: Tensor) -> dict[str, Any]:
     return {"data": values.reshape(-1).tolist(), "dtype": dtype, "shape": list(values.shape)}
 
 
-def _nan_to_none(values: list[float]) -> list[float | None]:
+def nan_to_none(values: list[float]) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values]
 
 
@@ -74,6 +72,10 @@ def forward_backward_json(result: p.ForwardBackwardResult) -> dict[str, Any]:
     }
 
 
+def _is_topk_pad(token_id: int, logprob: float) -> bool:
+    return token_id == p.TOPK_PAD_ID and logprob <= p.TOPK_PAD_LOGPROB
+
+
 def sample_json(result: p.SampleResult, sequence_ids: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"sequences": [
         {"tokens": seq.tokens.numpy().tolist(), "logprobs": seq.logprobs.numpy().tolist(),
@@ -81,14 +83,13 @@ def sample_json(result: p.SampleResult, sequence_ids: list[str]) -> dict[str, An
         for seq, sid in zip(result.sequences, sequence_ids, strict=False)
     ]}
     if result.prompt_logprobs is not None:
-        out["prompt_logprobs"] = _nan_to_none(result.prompt_logprobs.numpy().tolist())
+        out["prompt_logprobs"] = nan_to_none(result.prompt_logprobs.numpy().tolist())
     if result.topk_prompt_logprobs is not None:
         ids = result.topk_prompt_logprobs.token_ids.numpy().tolist()
         lps = result.topk_prompt_logprobs.logprobs.numpy().tolist()
         out["topk_prompt_logprobs"] = [
-            None if (not row_ids or (row_ids[0] == 0 and row_lps[0] <= proto_codec.TOPK_PAD_LOGPROB))
-            else [[t, lp] for t, lp in zip(row_ids, row_lps, strict=True)
-                  if not (t == 0 and lp <= proto_codec.TOPK_PAD_LOGPROB)]
+            None if (not row_ids or _is_topk_pad(row_ids[0], row_lps[0]))
+            else [[t, lp] for t, lp in zip(row_ids, row_lps, strict=True) if not _is_topk_pad(t, lp)]
             for row_ids, row_lps in zip(ids, lps, strict=True)
         ]
     return out
@@ -110,15 +111,15 @@ def json_body(fut: Future) -> dict[str, Any]:
     if kind == EventType.LOAD_WEIGHTS:
         return _without_none({"model_id": fut.model_id, "path": body.get("path"), "type": "load_weights"})
     if kind == EventType.OPTIM_STEP:
-        metrics = _convert(body, p.OptimStepResult).metrics
+        metrics = typed_result(fut).metrics
         return {"metrics": {k: float(v) for k, v in metrics.items()}}
     if kind == EventType.SAVE_WEIGHTS:
-        path = _convert(body, p.PathResult).path
+        path = typed_result(fut).path
         if path is None:
             raise MalformedResult("worker's save_weights result has no path")
         return {"path": path, "type": "save_weights"}
     if kind == EventType.SAVE_WEIGHTS_FOR_SAMPLER:
-        saved = _convert(body, p.PathResult)
+        saved = typed_result(fut)
         if saved.path is None and saved.sampling_session_id is None:
             raise MalformedResult("worker's save_weights_for_sampler result has neither path nor sampling_session_id")
         return _without_none({"path": saved.path, "sampling_session_id": saved.sampling_session_id,

@@ -1,19 +1,57 @@
 """Checks done at the gateway before anything reaches the bus, each failing with a FieldError naming the field:
 token ids inside the model's vocabulary, loss_fn_inputs aligned with model_input, finite numbers, a known
-loss_fn with its required inputs and known config keys."""
+loss_fn with its required inputs and known config keys, checkpoint names and tinker:// paths, and the bus
+payloads' own checks."""
 
 from __future__ import annotations
 
 import math
+import re
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 
+from artifact_store import InvalidPath, TinkerPath, check_name
 from bus_events import Tensor
 from bus_events import payloads as p
 from bus_gateway.errors import FieldError
+from bus_gateway.tinker_api.schemas import ID_PATTERN
 from loss_plugins import UnknownLoss, get_loss
 
 MAX_DATUMS = 100_000
+EPHEMERAL_PREFIX = "ephemeral-"
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def build(cls: type[S], field: str, **values: Any) -> S:
+    """Construct a bus payload struct; its own checks (__post_init__) become a FieldError on `field`."""
+    try:
+        return cls(**values)
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise FieldError(field, str(exc)) from exc
+
+
+def checkpoint_name(name: str | None, field: str = "path") -> str:
+    if not name:
+        raise FieldError(field, "required: the checkpoint name")
+    try:
+        check_name(name)
+    except InvalidPath as exc:
+        raise FieldError(field, str(exc)) from exc
+    if name.startswith(EPHEMERAL_PREFIX):
+        raise FieldError(field, f"names starting with {EPHEMERAL_PREFIX!r} are reserved for ephemeral sampler saves")
+    return name
+
+
+def parse_path(path: str, field: str = "path") -> TinkerPath:
+    try:
+        parsed = TinkerPath.parse(path)
+    except InvalidPath as exc:
+        raise FieldError(field, str(exc)) from exc
+    if not re.match(ID_PATTERN, parsed.run_id):
+        raise FieldError(field, f"{parsed.run_id!r} is not a training run id")
+    return parsed
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, field: str) -> None:

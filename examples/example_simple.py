@@ -1,13 +1,15 @@
-"""tinker-bus with plain HTTP (requests): supervised fine-tuning on chat conversations, then PPO.
+"""tinker-bus with plain HTTP (requests), the original server's flow: health, loss functions, supervised
+fine-tuning on chat conversations, a PPO step with loss_fn_inputs, and the adapter list.
 
 Start the stack first (`tinker-bus up`), then:
 
     python examples/example_simple.py                      # http://127.0.0.1:8000
     python examples/example_simple.py --base-url http://127.0.0.1:8000 --steps 5
 
-The JSON API tokenizes each conversation with the base model's chat template and puts loss weight 1 on the
-assistant turns only. Every training call answers with a request_id at once; POST /retrieve_future waits for
-the result (202 while it is still running).
+The adapter is named by you (`--model-id`, default "my-model"): its first /fwdbwd creates it (LoRA rank 16 on
+the server's first base model), so no /add_lora is needed. The JSON API tokenizes each conversation with the
+base model's chat template and puts loss weight 1 on the assistant turns only. Every training call answers with
+a request_id at once; POST /retrieve_future waits for the result (202 while it is still running).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
-    parser.add_argument("--base-model", help="default: the first model the server serves")
+    parser.add_argument("--model-id", default="my-model", help="your name for the LoRA adapter")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--ppo-steps", type=int, default=5)
     parser.add_argument("--samples", type=int, default=8)
@@ -108,16 +110,18 @@ def main() -> None:
     args = parser.parse_args()
 
     client = Client(args.base_url, args.api_key)
-    served = client.call("GET", "/get_server_capabilities").json()["supported_models"]
-    base_model = args.base_model or served[0]["model_name"]
-    print(f"server {args.base_url} serves {[m['model_name'] for m in served]}; using {base_model}")
+    print(f"Server status: {client.call('GET', '/healthz').json()['status']}")
+    losses = client.call("GET", "/loss_functions").json()
+    print("\nAvailable loss functions:")
+    for name in losses["available_loss_functions"]:
+        print(f"  - {name}: {losses['descriptions'][name]}")
 
-    created = client.call("POST", "/add_lora", {"base_model": base_model, "rank": 8}).json()
-    model_id = client.result(created["request_id"])["result"]["model_id"]
-    print(f"created LoRA adapter {model_id}")
+    model_id = args.model_id
     try:
         supervised(client, model_id, args.steps, args.learning_rate)
         ppo(client, model_id, args.ppo_steps, args.samples, args.learning_rate)
+        adapters = client.call("GET", "/adapters").json()["adapters"]
+        print(f"\nadapters: {[(a['model_id'], a['base_model'], a['lora_rank']) for a in adapters]}")
     finally:
         client.result(client.call("DELETE", f"/adapters/{model_id}").json()["request_id"])
         print(f"\nremoved {model_id}")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 
 from bus_events import (
     PAYLOAD_TYPES,
+    RESULT_TYPES,
     ContractError,
     EventType,
     decode_envelope,
     decode_payload,
+    decode_result,
     encode_event,
+    event_type_of,
+    ids,
+    make_error_result,
     make_event,
     make_result,
     tensor_from_numpy,
@@ -145,3 +151,50 @@ def test_result_mirrors_its_request():
     assert (res_env.request_id, res_env.model_id, res_env.seq_id, res_env.tenant) == (
         env.request_id, "m", 7, "acme")
     assert res.error.message == "boom" and res.result is None
+
+
+def test_make_event_gives_an_event_whose_payload_class_names_its_type():
+    for event_type, payload in SAMPLES.items():
+        event = make_event(event_type, payload, model_id="m")
+        assert event.env.type == event_type and event.payload is payload and event_type_of(payload) == event_type
+        env, body = event  # still unpacks like the pair it was
+        assert env is event.env and body is payload
+    assert event_type_of(p.OptimStep) == EventType.OPTIM_STEP
+    with pytest.raises(TypeError, match="LoraSpec"):
+        event_type_of(p.LoraSpec())
+
+
+def test_inline_payload_is_the_map_of_its_fields():
+    """encode_event packs the payload once; on the wire it is the plain msgpack map of its non-default fields."""
+    payload = SAMPLES[EventType.FORWARD_BACKWARD]
+    raw = encode_event(*make_event(EventType.FORWARD_BACKWARD, payload, model_id="m", seq_id=2))
+    wire = msgpack.unpackb(raw, raw=False)
+    assert wire["payload"] == msgspec.to_builtins(payload, builtin_types=(bytes,)) and "payload_ref" not in wire
+    assert decode_payload(decode_envelope(raw)) == payload
+
+
+def test_every_request_type_has_one_result_schema():
+    requests = set(EventType) - {EventType.SEQ_VOID, EventType.RESULT, EventType.DEAD_LETTER}
+    assert set(RESULT_TYPES) == requests
+    info = p.ModelInfo(model_id="m", base_model="b", lora_rank=4, train_attn=True, train_mlp=True,
+                       train_unembed=False)
+    assert decode_result("create_model", msgspec.to_builtins(info)) == info
+    assert decode_result(EventType.UNLOAD_MODEL, None) == p.PathResult()
+    with pytest.raises(ContractError, match="OptimStepResult"):
+        decode_result("optim_step", {"metrics": "no"})
+    with pytest.raises(ContractError, match="no result schema"):
+        decode_result("seq_void", {})
+
+
+def test_error_result_for_a_request_known_only_by_its_ids():
+    env, res = make_error_result("req-1", "m", "acme", "rejected by the bus: bad msgpack")
+    assert (env.type, env.request_id, env.model_id, env.tenant, env.seq_id) == (
+        EventType.RESULT, "req-1", "m", "acme", None)
+    assert res.request_type == "unknown" and res.result is None
+    assert res.error == p.ErrorInfo(message="rejected by the bus: bad msgpack", category="user")
+
+
+def test_id_formats():
+    model_id = ids.model_id_for("sess-1", 3)
+    assert model_id == "sess-1:train:3" and ids.session_of_model(model_id) == "sess-1" and ids.is_model_id(model_id)
+    assert ids.sampling_session_id_for("sess-1", 0) == "sess-1:sample:0" and not ids.is_model_id("my-model")

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus_events import DEFAULT_CLAIM_CHECK_BYTES, EventType, Topics, encode_event, make_event, payloads
+from bus_events import DEFAULT_CLAIM_CHECK_BYTES, RESULT_TYPES, EventType, Topics, encode_event, make_event, payloads
 from bus_events import envelope as envelope_module
 from bus_events import tensors as tensors_module
 from bus_runtime.testing import make_tiny_model
@@ -157,3 +157,18 @@ async def test_the_doc_example_trains_one_step(settings, tiny_model):
     assert forward["metrics"]["loss:sum"] == pytest.approx(-sum(logprobs), rel=1e-4)
     step = results["optim_step"]["result"]["metrics"]
     assert step["grad_norm"] > 0 and step["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_result_table_matches_result_types():
+    table = DOC_TEXT.split("| request | `result` |", 1)[1].split("\n\n", 1)[0]
+    documented: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        requests, result = row.strip("|").split("|")[:2]
+        for request in re.findall(r"`(\w+)`", requests):
+            documented[request] = re.search(r"\[`(\w+)`\]", result).group(1)
+    assert documented == {t.value: cls.__name__ for t, cls in RESULT_TYPES.items()}
+
+
+def test_topk_padding_is_documented():
+    section = _section("TopkLogprobs")
+    assert f"`{payloads.TOPK_PAD_ID}`" in section and f"`{payloads.TOPK_PAD_LOGPROB}`" in section

@@ -1,5 +1,5 @@
 """API keys and tenants: 401 without a valid key; tenants never see each other's sessions, models, sampling
-sessions, checkpoints or futures (404); development mode accepts any tml- key as tenant "default"."""
+sessions, checkpoints or futures (404); development mode accepts any tml- key, or none, as tenant "default"."""
 
 from __future__ import annotations
 
@@ -101,4 +101,7 @@ async def test_development_mode_accepts_any_tml_key_loudly(gw_settings, caplog):
             assert ok.status_code == 200 and ok.json()["model_id"] == model_id
             assert (await client.post("/api/v1/get_info", json={"model_id": model_id},
                                       headers={"X-API-Key": "not-tml"})).status_code == 401
+            # The original server's JSON API docs send no key at all.
+            keyless = await client.post("/get_info", json={"model_id": model_id})
+            assert keyless.status_code == 200 and keyless.json()["model_id"] == model_id
     assert "DEVELOPMENT MODE" in caplog.text

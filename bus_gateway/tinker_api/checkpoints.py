@@ -17,8 +17,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from artifact_store import CheckpointInfo, CheckpointNotFound, TinkerPath, TrainingRun
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
 from bus_gateway.errors import NotFound
-from bus_gateway.state import Gateway
-from bus_gateway.tinker_api.common import EPHEMERAL_PREFIX, parse_path
+from bus_gateway.gateway import Gateway
 from bus_gateway.tinker_api.schemas import (
     CheckpointOut,
     CheckpointsList,
@@ -30,6 +29,7 @@ from bus_gateway.tinker_api.schemas import (
     WeightsInfoRequest,
     WeightsInfoResponse,
 )
+from bus_gateway.validation import EPHEMERAL_PREFIX, parse_path
 
 PageLimit = Annotated[int, QueryParameter(ge=1, le=1000)]
 PageOffset = Annotated[int, QueryParameter(ge=0)]

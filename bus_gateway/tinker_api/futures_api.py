@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-
 from litestar import Request, Response, post
-from litestar.exceptions import ClientException
 from litestar.params import JSONBody
 
 from bus_events import EventType
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import NotFound
-from bus_gateway.futures import Future, request_id_time
+from bus_gateway.futures import Future
 from bus_gateway.results import PROTO_MEDIA_TYPE, MalformedResult, failure, json_body, proto_body
-from bus_gateway.state import Gateway
-from bus_gateway.tinker_api.schemas import RequestFailed, RetrieveFutureRequest, TryAgain
+from bus_gateway.tinker_api.schemas import RequestFailed, RetrieveFutureRequest, TryAgain, UntypedFuture
 
 PROTO_RESULT_TYPES = (EventType.FORWARD_BACKWARD, EventType.SAMPLE)
 
 
-async def find_future(gw: Gateway, request_id: str, tenant: str) -> Future:
-    """The caller's future; 410 if its id is older than the result TTL, 404 if nobody ever issued it."""
-    fut = gw.futures.get(request_id)
-    if fut is None:
-        issued_at = request_id_time(request_id)
-        ttl = gw.settings.result_ttl_s
-        if issued_at is not None and issued_at < time.time() - ttl:
-            raise ClientException(status_code=410,
-                                  detail=f"request {request_id!r} expired: results are kept for {ttl:g} s")
-        if issued_at is not None:  # well-formed: another gateway may have issued it a moment ago
-            fut = await gw.futures.wait_for_id(request_id, gw.config.unknown_request_grace_s)
-    if fut is None or fut.tenant != tenant:
-        raise NotFound(f"unknown request_id {request_id!r}")
-    return fut
-
-
-async def wait_done(fut: Future, timeout_s: float) -> bool:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(fut.done.wait(), timeout_s)
-    return fut.done.is_set()
+def promise(fut: Future, sample_sequence_ids: list[str] | None = None, model_id: str | None = None) -> UntypedFuture:
+    """The answer to every Tinker POST: the request id to poll (model_id: as the caller named the model)."""
+    return UntypedFuture(request_id=fut.request_id, model_id=model_id or fut.model_id,
+                         sample_sequence_ids=sample_sequence_ids)
 
 
 def render_result(fut: Future, accept_proto: bool) -> Response:
@@ -59,8 +36,8 @@ def render_result(fut: Future, accept_proto: bool) -> Response:
       summary="Long-poll a promise: the result, {type: try_again}, or {error, category}")
 async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Request, gw: GatewayDep,
                           tenant: TenantDep) -> Response:
-    fut = await find_future(gw, data.request_id, tenant)
-    if not await wait_done(fut, gw.config.long_poll_s):
+    fut = await gw.future(data.request_id, tenant)
+    if not await fut.wait(gw.config.long_poll_s):
         return Response(TryAgain(request_id=fut.request_id))
     return render_result(fut, PROTO_MEDIA_TYPE in request.headers.get("accept", ""))
 

@@ -12,6 +12,8 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 # Ids end up in S3 keys and tinker:// paths. Every id we issue fits this (sess-<hex>:train:<n>, ...).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$"
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+# A model id, or a JSON-API adapter name (checked against its own rule where it is resolved).
+ModelRef = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class Body(msgspec.Struct, kw_only=True):
@@ -142,7 +144,7 @@ class CreateModelRequest(Body):
 
 
 class GetInfoRequest(Body):
-    model_id: Id
+    model_id: ModelRef
     type: Literal["get_info"] = "get_info"
 
 
@@ -177,7 +179,7 @@ class AdamParamsIn(Body):
 
 
 class OptimStepRequest(Body):
-    model_id: Id
+    model_id: ModelRef
     seq_id: NonNegative | None = None
     adam_params: AdamParamsIn | None = None
     optimizer_params: AdamParamsIn | None = None

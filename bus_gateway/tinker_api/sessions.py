@@ -18,7 +18,7 @@ from litestar.params import JSONBody
 
 from artifact_store import Session
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
-from bus_gateway.state import Gateway
+from bus_gateway.gateway import Gateway
 from bus_gateway.tinker_api.schemas import (
     ClientConfigRequest,
     ClientConfigResponse,

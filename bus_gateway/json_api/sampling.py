@@ -4,43 +4,43 @@ messages in; decoded text, tokens and logprobs out, once the sampler has answere
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 
-import msgspec
 import numpy as np
 from litestar import Response, post
 from litestar.params import JSONBody
 
 from artifact_store import SamplingSession
-from bus_events import EventType
 from bus_events import payloads as p
+from bus_events.ids import sampling_session_id_for, session_of_model
+from bus_gateway import submit
 from bus_gateway.chat_data import prompt_for_messages
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import FieldError
+from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.futures import Future
-from bus_gateway.legacy_schemas import JsonSample, JsonSampleResult, SampledText
-from bus_gateway.results import failure, sample_result
-from bus_gateway.state import Gateway
-from bus_gateway.tinker_api.common import sampling_session_id_for, session_of_model, submit_training
-from bus_gateway.tinker_api.futures_api import wait_done
-from bus_gateway.tinker_api.sampling import adhoc_sampling_session, submit_sample
-from bus_gateway.tinker_api.schemas import EncodedTextChunk, ModelInput, SamplingParamsIn
+from bus_gateway.gateway import Gateway
+from bus_gateway.json_api.schemas import JsonSample, JsonSampleResult, SampledText
+from bus_gateway.results import failure, nan_to_none, sample_result
+from bus_gateway.sampling_sessions import adhoc_sampling_session
+from bus_gateway.tinker_api.schemas import ModelInput, SamplingParamsIn
 
 
 async def _finished(gw: Gateway, fut: Future) -> bool:
-    return await wait_done(fut, gw.config.sync_sample_timeout_s)
+    return await fut.wait(gw.config.sync_sample_timeout_s)
 
 
-async def _current_weights_session(gw: Gateway, tenant: str, model_id: str) -> SamplingSession | None:
-    """Save `model_id`'s current weights for the sampler (in order with its training) and sample those."""
-    run = await gw.live_run(model_id, tenant)
-    session_id = sampling_session_id_for(run.session_id or session_of_model(model_id), secrets.randbits(40))
-
-    async def checked() -> tuple[EventType, msgspec.Struct]:
-        return EventType.SAVE_WEIGHTS_FOR_SAMPLER, p.SaveWeightsForSampler(sampling_session_id=session_id)
-
-    saved = await submit_training(gw, tenant, model_id, None, checked)
+async def _current_weights_session(gw: Gateway, tenant: str, ref: str) -> SamplingSession | None:
+    """Save the current weights of the model `ref` names for the sampler (in order with its training) and sample
+    those."""
+    model_id, _ = await gw.live_model(ref, tenant)
+    try:
+        await gw.live_run(model_id, tenant)
+    except NotFound as exc:  # a name whose create_model the trainer has not applied: nothing to sample yet
+        raise FieldError("model_id", f"adapter {ref!r} has no model on the trainer yet (its creation is on its "
+                                     "way or failed): retry once a training call on it has completed", 409) from exc
+    session_id = sampling_session_id_for(session_of_model(model_id), secrets.randbits(40))
+    saved = await submit.save_weights_for_sampler(gw, tenant, model_id, None,
+                                                  lambda: p.SaveWeightsForSampler(sampling_session_id=session_id))
     if not await _finished(gw, saved):
         return None
     failed = failure(saved)
@@ -58,12 +58,7 @@ async def _prompt(gw: Gateway, data: JsonSample, base_model: str) -> np.ndarray:
         tokenizer = await gw.base_models.tokenizer(base_model)
         return np.asarray(await asyncio.to_thread(lambda: tokenizer(data.prompt)["input_ids"]), dtype=np.int64)
     if isinstance(data.prompt, ModelInput):
-        tokens = []
-        for i, chunk in enumerate(data.prompt.chunks):
-            if not isinstance(chunk, EncodedTextChunk):
-                raise FieldError(f"prompt.chunks[{i}]", "only encoded_text chunks are supported")
-            tokens.extend(chunk.tokens)
-        return np.asarray(tokens, dtype=np.int64)
+        return submit.prompt_tokens(data.prompt.chunks)
     if isinstance(data.prompt, list):
         return np.asarray(data.prompt, dtype=np.int64)
     raise FieldError("prompt", "give prompt (text or token ids) or messages")
@@ -85,8 +80,8 @@ async def sample(data: JSONBody[JsonSample], gw: GatewayDep, tenant: TenantDep) 
     params = data.sampling_params or SamplingParamsIn(max_tokens=data.max_tokens, seed=data.seed, stop=data.stop,
                                                       temperature=data.temperature, top_k=data.top_k,
                                                       top_p=data.top_p)
-    fut = await submit_sample(gw, tenant, session, prompt, data.num_samples, params,
-                              prompt_logprobs=data.prompt_logprobs)
+    fut = await submit.sample(gw, tenant, session, submit.SampleInput(
+        prompt=prompt, num_samples=data.num_samples, params=params, prompt_logprobs=data.prompt_logprobs))
     if not await _finished(gw, fut):
         return Response(JsonSampleResult(request_id=fut.request_id, status="pending"), status_code=202)
     failed = failure(fut)
@@ -99,10 +94,10 @@ async def sample(data: JSONBody[JsonSample], gw: GatewayDep, tenant: TenantDep) 
                              stop_reason=s.stop_reason) for s in result.sequences]
     prompt_logprobs = None
     if result.prompt_logprobs is not None:
-        prompt_logprobs = [None if math.isnan(v) else v for v in result.prompt_logprobs.numpy().tolist()]
-    return Response(JsonSampleResult(request_id=fut.request_id, text=sequences[0].text if sequences else "",
-                                     sequences=sequences, prompt_tokens=int(prompt.size),
-                                     prompt_logprobs=prompt_logprobs))
+        prompt_logprobs = nan_to_none(result.prompt_logprobs.numpy().tolist())
+    return Response(JsonSampleResult(request_id=fut.request_id, status="complete",
+                                     text=sequences[0].text if sequences else "", sequences=sequences,
+                                     prompt_tokens=int(prompt.size), prompt_logprobs=prompt_logprobs))
 
 
 ROUTES = [sample]

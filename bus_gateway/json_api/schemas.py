@@ -1,4 +1,8 @@
-"""Typed JSON bodies of the original server's JSON API (POST /fwdbwd, /add_lora, /sample, ...)."""
+"""Typed JSON bodies of the original server's JSON API (POST /fwdbwd, /add_lora, /sample, ...).
+
+`model_id` in these bodies is the user's adapter name ("my-model", created on first use by /fwdbwd) or an
+ordinary model id (`<session>:train:<n>`); names are checked against their rule where they are resolved, so
+that a bad one gets a 400 that states the rule."""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from bus_gateway.tinker_api.schemas import AdamParamsIn, Body, Id, ModelInput, SamplingParamsIn
+from bus_gateway.tinker_api.schemas import AdamParamsIn, Body, Id, ModelInput, ModelRef, SamplingParamsIn
+
+# The original server's LoRA rank for adapters it creates (its alpha, 32, is our trainer's fixed LORA_ALPHA).
+DEFAULT_RANK = 16
 
 
 class ChatMessage(Body):
@@ -18,11 +25,12 @@ Conversation = Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
 
 
 class JsonForwardBackward(Body):
-    """`data`: chat conversations. `loss_fn_inputs[name]`: one entry per conversation, either a list aligned
-    with that conversation's model_input (its tokens minus the last) or one number spread over its assistant
-    tokens (e.g. a per-conversation advantage)."""
+    """`data`: chat conversations. `loss_fn_inputs[name]`: one entry per conversation, either a list of
+    per-token values or one number spread over its assistant tokens (e.g. a per-conversation advantage). A list
+    lines up with the end of the conversation's model_input (its tokens minus the last): it has one value per
+    model_input token, or fewer that still reach back to the first assistant token."""
 
-    model_id: Id
+    model_id: ModelRef
     data: Annotated[list[Conversation], msgspec.Meta(min_length=1)]
     loss_fn: str = "cross_entropy"
     loss_fn_inputs: dict[str, list[list[float] | float]] | None = None
@@ -32,24 +40,24 @@ class JsonForwardBackward(Body):
 
 
 class JsonOptimStep(Body):
-    model_id: Id
+    model_id: ModelRef
     adam_params: AdamParamsIn | None = None
     learning_rate: float | None = None  # shorthand for adam_params.learning_rate
     seq_id: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
-class LegacyPromise(msgspec.Struct, omit_defaults=True):
+class JsonPromise(msgspec.Struct, omit_defaults=True):
     request_id: str
     model_id: str | None = None
     status: str = "pending"
 
 
-class LegacyRetrieve(Body):
+class JsonRetrieve(Body):
     request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     timeout: Annotated[float, msgspec.Meta(ge=0, le=25)] = 25.0
 
 
-class LegacyResult(msgspec.Struct, omit_defaults=True):
+class JsonResult(msgspec.Struct, omit_defaults=True):
     status: Literal["pending", "complete", "failed"]
     request_id: str
     request_type: str | None = None
@@ -69,12 +77,15 @@ class LossFunctionOut(msgspec.Struct):
 
 
 class LossFunctions(msgspec.Struct):
-    loss_functions: list[LossFunctionOut]
+    available_loss_functions: list[str]
+    descriptions: dict[str, str]
+    loss_functions: list[LossFunctionOut]  # ours: inputs and config of each
 
 
 class AddLoraRequest(Body):
+    model_id: ModelRef | None = None  # the adapter name; the server picks one when it is missing
     base_model: str | None = None
-    rank: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    rank: Annotated[int, msgspec.Meta(ge=1, le=1024)] = DEFAULT_RANK
     alpha: float | None = None  # accepted for compatibility; the trainer fixes LoRA alpha
     seed: int | None = None
     train_attn: bool = True
@@ -84,14 +95,15 @@ class AddLoraRequest(Body):
 
 
 class RemoveLoraRequest(Body):
-    model_id: Id
+    model_id: ModelRef
 
 
 class AdapterOut(msgspec.Struct, omit_defaults=True):
-    model_id: str
+    model_id: str  # the adapter name, or the model id of a model made without one (e.g. by the Tinker SDK)
     base_model: str
     lora_rank: int
     created_at: float
+    training_run_id: str  # the model id the Tinker API, checkpoints and the event log know it by
     session_id: str | None = None
 
 
@@ -105,7 +117,7 @@ class JsonSample(Body):
 
     prompt: str | list[int] | ModelInput | None = None
     messages: list[ChatMessage] | None = None
-    model_id: Id | None = None
+    model_id: ModelRef | None = None
     sampling_session_id: Id | None = None
     model_path: str | None = None
     base_model: str | None = None
@@ -129,7 +141,7 @@ class SampledText(msgspec.Struct):
 
 class JsonSampleResult(msgspec.Struct, omit_defaults=True):
     request_id: str
-    status: Literal["complete", "pending", "failed"] = "complete"
+    status: Literal["complete", "pending", "failed"]  # always sent: no default to omit
     error: str | None = None
     category: str | None = None
     text: str | None = None

@@ -1,30 +1,36 @@
-"""The gateway's shared state and the few operations every route uses: publish a request (with dedupe),
-void a rejected seq_id, and look up tenant-owned things (sessions, models, sampling sessions)."""
+"""The Gateway service: the state every route shares and the few operations below the submission layer:
+publish a request (with the one dedupe), void a rejected seq_id, and look up tenant-owned things (sessions,
+models, sampling sessions, JSON-API adapter names)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from litestar.exceptions import ClientException
 
 from artifact_store import CheckpointStore, Registry, SamplingSession, Session, TrainingRun
-from bus_events import EventType, make_event
+from bus_events import TRAINING_EVENTS, EventType, event_type_of, make_event
 from bus_events import payloads as p
+from bus_events.ids import is_model_id
+from bus_gateway.adapter_names import AdapterName, AdapterNames, InvalidAdapterName, check_adapter_name
 from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound
-from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id
+from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=msgspec.Struct)
 
 SWEEP_INTERVAL_S = 30.0
 
@@ -36,6 +42,7 @@ class Gateway:
         self.api_keys = api_keys
         self.objects = open_object_store(settings)
         self.registry = Registry(self.objects)
+        self.adapter_names = AdapterNames(self.objects)
         self.checkpoints = CheckpointStore(self.objects)
         self.base_models = BaseModelCatalog(settings.base_models)
         self.futures = FutureTable(settings.result_ttl_s)
@@ -47,6 +54,11 @@ class Gateway:
         self._sessions: dict[str, Session] = {}
         self._sampling_sessions: dict[str, SamplingSession] = {}
         self._runs: dict[str, tuple[float, TrainingRun]] = {}
+        self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    def lock(self, *key: str) -> asyncio.Lock:
+        """One lock per key in this process (e.g. per adapter name while it is being created)."""
+        return self._locks.setdefault(key, asyncio.Lock())
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -72,31 +84,57 @@ class Gateway:
             self.futures.sweep()
 
     # ------------------------------------------------------------------ publishing
+    def first_request(self, key: str, seq_id: int | None, event_type: EventType, tenant: str) -> Future | None:
+        """The future of an earlier request this one retries: same (model or sampling session, seq_id), or the
+        same X-Idempotency-Key (the SDK's inner retries resend it) for requests without a seq_id."""
+        first = self.futures.first_for((key, seq_id)) if seq_id is not None else None
+        header = IDEMPOTENCY_KEY.get()
+        if first is None and header:
+            first = self.futures.first_for_idempotency((tenant, event_type.value, header))
+        return first if first is not None and first.tenant == tenant else None
+
     async def submit(
         self,
-        event_type: EventType,
-        payload: msgspec.Struct,
+        kind: type[S],
+        build: Callable[[], S | Awaitable[S]],
         *,
         model_id: str,
         seq_id: int | None,
         tenant: str,
+        check: Callable[[S], Awaitable[None] | None] | None = None,
         context: dict[str, Any] | None = None,
     ) -> Future:
-        """Publish a request and register its future. A retry returns the first future: same (model_id, seq_id),
-        or the same X-Idempotency-Key (the SDK's inner retries resend it) for requests without a seq_id."""
-        if seq_id is not None and (first := self.futures.first_for((model_id, seq_id))) is not None:
+        """Publish one request whose payload is a `kind` and register its future; the event type follows from
+        `kind`. A retry gets the first request's future back before anything is parsed. `build` (parse the
+        body into the payload) and `check` (validate it) raise FieldError on bad input; a training request
+        rejected so still consumed its seq_id on the client, so the trainer is told (seq_void) not to wait."""
+        event_type = event_type_of(kind)
+        if (first := self.first_request(model_id, seq_id, event_type, tenant)) is not None:
             return first
+        try:
+            built = build()
+            payload = await built if inspect.isawaitable(built) else built
+            checked = check(payload) if check is not None else None
+            if inspect.isawaitable(checked):
+                await checked
+        except FieldError as exc:
+            if seq_id is not None and event_type in TRAINING_EVENTS:
+                await self.void_seq(model_id, seq_id, str(exc), tenant, event_type)
+            raise
+        return await self._publish(event_type, payload, model_id=model_id, seq_id=seq_id, tenant=tenant,
+                                   context=context)
+
+    async def _publish(self, event_type: EventType, payload: msgspec.Struct, *, model_id: str, seq_id: int | None,
+                       tenant: str, context: dict[str, Any] | None) -> Future:
         header = IDEMPOTENCY_KEY.get()
         idempotency = (tenant, event_type.value, header) if header else None
-        if idempotency is not None and (first := self.futures.first_for_idempotency(idempotency)) is not None:
-            return first
         fut = self.futures.add(Future(new_request_id(), tenant, event_type.value, model_id, seq_id, local=True,
                                       context=context or {}, idempotency_key=idempotency))
         topic = self.settings.topics.sample if event_type == EventType.SAMPLE else self.settings.topics.train
-        env, body = make_event(event_type, payload, model_id=model_id, request_id=fut.request_id, seq_id=seq_id,
-                               tenant=tenant)
+        event = make_event(event_type, payload, model_id=model_id, request_id=fut.request_id, seq_id=seq_id,
+                           tenant=tenant)
         try:
-            await publish(self._producer(), topic, env, body, blob_store=self.objects,
+            await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
                           claim_check_bytes=self.settings.claim_check_bytes)
         except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
             self.futures.discard(fut)
@@ -112,10 +150,9 @@ class Gateway:
         """Tell the trainer that `seq_id` was rejected here, so its reorder buffer does not wait for it. The
         request type lets the trainer keep the gradient window open when the void was not a forward_backward."""
         void = p.SeqVoid(reason=reason[:2000], request_type=request_type.value if request_type else "")
-        env, body = make_event(EventType.SEQ_VOID, void, model_id=model_id,
-                               seq_id=seq_id, tenant=tenant)
+        event = make_event(EventType.SEQ_VOID, void, model_id=model_id, seq_id=seq_id, tenant=tenant)
         try:
-            await publish(self._producer(), self.settings.topics.train, env, body,
+            await publish(self._producer(), self.settings.topics.train, event.env, event.payload,
                           claim_check_bytes=self.settings.claim_check_bytes)
         except Exception:  # the trainer's gap timeout still covers it; the client gets its 400 regardless
             log.exception("could not publish seq_void for %s seq %s", model_id, seq_id)
@@ -167,6 +204,40 @@ class Gateway:
         if run.unloaded:
             raise NotFound(f"model {model_id!r} was unloaded")
         return run
+
+    async def adapter_name(self, name: str, tenant: str, field: str = "model_id") -> AdapterName | None:
+        """The caller's document for JSON-API adapter `name` (None if never created); 400 on an invalid name."""
+        try:
+            check_adapter_name(name)
+        except InvalidAdapterName as exc:
+            raise FieldError(field, str(exc)) from exc
+        return await asyncio.to_thread(self.adapter_names.get, tenant, name)
+
+    async def live_model(self, ref: str, tenant: str, field: str = "model_id") -> tuple[str, str]:
+        """(model id, base model) of a model that can take requests: `ref` is a model id (`<session>:train:<n>`)
+        or the caller's JSON-API adapter name, whose model may still be on its way to the trainer."""
+        if is_model_id(ref):
+            run = await self.live_run(ref, tenant)
+            return run.model_id, run.base_model
+        record = await self.adapter_name(ref, tenant, field)
+        if record is None or record.removed:
+            raise NotFound(f"adapter {ref!r} not found")
+        return record.model_id, record.base_model
+
+    async def future(self, request_id: str, tenant: str) -> Future:
+        """The caller's future; 410 if its id is older than the result TTL, 404 if nobody ever issued it."""
+        fut = self.futures.get(request_id)
+        if fut is None:
+            issued_at = request_id_time(request_id)
+            ttl = self.settings.result_ttl_s
+            if issued_at is not None and issued_at < time.time() - ttl:
+                raise ClientException(status_code=410,
+                                      detail=f"request {request_id!r} expired: results are kept for {ttl:g} s")
+            if issued_at is not None:  # well-formed: another gateway may have issued it a moment ago
+                fut = await self.futures.wait_for_id(request_id, self.config.unknown_request_grace_s)
+        if fut is None or fut.tenant != tenant:
+            raise NotFound(f"unknown request_id {request_id!r}")
+        return fut
 
     async def sampling_session(self, sampling_session_id: str, tenant: str) -> SamplingSession:
         return await self._owned(self._sampling_sessions, sampling_session_id, self.registry.get_sampling_session,

@@ -1,0 +1,51 @@
+"""What a sampling request samples: a served base model, or an owned checkpoint's weights on its base model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from artifact_store import CheckpointNotFound, SamplingSession
+from bus_events.ids import sampling_session_id_for
+from bus_gateway.errors import FieldError, NotFound
+from bus_gateway.gateway import Gateway
+from bus_gateway.submit import require_served
+from bus_gateway.validation import parse_path
+
+
+async def resolve_model_path(gw: Gateway, tenant: str, model_path: str, field: str = "model_path") -> str:
+    """The base model of an owned checkpoint (sampler or training state; both hold a PEFT adapter)."""
+    path = parse_path(model_path, field)
+    try:
+        await gw.run(path.run_id, tenant)
+        return (await asyncio.to_thread(gw.checkpoints.info, path)).base_model
+    except (NotFound, CheckpointNotFound) as exc:
+        raise FieldError(field, f"no checkpoint {path} (or it is not yours)", status_code=404) from exc
+
+
+async def sampling_target(gw: Gateway, tenant: str, base_model: str | None,
+                          model_path: str | None) -> tuple[str, str | None]:
+    """(base model, checkpoint path or None) for sampling `model_path`, or the bare `base_model`."""
+    if model_path is not None:
+        base = await resolve_model_path(gw, tenant, model_path)
+        if base_model is not None and base_model != base:
+            raise FieldError("base_model", f"{model_path} was trained on {base!r}, not {base_model!r}")
+        return base, str(parse_path(model_path, "model_path"))
+    if base_model is None:
+        raise FieldError("base_model", "give base_model or model_path")
+    require_served(gw, base_model)
+    return base_model, None
+
+
+async def adhoc_sampling_session(gw: Gateway, tenant: str, base_model: str | None,
+                                 model_path: str | None) -> SamplingSession:
+    """Clients that address a model directly (older SDKs, the JSON API) get a stable per-target session."""
+    base, path = await sampling_target(gw, tenant, base_model, model_path)
+    digest = hashlib.sha256(f"{tenant}\0{base}\0{path}".encode()).hexdigest()[:20]
+    session_id = sampling_session_id_for(f"adhoc-{digest}", 0)
+    try:
+        return await gw.sampling_session(session_id, tenant)
+    except NotFound:
+        session = SamplingSession(sampling_session_id=session_id, base_model=base, tenant=tenant, model_path=path)
+        await gw.put_sampling_session(session)
+        return session
