@@ -7,6 +7,7 @@ The human-readable form of the same contract is docs/events.md.
 from bus_events import ids, payloads
 from bus_events.envelope import (
     DEFAULT_CLAIM_CHECK_BYTES,
+    DEFAULT_TENANT,
     EVENT_TYPES,
     PAYLOAD_TYPES,
     SCHEMA_VERSION,
@@ -31,6 +32,7 @@ from bus_events.topics import Topics
 
 __all__ = [
     "DEFAULT_CLAIM_CHECK_BYTES",
+    "DEFAULT_TENANT",
     "EVENT_TYPES",
     "PAYLOAD_TYPES",
     "RESULT_TYPES",

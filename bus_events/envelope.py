@@ -75,6 +75,9 @@ TRAINING_EVENTS = frozenset(
 )
 
 
+DEFAULT_TENANT = "default"  # development mode's tenant, and that of an event that names none
+
+
 class ContractError(ValueError):
     """A message that breaks the contract. `request_id` is set when the envelope got that far."""
 
@@ -97,7 +100,7 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     type: EventType
     request_id: str
     model_id: str
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     seq_id: int | None = None
     created_at: float = 0.0
     trace_id: str = ""
@@ -131,7 +134,7 @@ def make_event(
     model_id: str,
     request_id: str | None = None,
     seq_id: int | None = None,
-    tenant: str = "default",
+    tenant: str = DEFAULT_TENANT,
     trace_id: str | None = None,
 ) -> Event:
     """An envelope for `payload`; encode it with `encode_event`."""

@@ -19,11 +19,13 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
+from bus_events import DEFAULT_TENANT
+
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "TINKER_BUS_API_KEYS"
 KEY_PREFIX = "tml-"
-DEV_TENANT = "default"
+DEV_TENANT = DEFAULT_TENANT
 # Paths reachable without a key: liveness and the API description.
 PUBLIC_PATHS = ["^/schema", "^/api/v1/healthz$", "^/healthz$"]
 

@@ -7,7 +7,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from bus_events import ContractError, Envelope, EventType, make_event, make_result, new_id
+from bus_events import DEFAULT_TENANT, ContractError, EventType, make_error_result, make_event, new_id
 from bus_events import payloads as p
 from bus_runtime.kafka_io import publish
 from bus_runtime.settings import BusSettings
@@ -38,11 +38,11 @@ async def send_to_dead_letter(
         payload.raw = payload.raw[: settings.claim_check_bytes // 2]
     await publish(producer, settings.topics.dead_letter, env, payload, claim_check_bytes=settings.claim_check_bytes)
     if request_id is not None:
-        fake_request = Envelope(v=1, type=EventType.GET_INFO, request_id=request_id, model_id=model_id or "unknown")
-        res_env, res = make_result(fake_request, error=p.ErrorInfo(message=f"rejected by the bus: {reason}",
-                                                                   category="user"))
-        res.request_type = "unknown"
-        await publish(producer, settings.topics.replies, res_env, res, claim_check_bytes=settings.claim_check_bytes)
+        # The envelope did not decode far enough to know its tenant.
+        failed = make_error_result(request_id, model_id or "unknown", DEFAULT_TENANT,
+                                   f"rejected by the bus: {reason or 'undecodable event'}")
+        await publish(producer, settings.topics.replies, failed.env, failed.payload,
+                      claim_check_bytes=settings.claim_check_bytes)
 
 
 async def dead_letter_contract_error(
