@@ -19,8 +19,8 @@ from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
+from trainer_consumer.inbound import Inbound, Reply
 from trainer_consumer.runtime import Runtime, Storage
-from trainer_consumer.stream import Inbound, Reply
 
 
 def datum(sequence: Sequence[int], weights: Sequence[float] | None = None, **extra: Sequence[float]) -> p.Datum:
@@ -43,7 +43,7 @@ def adapter_weights(backend: HfPeftBackend, model_id: str) -> dict[str, torch.Te
 
 
 def adapter_grads(backend: HfPeftBackend, model_id: str) -> dict[str, torch.Tensor]:
-    params = backend._adapters[model_id].params
+    params = backend._models.adapters[model_id].params
     return {k: v.grad.detach().clone() for k, v in params.items() if v.grad is not None}
 
 

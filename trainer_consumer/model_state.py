@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from bus_events import payloads as p
-from trainer_consumer.backends.base import AdapterSpec
+from trainer_consumer.backends.base import LORA_ALPHA, AdapterSpec
 from trainer_consumer.errors import Category
+from trainer_consumer.inbound import BusPosition
 
 STATE_FORMAT = 1
 
@@ -23,13 +25,6 @@ class WindowFailure:
     request: str  # which request, for the optim_step's error: "forward_backward seq_id 7", "seq_id 8"
     message: str
     category: Category
-
-
-@dataclass(frozen=True)
-class BusPosition:
-    topic: str
-    partition: int
-    offset: int
 
 
 @dataclass
@@ -62,9 +57,10 @@ class ModelState:
             self.window_failure = failure
 
     def model_info(self) -> p.ModelInfo:
-        return p.ModelInfo(model_id=self.model_id, base_model=self.base_model, lora_rank=self.spec.rank,
-                           train_attn=self.spec.train_attn, train_mlp=self.spec.train_mlp,
-                           train_unembed=self.spec.train_unembed, step=self.step)
+        lora = self.spec.lora
+        return p.ModelInfo(model_id=self.model_id, base_model=self.base_model, lora_rank=lora.rank,
+                           train_attn=lora.train_attn, train_mlp=lora.train_mlp, train_unembed=lora.train_unembed,
+                           step=self.step)
 
     def checkpoint_state(self, seq_id: int | None, position: BusPosition | None) -> dict[str, Any]:
         """state.json of a training-state checkpoint: everything needed to resume, and where on the bus."""
@@ -73,7 +69,7 @@ class ModelState:
             "model_id": self.model_id,
             "tenant": self.tenant,
             "base_model": self.base_model,
-            "lora": dataclasses.asdict(self.spec),
+            "lora": lora_record(self.spec),
             "step": self.step,
             # The save is applied at `saved_at_seq_id`: the state holds the effects of every earlier seq_id.
             "saved_at_seq_id": seq_id,
@@ -95,11 +91,24 @@ class ModelState:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state.json format {state.get('format')!r} is not {STATE_FORMAT}")
         adam = state.get("adam_params")
-        return cls(model_id=state["model_id"], tenant=state["tenant"], spec=AdapterSpec(**state["lora"]),
+        return cls(model_id=state["model_id"], tenant=state["tenant"], spec=spec_from_record(state["lora"]),
                    session_id=state.get("session_id"), user_metadata=dict(state.get("user_metadata") or {}),
                    step=int(state["step"]), last_applied_seq_id=state.get("last_applied_seq_id"),
                    mutations=int(state.get("mutations", 0)), unloaded=bool(state.get("unloaded", False)),
                    last_adam_params=msgspec.convert(adam, p.AdamParams) if adam else None)
+
+
+def lora_record(spec: AdapterSpec) -> dict[str, Any]:
+    """state.json's "lora": the spec flattened (the shape every state.json so far has)."""
+    return {"base_model": spec.base_model, **msgspec.to_builtins(spec.lora), "alpha": spec.alpha}
+
+
+def spec_from_record(lora: Mapping[str, Any], base_model: str | None = None, seed: int | None = None) -> AdapterSpec:
+    """The AdapterSpec of a state.json "lora" record; `base_model` / `seed` fill in what an older record lacks."""
+    fields = {k: lora[k] for k in ("rank", "train_attn", "train_mlp", "train_unembed") if k in lora}
+    return AdapterSpec(base_model=lora.get("base_model") or base_model or "",
+                       lora=p.LoraSpec(seed=int(lora.get("seed", seed)), **fields),  # type: ignore[arg-type]
+                       alpha=float(lora.get("alpha", LORA_ALPHA)))
 
 
 def lasting_key(state: ModelState | None) -> tuple:

@@ -39,11 +39,10 @@ from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.event_log import LogRecord
 from trainer_consumer.fingerprint import adapter_sha256
+from trainer_consumer.inbound import BusPosition, Inbound, Reply
 from trainer_consumer.intake import Poisoned, decode_training_record
-from trainer_consumer.model_state import BusPosition
 from trainer_consumer.runtime import Runtime, Storage
 from trainer_consumer.snapshots import SnapshotStore, snapshot_path
-from trainer_consumer.stream import Inbound, Reply
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class _Recorder:
         if not first_time or (own is None and env.type != EventType.SEQ_VOID):
             return  # a duplicate, or a re-read the restored snapshot covers
         assert self.engine is not None
-        state = self.engine.streams[self.model_id].state
+        state = self.engine.model_state(self.model_id)
         entry: dict[str, Any] = {"seq_id": env.seq_id, "type": env.type.value, "request_id": env.request_id,
                                  "step": state.step if state is not None else None}
         if own is not None:
@@ -234,19 +233,16 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
             recorder.fed.add(id(decoded))
             counts["events_fed"] += 1
             await engine.submit(decoded)
-        for stream in engine.streams.values():  # the log is over: what is still missing never comes
-            stream.sequencer.gap_timeout_s = 0.0
-        engine.expire_gaps()
+        await engine.end_of_log()  # what is still missing never comes
         await recorder.wait_done(lambda: engine.failure)
-        stream = engine.streams.get(model_id)
-        if stream is None or stream.state is None:
+        state = engine.model_state(model_id)
+        if state is None:
             raise ReplayError(f"model {model_id} was never created in this log"
                               + (" (and has no snapshot)" if request.from_snapshot else ""))
-        covered = stream.covered
+        covered = engine.restored_point(model_id)
         if covered is not None and request.until_seq is not None and (covered.last_seq or 0) > request.until_seq:
             raise ReplayError(f"the snapshot already holds seq_id {covered.last_seq}, past --until-seq "
                               f"{request.until_seq}: replay from scratch instead")
-        state = stream.state
         final: dict[str, Any] = {"step": state.step, "last_seq_id": state.last_applied_seq_id,
                                  "unloaded": state.unloaded}
         request.out_dir.mkdir(parents=True, exist_ok=True)
