@@ -51,7 +51,7 @@ class Recovery:
         snapshot = await self._read_snapshot(stream.model_id)
         if snapshot is None:
             return
-        state = ModelState.from_checkpoint_state(snapshot.state)
+        state = ModelState.from_record(snapshot.record)
         if not state.unloaded:
             try:
                 self.runtime.check_base_model(state.base_model)
@@ -114,7 +114,7 @@ class Recovery:
         """Capture the model between two of its events; the upload goes on in the background."""
         state = stream.state
         assert state is not None
-        record = state.checkpoint_state(None, None)
+        record = state.record(None, None)
         capture = stream.durability.capture("snapshot")
         try:
             if state.unloaded:  # a tombstone: nothing left to hold but the record
@@ -125,8 +125,8 @@ class Recovery:
         except BaseException:
             stream.durability.failed(capture)
             raise
-        checkpoint = Checkpoint(config, weights, optimizer, record)
-        write = functools.partial(self.snapshots.save, state.model_id, checkpoint, capture.point, state.base_model)
+        checkpoint = Checkpoint(config, weights, optimizer)
+        write = functools.partial(self.snapshots.save, state.model_id, checkpoint, record, capture.point)
         self._start_write(stream, capture, write)
 
     def _start_marker(self, stream: ModelStream) -> None:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from artifact_store.lora_targets import target_modules
 from bus_events import payloads as p
 from bus_runtime.base_models import BaseModelInfo
+
+if TYPE_CHECKING:  # annotations only: the engine's scheduling core (stream.py) imports this module without torch
+    import numpy as np
+    import torch
 
 # Tinker fixes alpha server-side; with alpha = 32 the LoRA scale alpha / rank is 1 at the default rank 32.
 LORA_ALPHA = 32.0

@@ -10,8 +10,7 @@ same seq_id, or sampler weights equal to the ones being saved) is then a success
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 import torch
@@ -30,10 +29,11 @@ from bus_events import payloads as p
 from trainer_consumer.backends.base import LORA_ALPHA, AdapterExport, AdapterSpec, TrainingBackend
 from trainer_consumer.errors import UserError
 from trainer_consumer.inbound import Inbound
-from trainer_consumer.model_state import ModelState, spec_from_record
+from trainer_consumer.model_state import ModelState
 from trainer_consumer.ops.install import install
 from trainer_consumer.ops.training import require_state
 from trainer_consumer.runtime import Runtime, default_seed
+from trainer_consumer.state_record import StateFormatError, TrainingStateRecord, read_state
 from trainer_consumer.stream import ModelStream
 
 
@@ -45,22 +45,25 @@ async def save_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, paylo
     state = require_state(stream, inbound)
     path = TinkerPath(state.model_id, "weights", check_name(payload.name))
     adapter, optimizer = await rt.compute(training_state, rt.backend, state.model_id)
-    checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer,
-                            state.checkpoint_state(inbound.env.seq_id, inbound.position))
+    record = state.record(inbound.env.seq_id, inbound.position)
+    checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer, record.to_json())
     try:
         await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
                     overwrite=payload.overwrite, ttl_seconds=payload.ttl_seconds, user_metadata=payload.user_metadata)
     except CheckpointExists:
-        if not await rt.io(_saved_by, rt, path, lambda existing: _same_training_save(existing, checkpoint)):
+        if not await rt.io(_saved_by, rt, path, lambda existing: _same_training_save(existing, record)):
             raise
     return p.PathResult(path=str(path))
 
 
-def _same_training_save(existing: Checkpoint, ours: Checkpoint) -> bool:
+def _same_training_save(existing: Checkpoint, ours: TrainingStateRecord) -> bool:
     """This very save, applied before a crash: same model, same seq_id (seq-less saves are never matched)."""
-    seq = ours.state.get("saved_at_seq_id")
-    return seq is not None and existing.state.get("model_id") == ours.state.get("model_id") \
-        and existing.state.get("saved_at_seq_id") == seq
+    try:
+        theirs = read_state(existing.state)
+    except StateFormatError:
+        return False
+    return ours.saved_at_seq_id is not None and theirs is not None and theirs.model_id == ours.model_id \
+        and theirs.saved_at_seq_id == ours.saved_at_seq_id
 
 
 def _same_weights(existing: Checkpoint, ours: Checkpoint) -> bool:
@@ -103,12 +106,12 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
     return p.PathResult(path=str(path), sampling_session_id=payload.sampling_session_id)
 
 
-def spec_from_checkpoint(checkpoint: Checkpoint, base_model: str, seed: int) -> AdapterSpec:
+def spec_from_checkpoint(checkpoint: Checkpoint, record: TrainingStateRecord | None, base_model: str,
+                         seed: int) -> AdapterSpec:
     """The adapter a checkpoint needs: from our state.json, else from its PEFT adapter_config.json."""
-    lora: Mapping[str, Any] | None = checkpoint.state.get("lora")
     try:
-        if lora:
-            return spec_from_record({**lora, "base_model": base_model}, seed=seed)
+        if record is not None:
+            return record.lora.spec(base_model)
         config = checkpoint.adapter_config
         targets = config.get("target_modules")
         if not isinstance(targets, list):
@@ -140,11 +143,15 @@ async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, paylo
         raise UserError(f"unknown model {stream.model_id!r}: a load_weights that creates a model must be its first "
                         f"request (seq_id 0), got seq_id {env.seq_id}")
     checkpoint, info = await rt.io(_read_checkpoint, rt, path, env.tenant)
-    saved_step = int(checkpoint.state.get("step", 0))
+    try:
+        record = read_state(checkpoint.state)
+    except StateFormatError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from exc
+    saved_step = record.step if record is not None else 0
     if stream.state is None:  # create-via-load
-        base_model = payload.base_model or checkpoint.state.get("base_model") or info.base_model
+        base_model = payload.base_model or (record.base_model if record is not None else None) or info.base_model
         rt.check_base_model(base_model)
-        spec = spec_from_checkpoint(checkpoint, base_model, default_seed(stream.model_id))
+        spec = spec_from_checkpoint(checkpoint, record, base_model, default_seed(stream.model_id))
         state = ModelState(model_id=stream.model_id, tenant=env.tenant, spec=spec, session_id=payload.session_id,
                            user_metadata=dict(payload.user_metadata), step=saved_step, mutations=1)
         await install(rt, state, checkpoint, with_optimizer=payload.optimizer, register_run=True)
@@ -155,7 +162,7 @@ async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, paylo
         raise UserError("load_weights into an existing model is only accepted as its first request after "
                         f"create_model (seq_id 1), got seq_id {env.seq_id}; create a new training client from the "
                         "checkpoint instead")
-    wanted = spec_from_checkpoint(checkpoint, state.base_model, state.spec.seed)
+    wanted = spec_from_checkpoint(checkpoint, record, state.base_model, state.spec.seed)
     if (wanted.rank, wanted.target_modules, wanted.alpha) != (state.spec.rank, state.spec.target_modules,
                                                               state.spec.alpha):
         raise UserError(f"checkpoint {path} has LoRA rank {wanted.rank} on {wanted.target_modules}, but model "
