@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer_consumer.errors import Category
+from bus_runtime.errors import Category
 from trainer_consumer.inbound import Inbound, Reply
 
 

@@ -27,9 +27,10 @@ import msgspec
 
 from bus_events import make_result
 from bus_events import payloads as p
+from bus_runtime.errors import ServiceError, UserError
 from trainer_consumer.actions import Action, AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Ready, Void
 from trainer_consumer.durability import DurablePoint
-from trainer_consumer.errors import USER_ERRORS, TrainerError, UserError, error_info
+from trainer_consumer.errors import USER_ERRORS, error_info
 from trainer_consumer.inbound import Inbound, Reply
 from trainer_consumer.model_state import ModelState, lasting_key
 from trainer_consumer.ops import HANDLERS
@@ -245,7 +246,7 @@ class TrainerEngine:
             return await handler(self.runtime, stream, inbound, inbound.payload), None
         except Exception as exc:
             error = error_info(exc)
-            expected = isinstance(exc, (TrainerError, *USER_ERRORS))
+            expected = isinstance(exc, (ServiceError, *USER_ERRORS))
             log.log(logging.INFO if error.category == "user" else logging.ERROR, "%s seq %s of %s failed: %s",
                     env.type.value, env.seq_id, env.model_id, error.message, exc_info=not expected)
             return None, error

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus_events import payloads as p
+from bus_runtime.errors import Category
 from trainer_consumer.backends.base import AdapterSpec
-from trainer_consumer.errors import Category
 from trainer_consumer.inbound import BusPosition
 from trainer_consumer.state_record import LoraRecord, TrainingStateRecord
 

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from artifact_store import Checkpoint
+from bus_runtime.errors import UserError
 from trainer_consumer.durability import Capture
-from trainer_consumer.errors import UserError
 from trainer_consumer.model_state import ModelState
 from trainer_consumer.ops.checkpoints import training_state
 from trainer_consumer.ops.install import install

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from artifact_store import CheckpointStore, ObjectStore, Registry
+from bus_runtime.errors import UserError
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
-from trainer_consumer.errors import UserError
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from artifact_store import (
 )
 from artifact_store.lora_targets import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, trained_blocks
 from bus_events import payloads as p
+from bus_runtime.errors import UserError
 from trainer_consumer.backends.base import LORA_ALPHA, AdapterExport, AdapterSpec, TrainingBackend
-from trainer_consumer.errors import UserError
 from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState
 from trainer_consumer.ops.install import install

@@ -15,8 +15,9 @@ import msgspec
 
 from bus_events import payloads as p
 from bus_events import tensor_from_numpy
+from bus_runtime.errors import ServiceError, UserError
 from trainer_consumer.backends.base import AdapterSpec, FbRequest, forward_backward_many
-from trainer_consumer.errors import TrainerError, UserError, error_info
+from trainer_consumer.errors import error_info
 from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState, WindowFailure
 from trainer_consumer.ops.install import install, run_record
@@ -27,7 +28,7 @@ from trainer_consumer.stream import ModelStream
 def require_state(stream: ModelStream, inbound: Inbound) -> ModelState:
     state = stream.state
     if stream.unavailable is not None:
-        raise TrainerError(stream.unavailable)
+        raise ServiceError(stream.unavailable)
     # Another tenant's model is reported exactly like a missing one.
     if state is None or state.tenant != inbound.env.tenant:
         raise UserError(f"unknown model {stream.model_id!r}: no create_model or load_weights (seq_id 0) was applied")
@@ -84,7 +85,7 @@ async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound, payload
         state.window_failure = None
         await rt.compute(rt.backend.discard_gradients, state.model_id)
         state.window_open = False
-        raise TrainerError(
+        raise ServiceError(
             f"optim_step not applied: {failure.request} of this gradient window failed ({failure.message}). "
             "The window's accumulated gradients were discarded and the weights left unchanged; the model "
             "continues from its previous step.", failure.category)
