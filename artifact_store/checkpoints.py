@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,9 +36,6 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 # A concurrent overwrite may replace the version a reader resolved; the reader retries with the new manifest.
 READ_ATTEMPTS = 3
-_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
-_UNEMBED_MODULES = ("lm_head",)
 
 
 class CheckpointExists(FileExistsError):
@@ -117,14 +113,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, set | frozenset):
         return sorted(value)
     raise TypeError(f"adapter_config value {value!r} ({type(value).__name__}) is not JSON serialisable")
-
-
-def _targets(config: dict[str, Any], candidates: tuple[str, ...]) -> bool:
-    """Whether a PEFT `target_modules` (list of suffixes, or one regex) covers any of `candidates`."""
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        return any(re.fullmatch(targets, f"model.layers.0.{c}") or re.fullmatch(targets, c) for c in candidates)
-    return any(t == c or t.endswith(f".{c}") for t in targets for c in candidates)
 
 
 class CheckpointStore:
@@ -248,19 +236,6 @@ class CheckpointStore:
             state=json.loads(files[STATE]) if STATE in files else {},
         )
         return ckpt, self._info(path, manifest)
-
-    def weights_info(self, path: TinkerPath) -> dict[str, Any]:
-        """The SDK's WeightsInfoResponse (tinker-protocol.md 2.5), read from the checkpoint's adapter config."""
-        manifest, files = self._read_verified(path, only=(ADAPTER_CONFIG,))
-        config = json.loads(files[ADAPTER_CONFIG])
-        return {
-            "base_model": manifest["base_model"],
-            "is_lora": True,
-            "lora_rank": int(config.get("r", 0)),
-            "train_attn": _targets(config, _ATTN_MODULES),
-            "train_mlp": _targets(config, _MLP_MODULES),
-            "train_unembed": _targets(config, _UNEMBED_MODULES),
-        }
 
     def download(self, path: TinkerPath, dest: Path) -> Path:
         """Write the checkpoint's files into `dest` (a folder PeftModel.from_pretrained loads as is)."""

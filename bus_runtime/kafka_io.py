@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -22,6 +23,7 @@ from bus_runtime.settings import BusSettings
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 << 20
+RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
 
 
 async def ensure_topics(settings: BusSettings) -> None:
@@ -83,3 +85,29 @@ async def publish(
     else:
         raw = encode_event(env, payload, claim_check_bytes=claim_check_bytes)
     await producer.send_and_wait(topic, raw, key=env.model_id.encode())
+
+
+async def publish_with_retry(
+    producer: AIOKafkaProducer,
+    topic: str,
+    env: Envelope,
+    payload: msgspec.Struct,
+    *,
+    retry_s: float,
+    blob_store: BlobStore | None = None,
+    claim_check_bytes: int,
+) -> None:
+    """`publish`, retried with backoff while the broker is away (restart, failover) for up to `retry_s`; then the
+    last error is raised, and the caller stops without committing (its successor re-reads and answers)."""
+    deadline = time.monotonic() + retry_s
+    delay = RETRY_DELAY_S[0]
+    while True:
+        try:
+            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes)
+            return
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("publishing %s to %s failed (%s); retrying in %.1f s", env.request_id, topic, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_DELAY_S[1])

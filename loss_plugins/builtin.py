@@ -1,4 +1,5 @@
 """The five built-in losses of the Tinker API (tinker-protocol.md §4), as pure functions of per-token tensors.
+Their descriptions live in catalog.py, which loads this module (and torch) on the first loss computed.
 
 Notation: ℓ = target_logprobs (learner), s = inputs["logprobs"] (sampler), A = advantages, w = weights,
 r = exp(ℓ − s). Every loss is a SUM over all tokens of all datums: no mean, no normalisation, because the SDK's
@@ -14,10 +15,9 @@ from collections.abc import Mapping
 
 import torch
 
-from loss_plugins.spec import LossOutput, LossSpec
+from loss_plugins.catalog import CLIP_HIGH, CLIP_LOW
+from loss_plugins.spec import LossOutput
 
-CLIP_LOW = "clip_low_threshold"
-CLIP_HIGH = "clip_high_threshold"
 # exp() of a larger mean NLL is inf, which JSON cannot carry; a perplexity of e^700 is as uninformative anyway.
 _MAX_LOG_PERPLEXITY = 700.0
 
@@ -106,21 +106,3 @@ def dro(target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
     drift = target_logprobs - inputs["logprobs"]
     loss = -(target_logprobs * inputs["advantages"] - 0.5 * beta * drift * drift).sum()
     return LossOutput(loss, {"loss:sum": float(loss.detach())})
-
-
-_POLICY_INPUTS = ("logprobs", "advantages")
-
-BUILTIN_LOSSES: tuple[LossSpec, ...] = (
-    LossSpec("cross_entropy", cross_entropy, "Weighted negative log-likelihood −Σ w·ℓ (missing weights = 1).",
-             input_defaults={"weights": 1.0}),
-    LossSpec("importance_sampling", importance_sampling,
-             "Off-policy REINFORCE −Σ exp(ℓ − s)·A with sampler logprobs s and advantages A.",
-             required_inputs=_POLICY_INPUTS),
-    LossSpec("ppo", ppo, "PPO clipped objective −Σ min(r·A, clip(r, lo, hi)·A), r = exp(ℓ − s).",
-             required_inputs=_POLICY_INPUTS, config_defaults={CLIP_LOW: 0.8, CLIP_HIGH: 1.2}),
-    LossSpec("cispo", cispo, "CISPO −Σ sg[clip(r, lo, hi)]·ℓ·A, the clipped ratio detached.",
-             required_inputs=_POLICY_INPUTS, config_defaults={CLIP_LOW: 0.0, CLIP_HIGH: 4.0}),
-    # The protocol leaves DRO's default β undocumented; 0.05 is the value of the official docs' example.
-    LossSpec("dro", dro, "DRO −Σ (ℓ·A − ½β(ℓ − s)²), quadratic penalty on drift from the sampler (β = 0.05).",
-             required_inputs=_POLICY_INPUTS, config_defaults={"beta": 0.05}),
-)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # a loss is described without torch: the gateway validates names and config, torch-free
+    import torch
 
 
 class LossOutput(NamedTuple):
@@ -18,7 +19,7 @@ class LossOutput(NamedTuple):
 # fn(target_logprobs, inputs, config): target_logprobs = learner log p(target_tokens), all datums concatenated
 # along dim 0 ([T] or [T, K]); inputs = the other loss_fn_inputs concatenated the same way, already validated and
 # cast to target_logprobs' dtype; config = loss_fn_config with defaults filled in.
-LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float | str]], LossOutput]
+LossFn = Callable[["torch.Tensor", Mapping[str, "torch.Tensor"], Mapping[str, float | str]], LossOutput]
 
 
 @dataclass(frozen=True)

@@ -143,16 +143,6 @@ def test_list_per_run_and_delete(ckpts):
     assert [i.path.name for i in ckpts.list_run(RUN)] == ["b", "a"]
 
 
-def test_weights_info(ckpts):
-    path = TinkerPath(RUN, "weights", "w")
-    ckpts.save(path, _training_state(1.0), base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert ckpts.weights_info(path) == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "is_lora": True,
-                                        "lora_rank": 2, "train_attn": True, "train_mlp": False,
-                                        "train_unembed": True}
-    with pytest.raises(CheckpointNotFound):
-        ckpts.weights_info(TinkerPath(RUN, "weights", "missing"))
-
-
 def test_presigned_urls_download_the_verified_files(ckpts):
     path = TinkerPath(RUN, "sampler_weights", "share")
     ckpts.save(path, _adapter(7.0), base_model="tiny")

@@ -21,6 +21,7 @@ from megatron_support import (
 from safetensors.torch import save_file
 
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from bus_events.tensors import tensor_from_numpy
 from bus_runtime.testing import make_tiny_model
 from loss_plugins import LossInputError, UnknownLoss
@@ -68,7 +69,7 @@ def twin_adapters(hf: HfPeftBackend, mg: MegatronBackend, spec: AdapterSpec, see
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_same_seed_gives_the_same_adapter_as_hf(hf, mg, bases, arch) -> None:
-    spec = AdapterSpec(base_model=bases[arch][0], rank=4, seed=11)
+    spec = AdapterSpec(base_model=bases[arch][0], lora=LoraSpec(rank=4, seed=11))
     model_id = f"m{next(_ids)}"
     hf.create_adapter(model_id, spec)
     mg.create_adapter(model_id, spec)
@@ -81,7 +82,7 @@ def test_same_seed_gives_the_same_adapter_as_hf(hf, mg, bases, arch) -> None:
 @pytest.mark.parametrize(("arch", "loss_fn"), [(a, loss) for a in ("llama", "qwen2") for loss in LOSSES])
 def test_logprobs_and_one_training_step_match_hf(hf, mg, bases, arch, loss_fn) -> None:
     path, vocab = bases[arch]
-    model_id = twin_adapters(hf, mg, AdapterSpec(base_model=path, rank=4, seed=5))
+    model_id = twin_adapters(hf, mg, AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=5)))
     data = loss_data(loss_fn, seed=1, vocab=vocab)
 
     expected = hf.forward_backward(model_id, data, loss_fn, {}, forward_only=False)
@@ -105,7 +106,7 @@ def test_micro_batches_and_accumulated_calls_match_one_hf_pass(hf, bases) -> Non
     """Requests split into micro-batches (two-pass path) and gradients summed over two forward_backward calls."""
     small = MegatronBackend(tp_size=1, micro_batch_tokens=16, logprob_chunk_tokens=5)
     path, vocab = bases["qwen2"]
-    model_id = twin_adapters(hf, small, AdapterSpec(base_model=path, rank=4, seed=5))
+    model_id = twin_adapters(hf, small, AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=5)))
     first, second = loss_data("ppo", seed=2, vocab=vocab), loss_data("ppo", seed=3, vocab=vocab, lengths=(7, 3))
     for data in (first, second):
         expected = hf.forward_backward(model_id, data, "ppo", {"clip_low_threshold": 0.9}, False)
@@ -119,7 +120,7 @@ def test_micro_batches_and_accumulated_calls_match_one_hf_pass(hf, bases) -> Non
 def test_gradient_checkpointing_matches_one_hf_pass(hf, bases) -> None:
     checkpointed = MegatronBackend(tp_size=1, gradient_checkpointing=True)
     path, vocab = bases["llama"]
-    model_id = twin_adapters(hf, checkpointed, AdapterSpec(base_model=path, rank=4, seed=6))
+    model_id = twin_adapters(hf, checkpointed, AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=6)))
     data = loss_data("cispo", seed=4, vocab=vocab)
     expected = hf.forward_backward(model_id, data, "cispo", {}, False)
     assert max_logprob_diff(expected.logprobs, checkpointed.forward_backward(model_id, data, "cispo", {}, False)
@@ -127,7 +128,7 @@ def test_gradient_checkpointing_matches_one_hf_pass(hf, bases) -> None:
     hf.optim_step(model_id, ADAM)
     checkpointed.optim_step(model_id, ADAM)
     assert max_diff(hf.export_adapter(model_id).weights, checkpointed.export_adapter(model_id).weights) < TOLERANCE
-    layer_forward = checkpointed._engine._bases[path].model.decoder.layers[0].forward
+    layer_forward = checkpointed._engine._models.bases[path].model.decoder.layers[0].forward
     assert getattr(layer_forward, "func", None) is torch.utils.checkpoint.checkpoint  # recompute was really on
 
 
@@ -137,7 +138,8 @@ def test_exported_adapter_is_a_peft_adapter_with_the_same_logprobs(mg, bases, tm
 
     path, vocab = bases["llama"]
     model_id = f"m{next(_ids)}"
-    mg.create_adapter(model_id, AdapterSpec(base_model=path, rank=8, seed=2, train_mlp=False, train_unembed=False))
+    mg.create_adapter(model_id, AdapterSpec(base_model=path,
+                                            lora=LoraSpec(rank=8, seed=2, train_mlp=False, train_unembed=False)))
     mg.load_adapter(model_id, random_adapter(mg.export_adapter(model_id).weights, seed=4), None)
     data = loss_data("cross_entropy", seed=5, vocab=vocab)
     mg.forward_backward(model_id, data, "cross_entropy", {}, False)
@@ -160,7 +162,7 @@ def test_exported_adapter_is_a_peft_adapter_with_the_same_logprobs(mg, bases, tm
 def test_checkpoints_move_between_backends(hf, mg, bases) -> None:
     """Adapter + AdamW moments exported by Megatron continue training in HF exactly as in Megatron."""
     path, vocab = bases["qwen2"]
-    spec = AdapterSpec(base_model=path, rank=4, seed=9)
+    spec = AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=9))
     source = twin_adapters(hf, mg, spec)
     data = loss_data("cross_entropy", seed=6, vocab=vocab)
     mg.forward_backward(source, data, "cross_entropy", {}, False)
@@ -179,7 +181,7 @@ def test_adapters_on_one_base_do_not_interfere(mg, bases) -> None:
     path, vocab = bases["llama"]
     trained, bystander = f"m{next(_ids)}", f"m{next(_ids)}"
     for model_id, seed in ((trained, 1), (bystander, 2)):
-        mg.create_adapter(model_id, AdapterSpec(base_model=path, rank=4, seed=seed))
+        mg.create_adapter(model_id, AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=seed)))
         mg.load_adapter(model_id, random_adapter(mg.export_adapter(model_id).weights, seed), None)
     data = loss_data("cross_entropy", seed=7, vocab=vocab)
     before = mg.export_adapter(bystander).weights
@@ -198,7 +200,7 @@ def test_adapters_on_one_base_do_not_interfere(mg, bases) -> None:
 def test_bad_requests_fail_with_named_errors(mg, bases) -> None:
     path, vocab = bases["llama"]
     model_id = f"m{next(_ids)}"
-    mg.create_adapter(model_id, AdapterSpec(base_model=path, rank=4, seed=1))
+    mg.create_adapter(model_id, AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=1)))
     data = loss_data("cross_entropy", seed=8, vocab=vocab)
     out_of_vocab = [p.Datum(tokens=tensor_from_numpy(np.array([1, vocab + 3]), "int32"),
                             loss_fn_inputs={"target_tokens": tensor_from_numpy(np.array([2, 3]), "int64")})]

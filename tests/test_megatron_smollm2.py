@@ -6,6 +6,7 @@ import pytest
 from megatron_support import TOLERANCE, loss_data, max_diff, max_logprob_diff, random_adapter
 
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from bus_runtime.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
@@ -20,7 +21,7 @@ ADAM = p.AdamParams(learning_rate=1e-3, eps=1e-3)  # eps = 1e-3: see the ADAM co
 def test_smollm2_logprobs_and_one_step_match_hf() -> None:
     path = str(resolve_base_model(DEFAULT_BASE_MODEL))
     hf, mg = HfPeftBackend(device="cpu"), MegatronBackend(tp_size=1)
-    spec = AdapterSpec(base_model=path, rank=8, seed=1)
+    spec = AdapterSpec(base_model=path, lora=LoraSpec(rank=8, seed=1))
     for backend in (hf, mg):
         backend.create_adapter("smol", spec)
     weights = random_adapter(hf.export_adapter("smol").weights, seed=2, scale=0.02)

@@ -16,6 +16,7 @@ import torch
 from megatron_support import TOLERANCE, loss_data, make_tiny_qwen2, max_diff, max_logprob_diff, random_adapter
 
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from bus_events.tensors import tensor_from_numpy
 from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.base import AdapterSpec, BackendInputError
@@ -33,7 +34,7 @@ def scenario(backend: MegatronBackend, bases: dict[str, tuple[str, int]]) -> dic
     """The same calls for every TP size; returns everything observable."""
     out: dict[str, Any] = {}
     for arch, (path, vocab) in bases.items():
-        spec = AdapterSpec(base_model=path, rank=4, seed=3)
+        spec = AdapterSpec(base_model=path, lora=LoraSpec(rank=4, seed=3))
         backend.create_adapter(arch, spec)
         out[f"{arch}/init"] = backend.export_adapter(arch).weights
         backend.load_adapter(arch, random_adapter(out[f"{arch}/init"], seed=5), None)

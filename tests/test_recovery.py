@@ -17,8 +17,7 @@ from bus_runtime.offsets import OffsetTracker
 from bus_runtime.testing import make_tiny_model
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.durability import Durability, DurablePoint
-from trainer_consumer.model_state import BusPosition
-from trainer_consumer.stream import Inbound
+from trainer_consumer.inbound import BusPosition, Inbound
 
 SNAPSHOT_EVERY = 4  # small, so that the restarts go through snapshots AND through replays of several steps
 
@@ -121,7 +120,7 @@ def _envelope(kind, payload, seq):
 
 async def _writes_done(harness: EngineHarness) -> None:
     for _ in range(200):
-        if all(s.writer is None for s in harness.engine.streams.values()):
+        if not harness.engine.recovery.writers:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("snapshot writes did not finish")

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import torch
 from aiokafka import TopicPartition
-from trainer_support import BusHarness, adam, bus_settings, datum, fb, random_data
+from trainer_support import BlockingBackend, BusHarness, adam, bus_settings, datum, fb, random_data
 
 from bus_events import EventType, Topics
 from bus_events import payloads as p
@@ -162,26 +162,21 @@ async def test_a_long_compute_step_keeps_the_group_and_other_models_answered(set
     caplog.set_level(logging.INFO, logger="trainer_consumer.worker")
     s = bus_settings(settings, tiny)
     assert s.session_timeout_ms <= 3000
-    async with BusHarness(s) as bus:
+    backend = BlockingBackend("busy")
+    async with BusHarness(s, backend=backend) as bus:  # type: ignore[arg-type]
         for model_id in ("busy", "idle"):
             await bus.ok(await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), model_id, 0))
-        # Calibrate: size the long step to take several session timeouts on this machine (bigger batches run
-        # faster per datum, hence the generous factor).
-        for seq in (1, 2):
+        slow = await bus.publish(EventType.FORWARD_BACKWARD, fb(random_data(9, 2)), "busy", 1)
+        try:
+            assert await asyncio.to_thread(backend.entered.wait, 60)  # the compute thread is now blocked
             started = time.monotonic()
-            await bus.ok(await bus.publish(EventType.FORWARD_BACKWARD, fb(random_data(seq, 8, lengths=(400, 500))),
-                                           "busy", seq))
-            per_datum = (time.monotonic() - started) / 8
-        count = min(400, int(5 * s.session_timeout_ms / 1000 / per_datum) + 1)
-        started = time.monotonic()
-        slow = await bus.publish(EventType.FORWARD_BACKWARD, fb(random_data(9, count, lengths=(400, 500))), "busy", 3)
-        await asyncio.sleep(0.5)
-        info = await bus.ok(await bus.publish(EventType.GET_INFO, p.GetInfo(), "idle", 1))
-        assert info["model_id"] == "idle" and slow not in bus.replies  # answered while the step still runs
+            info = await bus.ok(await bus.publish(EventType.GET_INFO, p.GetInfo(), "idle", 1))
+            assert info["model_id"] == "idle" and slow not in bus.replies  # answered while the step still runs
+            await asyncio.sleep(2 * s.session_timeout_ms / 1000 - (time.monotonic() - started))
+            assert slow not in bus.replies
+        finally:
+            backend.release.set()
         await bus.ok(slow)
-        took = time.monotonic() - started
-        if took < 2 * s.session_timeout_ms / 1000:
-            pytest.skip(f"the step took only {took:.1f} s; this machine is too fast to show anything")
         after = await bus.ok(await bus.publish(EventType.GET_INFO, p.GetInfo(), "idle", 2))
         assert after["model_id"] == "idle"
         assert bus.replies[slow][0].error is None and len(bus.replies[slow]) == 1

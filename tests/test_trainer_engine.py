@@ -24,6 +24,7 @@ from trainer_support import (
 from artifact_store import CheckpointStore, Registry, TinkerPath
 from bus_events import EventType
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.base import AdapterSpec
@@ -57,7 +58,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float)
 
 def test_gradients_accumulate_over_two_calls_like_one_call_on_the_concatenation(tiny):
     backend = HfPeftBackend()
-    spec = AdapterSpec(base_model=tiny, rank=4, seed=3)
+    spec = AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=3))
     backend.create_adapter("split", spec)
     backend.create_adapter("whole", spec)
     first, second = random_data(1, 3), random_data(2, 2)
@@ -65,14 +66,14 @@ def test_gradients_accumulate_over_two_calls_like_one_call_on_the_concatenation(
     backend.forward_backward("split", second, "cross_entropy", {}, False)
     backend.forward_backward("whole", first + second, "cross_entropy", {}, False)
     split, whole = adapter_grads(backend, "split"), adapter_grads(backend, "whole")
-    assert len(split) == len(backend._adapters["split"].params) > 0
+    assert len(split) == len(backend._models.adapters["split"].params) > 0
     assert any(g.abs().sum() > 0 for g in split.values())
     _close(split, whole, rtol=1e-4, atol=1e-6)
 
 
 def test_micro_batched_two_pass_gradient_equals_the_single_pass_gradient(tiny):
     single, two_pass = HfPeftBackend(), HfPeftBackend(micro_batch_tokens=16, logprob_chunk_tokens=5)
-    spec = AdapterSpec(base_model=tiny, rank=4, seed=3)
+    spec = AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=3))
     data = random_data(5, 5)
     outputs = []
     for backend in (single, two_pass):
@@ -86,12 +87,12 @@ def test_micro_batched_two_pass_gradient_equals_the_single_pass_gradient(tiny):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     plain, checkpointed = HfPeftBackend(), HfPeftBackend(gradient_checkpointing=True)
-    spec = AdapterSpec(base_model=tiny, rank=4, seed=3)
+    spec = AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=3))
     data = random_data(8, 3)
     for backend in (plain, checkpointed):
         backend.create_adapter("m", spec)
         backend.forward_backward("m", data, "cross_entropy", {}, False)
-    assert checkpointed._bases[tiny].model.is_gradient_checkpointing
+    assert checkpointed._models.bases[tiny].model.is_gradient_checkpointing
     _close(adapter_grads(plain, "m"), adapter_grads(checkpointed, "m"), rtol=1e-5, atol=1e-7)
 
 
@@ -131,12 +132,13 @@ def test_adamw_clips_by_global_norm_and_decays_decoupled():
 
 def test_lora_spec_is_honoured_and_the_seed_fixes_the_initialisation(tiny):
     backend = HfPeftBackend()
-    backend.create_adapter("attn", AdapterSpec(base_model=tiny, rank=3, seed=1, train_mlp=False, train_unembed=False))
-    backend.create_adapter("mlp+head", AdapterSpec(base_model=tiny, rank=5, seed=1, train_attn=False))
-    backend.create_adapter("same-seed", AdapterSpec(base_model=tiny, rank=3, seed=1, train_mlp=False,
-                                                    train_unembed=False))
-    backend.create_adapter("other-seed", AdapterSpec(base_model=tiny, rank=3, seed=2, train_mlp=False,
-                                                     train_unembed=False))
+    backend.create_adapter("attn", AdapterSpec(base_model=tiny,
+                                               lora=LoraSpec(rank=3, seed=1, train_mlp=False, train_unembed=False)))
+    backend.create_adapter("mlp+head", AdapterSpec(base_model=tiny, lora=LoraSpec(rank=5, seed=1, train_attn=False)))
+    backend.create_adapter("same-seed", AdapterSpec(base_model=tiny, lora=LoraSpec(rank=3, seed=1, train_mlp=False,
+                                                    train_unembed=False)))
+    backend.create_adapter("other-seed", AdapterSpec(base_model=tiny, lora=LoraSpec(rank=3, seed=2, train_mlp=False,
+                                                     train_unembed=False)))
 
     def modules(model_id: str) -> set[str]:
         return {k.split(".lora_")[0].split(".")[-1] for k in adapter_weights(backend, model_id)}

@@ -73,10 +73,11 @@ class ToyRl:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        from bus_events.payloads import LoraSpec
         from trainer_consumer.backends.base import AdapterSpec
 
         self.tokenizer = tokenizer
-        targets = AdapterSpec(base_model=SMOLLM2, rank=rank, seed=0).target_modules
+        targets = AdapterSpec(base_model=SMOLLM2, lora=LoraSpec(rank=rank, seed=0)).target_modules
         base = AutoModelForCausalLM.from_pretrained(resolve_base_model(SMOLLM2))
         self.sampler = get_peft_model(base, LoraConfig(r=rank, lora_alpha=32, target_modules=targets)).eval()
         self.prompt = _chat_ids(tokenizer, [{"role": "user", "content": self.QUESTION}], generation_prompt=True)

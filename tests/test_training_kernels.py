@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from trainer_support import adapter_grads, random_data
 
+from bus_events.payloads import LoraSpec
 from bus_runtime.testing import make_tiny_model
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
@@ -83,10 +84,10 @@ def test_fused_lora_linear_matches_peft_in_output_and_gradients(tiny):
 def test_an_adapter_without_lm_head_lora_gets_the_same_results_next_to_one_with_it(tiny):
     """Once any adapter wraps lm_head, the others must still see the plain head (and take the frozen path)."""
     alone, mixed = HfPeftBackend(), HfPeftBackend()
-    plain = AdapterSpec(base_model=tiny, rank=4, seed=3, train_unembed=False)
+    plain = AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=3, train_unembed=False))
     alone.create_adapter("m", plain)
     mixed.create_adapter("m", plain)
-    mixed.create_adapter("with-head", AdapterSpec(base_model=tiny, rank=4, seed=5, train_unembed=True))
+    mixed.create_adapter("with-head", AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=5, train_unembed=True)))
     data = random_data(4, 3)
     mixed.forward_backward("with-head", data, "cross_entropy", {}, False)
     outputs = [backend.forward_backward("m", data, "cross_entropy", {}, False) for backend in (alone, mixed)]
@@ -103,7 +104,7 @@ def test_compiled_backend_matches_eager_and_compiles_once_for_all_adapters_and_s
     eager, compiled = HfPeftBackend(torch_compile=False), HfPeftBackend(torch_compile=True)
     for backend in (eager, compiled):
         for seed in (3, 4):
-            backend.create_adapter(f"m{seed}", AdapterSpec(base_model=tiny, rank=4, seed=seed))
+            backend.create_adapter(f"m{seed}", AdapterSpec(base_model=tiny, lora=LoraSpec(rank=4, seed=seed)))
     graphs_after_first_step = None
     for step, (model_id, data) in enumerate([("m3", random_data(1, 3)), ("m4", random_data(2, 5, lengths=(3, 20))),
                                              ("m3", random_data(3, 2, lengths=(2, 30)))]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -16,11 +17,12 @@ from artifact_store import CheckpointStore, MinioObjectStore, ObjectStore, S3Con
 from bus_events import Envelope, EventType, decode_envelope, decode_payload, encode_event, make_event, tensor_from_numpy
 from bus_events import payloads as p
 from bus_runtime.settings import BusSettings, open_object_store
+from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
+from trainer_consumer.inbound import Inbound, Reply
 from trainer_consumer.runtime import Runtime, Storage
-from trainer_consumer.stream import Inbound, Reply
 
 
 def datum(sequence: Sequence[int], weights: Sequence[float] | None = None, **extra: Sequence[float]) -> p.Datum:
@@ -43,7 +45,7 @@ def adapter_weights(backend: HfPeftBackend, model_id: str) -> dict[str, torch.Te
 
 
 def adapter_grads(backend: HfPeftBackend, model_id: str) -> dict[str, torch.Tensor]:
-    params = backend._adapters[model_id].params
+    params = backend._models.adapters[model_id].params
     return {k: v.grad.detach().clone() for k, v in params.items() if v.grad is not None}
 
 
@@ -114,6 +116,27 @@ class EngineHarness:
                              model_id, 0)
 
 
+class BlockingBackend:
+    """An HfPeftBackend whose forward_backwards of one model block the compute thread until `release` is set: a
+    step exactly as long as the test wants, on any machine."""
+
+    def __init__(self, model_id: str):
+        self.inner = HfPeftBackend()
+        self.model_id = model_id
+        self.entered = threading.Event()  # set once such a step occupies the compute thread
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def forward_backward(self, model_id: str, *args: object) -> object:
+        if model_id == self.model_id:
+            self.entered.set()
+            if not self.release.wait(timeout=300):
+                raise TimeoutError("BlockingBackend was never released")
+        return self.inner.forward_backward(model_id, *args)  # type: ignore[arg-type]
+
+
 def fb(data: list[p.Datum], loss_fn: str = "cross_entropy", forward_only: bool = False,
        **config: float) -> p.ForwardBackward:
     return p.ForwardBackward(data=data, loss_fn=loss_fn, loss_fn_config=dict(config), forward_only=forward_only)
@@ -130,9 +153,11 @@ def logprobs_of(result: dict) -> list[np.ndarray]:
 class BusHarness:
     """The real worker (run_trainer) as an asyncio task, a producer, and a reader of replies and dead letters."""
 
-    def __init__(self, settings: BusSettings, config: TrainerConfig | None = None):
+    def __init__(self, settings: BusSettings, config: TrainerConfig | None = None,
+                 backend: TrainingBackend | None = None):
         self.settings = settings
         self.config = config or TrainerConfig()
+        self.backend = backend
         self.replies: dict[str, list[p.Result]] = {}
         self.dead_letters: list[tuple[Envelope, p.DeadLetter]] = []
         self._changed = asyncio.Event()
@@ -142,7 +167,8 @@ class BusHarness:
         from trainer_consumer.worker import run_trainer
 
         ready = asyncio.Event()
-        self.worker = asyncio.create_task(run_trainer(self.settings, ready=ready, config=self.config))
+        self.worker = asyncio.create_task(run_trainer(self.settings, ready=ready, config=self.config,
+                                                      backend=self.backend))
         self.producer = make_producer(self.settings)
         await self.producer.start()
         self.reader = make_consumer(self.settings, self.settings.topics.replies, self.settings.topics.dead_letter,

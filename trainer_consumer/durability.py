@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 N = TypeVar("N", int, float)
 
@@ -53,15 +53,6 @@ class DurablePoint:
             return self.unsequenced_offset is not None and offset <= self.unsequenced_offset
         return (self.last_seq is not None and seq_id <= self.last_seq
                 and self.max_offset is not None and offset <= self.max_offset)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"last_seq": self.last_seq, "max_offset": self.max_offset,
-                "unsequenced_offset": self.unsequenced_offset}
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any] | None) -> DurablePoint:
-        doc = doc or {}
-        return cls(doc.get("last_seq"), doc.get("max_offset"), doc.get("unsequenced_offset"))
 
 
 WriteKind = Literal["snapshot", "marker"]

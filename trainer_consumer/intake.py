@@ -1,4 +1,4 @@
-"""From a training-topic record to an engine Inbound: decode, validate, fetch a claim-checked payload.
+"""From a training-topic record to an engine Inbound (bus_runtime.records does the decoding every consumer shares).
 
 Shared by the live worker and `replay`, so a replayed log goes through exactly what the trainer saw. A record
 that breaks the contract is `Poisoned`; if it still names its model and seq_id, that seq_id is burnt and `void`
@@ -7,56 +7,37 @@ is the seq_void that takes its place in the model's order (so the model does not
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
-from bus_events import (
-    TRAINING_EVENTS,
-    BlobStore,
-    ContractError,
-    Envelope,
-    EventType,
-    decode_envelope,
-    decode_payload,
-    make_event,
-)
+from bus_events import TRAINING_EVENTS, BlobStore, ContractError, Envelope, EventType, make_event
 from bus_events import payloads as p
-from trainer_consumer.model_state import BusPosition
-from trainer_consumer.stream import Inbound
+from bus_runtime.records import Poisoned as PoisonedRecord
+from bus_runtime.records import Stage, decode_record
+from trainer_consumer.inbound import BusPosition, Inbound
 
 
 @dataclass(frozen=True)
 class Poisoned:
     error: ContractError
-    stage: str  # the dead-letter stage: "decode" or "validate"
+    stage: Stage  # the dead-letter stage
     void: Inbound | None  # the seq_void standing in for it, when its model and seq_id are known
 
 
+def _check_seq_id(env: Envelope) -> None:
+    if env.seq_id is not None and env.seq_id < 0:
+        raise ContractError(f"seq_id must be >= 0, got {env.seq_id}", env.request_id, env.model_id)
+
+
 async def decode_training_record(raw: bytes, position: BusPosition, blobs: BlobStore | None) -> Inbound | Poisoned:
-    try:
-        env = decode_envelope(raw)
-    except ContractError as exc:
-        return Poisoned(exc, "decode", None)
-    try:
-        if env.type not in TRAINING_EVENTS:
-            raise ContractError(f"{env.type.value} events do not belong on the training topic {position.topic}",
-                                env.request_id, env.model_id)
-        if env.seq_id is not None and env.seq_id < 0:
-            raise ContractError(f"seq_id must be >= 0, got {env.seq_id}", env.request_id, env.model_id)
-        if env.payload_ref is not None:  # an S3 read: off the event loop
-            payload = await asyncio.to_thread(decode_payload, env, blobs)
-        else:
-            payload = decode_payload(env)
-    except ContractError as exc:
-        return Poisoned(exc, "validate", _void_for(env, exc, position))
-    except Exception as exc:  # the claim check could not be fetched: this event cannot be applied
-        error = ContractError(f"payload unreadable: {exc}", env.request_id, env.model_id)
-        return Poisoned(error, "decode", _void_for(env, error, position))
-    return Inbound(env, payload, position)
+    decoded = await decode_record(raw, blobs, TRAINING_EVENTS, check=_check_seq_id)
+    if isinstance(decoded, PoisonedRecord):
+        return Poisoned(decoded.error, decoded.stage, _void_for(decoded.env, decoded.error, position))
+    assert decoded.payload is not None  # no type is envelope-only here
+    return Inbound(decoded.env, decoded.payload, position)
 
 
-def _void_for(env: Envelope, exc: ContractError, position: BusPosition) -> Inbound | None:
-    if env.seq_id is None or env.type == EventType.SEQ_VOID:
+def _void_for(env: Envelope | None, exc: ContractError, position: BusPosition) -> Inbound | None:
+    if env is None or env.seq_id is None or env.type == EventType.SEQ_VOID:
         return None
     void_env, body = make_event(EventType.SEQ_VOID, p.SeqVoid(reason=f"dead-lettered: {exc}"),
                                 model_id=env.model_id, request_id=env.request_id, seq_id=env.seq_id,

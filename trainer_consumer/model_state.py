@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from bus_events import payloads as p
+from bus_runtime.errors import Category
 from trainer_consumer.backends.base import AdapterSpec
-from trainer_consumer.errors import Category
+from trainer_consumer.inbound import BusPosition
+from trainer_consumer.state_record import LoraRecord, TrainingStateRecord
 
-STATE_FORMAT = 1
+_GENERATIONS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -23,13 +23,6 @@ class WindowFailure:
     request: str  # which request, for the optim_step's error: "forward_backward seq_id 7", "seq_id 8"
     message: str
     category: Category
-
-
-@dataclass(frozen=True)
-class BusPosition:
-    topic: str
-    partition: int
-    offset: int
 
 
 @dataclass
@@ -47,6 +40,9 @@ class ModelState:
     window_open: bool = False
     last_adam_params: p.AdamParams | None = None
     unloaded: bool = False
+    # Tells this state from any other the stream held before (a create after nothing, a restore): every
+    # ModelState gets the next number, so lasting_key changes when the state is replaced.
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
     @property
     def base_model(self) -> str:
@@ -62,44 +58,27 @@ class ModelState:
             self.window_failure = failure
 
     def model_info(self) -> p.ModelInfo:
-        return p.ModelInfo(model_id=self.model_id, base_model=self.base_model, lora_rank=self.spec.rank,
-                           train_attn=self.spec.train_attn, train_mlp=self.spec.train_mlp,
-                           train_unembed=self.spec.train_unembed, step=self.step)
+        lora = self.spec.lora
+        return p.ModelInfo(model_id=self.model_id, base_model=self.base_model, lora_rank=lora.rank,
+                           train_attn=lora.train_attn, train_mlp=lora.train_mlp, train_unembed=lora.train_unembed,
+                           step=self.step)
 
-    def checkpoint_state(self, seq_id: int | None, position: BusPosition | None) -> dict[str, Any]:
+    def record(self, seq_id: int | None, position: BusPosition | None) -> TrainingStateRecord:
         """state.json of a training-state checkpoint: everything needed to resume, and where on the bus."""
-        return {
-            "format": STATE_FORMAT,
-            "model_id": self.model_id,
-            "tenant": self.tenant,
-            "base_model": self.base_model,
-            "lora": dataclasses.asdict(self.spec),
-            "step": self.step,
-            # The save is applied at `saved_at_seq_id`: the state holds the effects of every earlier seq_id.
-            "saved_at_seq_id": seq_id,
-            "last_applied_seq_id": self.last_applied_seq_id,
-            "adam_params": msgspec.to_builtins(self.last_adam_params) if self.last_adam_params else None,
-            "bus_position": dataclasses.asdict(position) if position else None,
-            "saved_at": time.time(),
-            # What a snapshot restore needs besides the tensors (see from_checkpoint_state).
-            "session_id": self.session_id,
-            "user_metadata": self.user_metadata,
-            "mutations": self.mutations,
-            "window_open": self.window_open,
-            "unloaded": self.unloaded,
-        }
+        return TrainingStateRecord(
+            model_id=self.model_id, tenant=self.tenant, base_model=self.base_model, lora=LoraRecord.of(self.spec),
+            step=self.step, saved_at_seq_id=seq_id, last_applied_seq_id=self.last_applied_seq_id,
+            adam_params=self.last_adam_params, bus_position=position, saved_at=time.time(),
+            session_id=self.session_id, user_metadata=self.user_metadata, mutations=self.mutations,
+            window_open=self.window_open, unloaded=self.unloaded)
 
     @classmethod
-    def from_checkpoint_state(cls, state: dict[str, Any]) -> ModelState:
-        """The record a snapshot's state.json describes (its window is always clean: snapshots wait for that)."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"state.json format {state.get('format')!r} is not {STATE_FORMAT}")
-        adam = state.get("adam_params")
-        return cls(model_id=state["model_id"], tenant=state["tenant"], spec=AdapterSpec(**state["lora"]),
-                   session_id=state.get("session_id"), user_metadata=dict(state.get("user_metadata") or {}),
-                   step=int(state["step"]), last_applied_seq_id=state.get("last_applied_seq_id"),
-                   mutations=int(state.get("mutations", 0)), unloaded=bool(state.get("unloaded", False)),
-                   last_adam_params=msgspec.convert(adam, p.AdamParams) if adam else None)
+    def from_record(cls, record: TrainingStateRecord) -> ModelState:
+        """The state a snapshot's record describes (its window is always clean: snapshots wait for that)."""
+        return cls(model_id=record.model_id, tenant=record.tenant, spec=record.lora.spec(),
+                   session_id=record.session_id, user_metadata=dict(record.user_metadata), step=record.step,
+                   last_applied_seq_id=record.last_applied_seq_id, mutations=record.mutations,
+                   unloaded=record.unloaded, last_adam_params=record.adam_params)
 
 
 def lasting_key(state: ModelState | None) -> tuple:
@@ -107,4 +86,4 @@ def lasting_key(state: ModelState | None) -> tuple:
     pass, a save, an error) needs no snapshot: re-applying it after a crash would change nothing."""
     if state is None:
         return (None,)
-    return (id(state), state.step, state.mutations, state.window_failure, state.window_open, state.unloaded)
+    return (state.generation, state.step, state.mutations, state.window_failure, state.window_open, state.unloaded)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from artifact_store import CheckpointStore, ObjectStore, Registry
+from bus_runtime.errors import UserError
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
-from trainer_consumer.errors import UserError
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +51,18 @@ class Runtime:
         if self.base_models is not None and name not in self.base_models:
             raise UserError(f"base_model {name!r} is not served by this trainer; served: {list(self.base_models)}")
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+    async def close(self, timeout_s: float) -> None:
+        """Close the backend on the compute thread, after the step running there (the calls queued behind it were
+        cancelled with their tasks), waiting at most `timeout_s`; a step still running then is left to the process
+        exit."""
+        closing = self.executor.submit(self.backend.close)
+        self.executor.shutdown(wait=False, cancel_futures=False)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(closing), timeout_s)
+        except TimeoutError:
+            log.warning("the backend was not closed: a step still runs after %.0f s", timeout_s)
+        except Exception:
+            log.exception("closing the backend failed")
 
 
 def default_seed(model_id: str) -> int:

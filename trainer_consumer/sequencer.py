@@ -33,11 +33,12 @@ class Sequencer(Generic[T]):
         self._buffer[seq_id] = item
         return self._release()
 
-    def expire(self) -> tuple[list[int], list[T]]:
-        """After the gap timeout: skip the missing seq_ids before the first buffered one, release what follows."""
+    def expire(self, *, now: bool = False) -> tuple[list[int], list[T]]:
+        """After the gap timeout (`now`: at once): skip the missing seq_ids before the first buffered one, release
+        what follows."""
         if not self._buffer or self._waiting_since is None:
             return [], []
-        if self._clock() - self._waiting_since < self.gap_timeout_s:
+        if not now and self._clock() - self._waiting_since < self.gap_timeout_s:
             return [], []
         first = min(self._buffer)
         missing = list(range(self.next_seq, first))

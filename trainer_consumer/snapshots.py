@@ -14,15 +14,15 @@ load, overwrite or delete them by name. A model that was unloaded gets a snapsho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
+
+import msgspec
 
 from artifact_store import Checkpoint, CheckpointNotFound, CheckpointStore, ObjectStore, TinkerPath
 from trainer_consumer.durability import DurablePoint
+from trainer_consumer.state_record import StateFormatError, TrainingStateRecord, read_state
 
 SNAPSHOT_NAME = "latest"
-POINT_KEY = "durable_point"
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,19 @@ def _progress_key(model_id: str) -> str:
     return f"runs/{model_id}/snapshots/progress.json"
 
 
+class Progress(msgspec.Struct):
+    """progress.json: the snapshot of this manifest version is still exact up to `point`."""
+
+    snapshot_version: str
+    point: DurablePoint
+
+
 @dataclass(frozen=True)
 class Snapshot:
     checkpoint: Checkpoint
+    record: TrainingStateRecord
     version: str  # the manifest version: which save this is
     point: DurablePoint  # the snapshot's own point, advanced by its progress marker when that matches
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self.checkpoint.state
 
 
 class SnapshotStore:
@@ -62,25 +66,30 @@ class SnapshotStore:
         self.objects = objects
         self.checkpoints = CheckpointStore(objects)
 
-    def save(self, model_id: str, checkpoint: Checkpoint, point: DurablePoint, base_model: str) -> str:
-        """Write the snapshot (replacing the previous one); returns its version."""
-        checkpoint.state[POINT_KEY] = point.to_json()
-        return self.checkpoints.save(snapshot_path(model_id), checkpoint, base_model=base_model, overwrite=True).version
+    def save(self, model_id: str, checkpoint: Checkpoint, record: TrainingStateRecord, point: DurablePoint) -> str:
+        """Write the snapshot (replacing the previous one), its record saying which point it covers; returns its
+        version."""
+        checkpoint.state = msgspec.structs.replace(record, durable_point=point).to_json()
+        return self.checkpoints.save(snapshot_path(model_id), checkpoint, base_model=record.base_model,
+                                     overwrite=True).version
 
     def save_progress(self, model_id: str, snapshot_version: str, point: DurablePoint) -> None:
-        doc = {"snapshot_version": snapshot_version, "point": point.to_json()}
-        self.objects.put_bytes(_progress_key(model_id), json.dumps(doc).encode(), "application/json")
+        self.objects.put_bytes(_progress_key(model_id), msgspec.json.encode(Progress(snapshot_version, point)),
+                               "application/json")
 
     def load(self, model_id: str) -> Snapshot | None:
         try:
             checkpoint, info = self.checkpoints.load_with_info(snapshot_path(model_id))
         except CheckpointNotFound:
             return None
-        point = DurablePoint.from_json(checkpoint.state.get(POINT_KEY))
+        record = read_state(checkpoint.state)
+        if record is None:
+            raise StateFormatError(f"the snapshot of {model_id} has no state.json")
+        point = record.durable_point or DurablePoint()
         raw = self.objects.get_bytes_or_none(_progress_key(model_id))
         if raw is not None:
-            progress = json.loads(raw)
+            progress = msgspec.json.decode(raw, type=Progress)
             # A marker of an older snapshot (or a newer one whose manifest lost a race) says nothing about this one.
-            if progress.get("snapshot_version") == info.version:
-                point = DurablePoint.from_json(progress.get("point"))
-        return Snapshot(checkpoint, info.version, point)
+            if progress.snapshot_version == info.version:
+                point = progress.point
+        return Snapshot(checkpoint, record, info.version, point)

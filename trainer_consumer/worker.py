@@ -23,34 +23,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import Envelope
-from bus_events import payloads as p
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
-from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
+from trainer_consumer.inbound import BusPosition, Inbound, Reply
 from trainer_consumer.intake import Poisoned, decode_training_record
-from trainer_consumer.model_state import BusPosition
 from trainer_consumer.runtime import Runtime, Storage
-from trainer_consumer.stream import Inbound, Reply
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 100
 MAX_RECORDS_PER_POLL = 64
-RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
 
 
 def _partitions(tps: set[TopicPartition]) -> set[tuple[str, int]]:
@@ -77,8 +72,7 @@ class TrainerWorker:
         self.config = runtime.config
         self.objects = objects
         self.engine = TrainerEngine(runtime, self._finish)
-        self.offsets = OffsetTracker()
-        self.inflight: dict[TopicPartition, dict[int, Inbound]] = defaultdict(dict)
+        self.offsets = OffsetTracker()  # the one record of unfinished offsets (the engine knows what waits for compute)
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=settings.trainer_group)
         # Partitions this worker may feed to the engine. A revoke removes them before anything else, so a record
@@ -159,32 +153,17 @@ class TrainerWorker:
                 self.offsets.finished(tp, record.offset)
                 return
             decoded = decoded.void  # its seq_id is burnt: void it in order (finished when the model gets there)
-        self.inflight[tp][record.offset] = decoded
         await self.engine.submit(decoded)
 
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
         for env, result in replies:
-            await self._publish_reply(env, result)
+            await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
+                                     retry_s=self.config.publish_retry_s, blob_store=self.objects,
+                                     claim_check_bytes=self.settings.claim_check_bytes)
         if inbound.position is not None:
             tp = TopicPartition(inbound.position.topic, inbound.position.partition)
-            self.inflight.get(tp, {}).pop(inbound.position.offset, None)
             self.offsets.finished(tp, inbound.position.offset)
-
-    async def _publish_reply(self, env: Envelope, result: p.Result) -> None:
-        deadline = time.monotonic() + self.config.publish_retry_s
-        delay = RETRY_DELAY_S[0]
-        while True:
-            try:
-                await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
-                              claim_check_bytes=self.settings.claim_check_bytes)
-                return
-            except Exception as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("publishing the reply to %s failed (%s); retrying in %.1f s", env.request_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_DELAY_S[1])
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         self._last_commit = time.monotonic()
@@ -208,13 +187,12 @@ class TrainerWorker:
         await self.commit(only=revoked)
         await self.engine.drop(partitions)
         self.offsets.forget(revoked)
-        for tp in revoked:
-            self.inflight.pop(tp, None)
 
     def _apply_backpressure(self) -> None:
         paused = self.consumer.paused()
+        scheduled = self.engine.scheduled()
         for tp in self.consumer.assignment():
-            busy = sum(1 for inbound in self.inflight.get(tp, {}).values() if inbound.scheduled)
+            busy = scheduled.get((tp.topic, tp.partition), 0)
             if busy >= self.config.max_scheduled_per_partition and tp not in paused:
                 log.debug("pausing %s: %d events wait for compute", tp, busy)
                 self.consumer.pause(tp)

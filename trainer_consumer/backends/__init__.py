@@ -7,6 +7,9 @@ from trainer_consumer.config import TrainerConfig
 
 
 def make_backend(config: TrainerConfig, device: str = "auto") -> TrainingBackend:
+    """The configured backend with every setting it takes. Megatron takes no `deterministic` / `torch_compile` (it
+    runs eagerly) and places itself on the GPUs of its tensor-parallel ranks, so those and `device` are the HF
+    backend's alone."""
     if config.backend == "hf_peft":
         from trainer_consumer.backends.hf_peft import HfPeftBackend
 
@@ -18,5 +21,6 @@ def make_backend(config: TrainerConfig, device: str = "auto") -> TrainingBackend
         from trainer_consumer.backends.megatron.backend import MegatronBackend
 
         return MegatronBackend(tp_size=config.megatron_tp_size, logprob_chunk_tokens=config.logprob_chunk_tokens,
-                               micro_batch_tokens=config.micro_batch_tokens)
+                               micro_batch_tokens=config.micro_batch_tokens,
+                               gradient_checkpointing=config.gradient_checkpointing)
     raise ValueError(f"unknown trainer backend {config.backend!r}; known: ['hf_peft', 'megatron']")

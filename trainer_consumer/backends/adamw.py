@@ -34,9 +34,6 @@ class AdapterOptimizer:
         for param in self.params.values():
             param.grad = None
 
-    def has_gradients(self) -> bool:
-        return any(param.grad is not None for param in self.params.values())
-
     def step(self, adam: p.AdamParams) -> dict[str, float]:
         grads = [param.grad for param in self.params.values() if param.grad is not None]
         grad_norm = float(get_total_norm(grads)) if grads else 0.0

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-import torch
-
+from artifact_store.lora_targets import target_modules
 from bus_events import payloads as p
+from bus_runtime.base_models import BaseModelInfo
+
+if TYPE_CHECKING:  # annotations only: the engine's scheduling core (stream.py) imports this module without torch
+    import numpy as np
+    import torch
 
 # Tinker fixes alpha server-side; with alpha = 32 the LoRA scale alpha / rank is 1 at the default rank 32.
 LORA_ALPHA = 32.0
-
-# LoRA targets by PEFT module name (the checkpoint format: a Megatron backend maps its fused layers to these).
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
 
 
 class BackendInputError(ValueError):
@@ -44,26 +42,28 @@ class UnknownModel(KeyError):
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A LoRA adapter: which blocks get LoRA, its rank, alpha and the seed of its initialisation."""
+    """A LoRA adapter: the wire's LoraSpec (rank, blocks, with its seed resolved), its base model and alpha."""
 
     base_model: str
-    rank: int
-    seed: int
-    train_attn: bool = True
-    train_mlp: bool = True
-    train_unembed: bool = True
+    lora: p.LoraSpec  # lora.seed is never None here: the engine resolves a missing seed (runtime.default_seed)
     alpha: float = LORA_ALPHA
+
+    def __post_init__(self) -> None:
+        if self.lora.seed is None:
+            raise ValueError("an AdapterSpec needs a resolved seed (lora.seed is None)")
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def seed(self) -> int:
+        assert self.lora.seed is not None
+        return self.lora.seed
 
     @property
     def target_modules(self) -> list[str]:
-        return [*(ATTN_MODULES if self.train_attn else ()), *(MLP_MODULES if self.train_mlp else ()),
-                *(UNEMBED_MODULES if self.train_unembed else ())]
-
-    def __post_init__(self) -> None:
-        if not (self.train_attn or self.train_mlp or self.train_unembed):
-            raise BackendInputError("at least one of train_attn, train_mlp, train_unembed must be true")
-        if self.rank < 1:
-            raise BackendInputError(f"LoRA rank must be >= 1, got {self.rank}")
+        return target_modules(self.lora.train_attn, self.lora.train_mlp, self.lora.train_unembed)
 
 
 @dataclass
@@ -81,18 +81,22 @@ class AdapterExport:
 
 
 @dataclass(frozen=True)
-class BaseModelInfo:
-    name: str
-    architecture: str
-    vocab_size: int
-    max_positions: int
+class FbRequest:
+    """One model's forward_backward, as `forward_backward_many` takes it."""
+
+    model_id: str
+    data: Sequence[p.Datum]
+    loss_fn: str
+    loss_fn_config: Mapping[str, float | str]
+    forward_only: bool
 
 
 class TrainingBackend(Protocol):
     """What the engine needs from a training backend. Every method is synchronous and may take long."""
 
     def base_model_info(self, base_model: str) -> BaseModelInfo:
-        """Load the base model if needed (frozen, bf16 on GPU / fp32 on CPU) and describe it."""
+        """Load the base model if needed (frozen, bf16 on GPU / fp32 on CPU) and describe it (from its config.json:
+        bus_runtime.base_models.info_from_config, the one vocabulary rule)."""
         ...
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
@@ -132,3 +136,28 @@ class TrainingBackend(Protocol):
         """Overwrite an existing adapter's weights (PEFT names) and, if given, its AdamW moments; else reset the
         optimizer. Raises BackendInputError when names or shapes do not match the adapter."""
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds beyond this process's memory (worker processes, process groups). Called
+        once, on the compute thread after its last call, when the trainer shuts down."""
+        ...
+
+
+def forward_backward_many(backend: TrainingBackend, requests: Sequence[FbRequest]
+                          ) -> list[ForwardBackwardOutput | Exception]:
+    """The forward_backwards of several models (at most one each), each one's output or its error, in order.
+
+    The seam for batched multi-adapter training: the engine calls this, today with one request per call, and it
+    runs them one by one. A backend that can run several adapters in one pass gets a `forward_backward_many`
+    method of this signature and this function hands the whole batch to it; the engine then gathers the ready
+    forward_backwards at the heads of several models' lanes (actions.py) into one call."""
+    native = getattr(backend, "forward_backward_many", None)
+    if native is not None:
+        return native(requests)
+    out: list[ForwardBackwardOutput | Exception] = []
+    for r in requests:
+        try:
+            out.append(backend.forward_backward(r.model_id, r.data, r.loss_fn, r.loss_fn_config, r.forward_only))
+        except Exception as exc:  # one model's bad input fails that model's request only
+            out.append(exc)
+    return out

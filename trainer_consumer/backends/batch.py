@@ -40,7 +40,7 @@ class MicroBatch:
     mask: torch.Tensor  # bool [B, L], True on real positions
 
 
-def check_data(data: Sequence[p.Datum], *, vocab_size: int, max_positions: int) -> list[CheckedDatum]:
+def check_data(data: Sequence[p.Datum], *, vocab_size: int, max_positions: int | None) -> list[CheckedDatum]:
     if not data:
         raise BackendInputError("forward_backward needs at least one datum")
     return [_check_datum(i, d, vocab_size, max_positions) for i, d in enumerate(data)]
@@ -52,14 +52,14 @@ def _check_ids(where: str, ids: np.ndarray, vocab_size: int) -> None:
         raise BackendInputError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-def _check_datum(index: int, datum: p.Datum, vocab_size: int, max_positions: int) -> CheckedDatum:
+def _check_datum(index: int, datum: p.Datum, vocab_size: int, max_positions: int | None) -> CheckedDatum:
     where = f"data[{index}]"
     tokens = datum.tokens.numpy()
     if tokens.ndim != 1 or tokens.dtype.kind != "i":
         raise BackendInputError(f"{where}.tokens must be a 1-D integer tensor, got {tokens.dtype} {list(tokens.shape)}")
     if tokens.shape[0] == 0:
         raise BackendInputError(f"{where}.tokens is empty")
-    if tokens.shape[0] > max_positions:
+    if max_positions is not None and tokens.shape[0] > max_positions:  # None: config.json sets no limit
         raise BackendInputError(f"{where} has {tokens.shape[0]} tokens; the model takes at most {max_positions}")
     _check_ids(f"{where}.tokens", tokens, vocab_size)
     if TARGET_TOKENS not in datum.loss_fn_inputs:
@@ -135,7 +135,7 @@ def run_forward_backward(
     forward_only: bool,
     *,
     vocab_size: int,
-    max_positions: int,
+    max_positions: int | None,
     micro_batch_tokens: int,
     logprobs_of: Callable[[MicroBatch], torch.Tensor],
 ) -> ForwardBackwardOutput:

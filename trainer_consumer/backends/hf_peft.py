@@ -26,9 +26,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import threading
 import warnings
@@ -39,18 +37,15 @@ from typing import Any
 import torch
 
 from bus_events import payloads as p
+from bus_runtime.base_models import BaseModelInfo, info_from_config
 from trainer_consumer.backends.adamw import AdapterOptimizer
-from trainer_consumer.backends.base import (
-    AdapterExport,
-    AdapterSpec,
-    BackendInputError,
-    BaseModelInfo,
-    ForwardBackwardOutput,
-    UnknownModel,
-)
+from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
+from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
+from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
 from trainer_consumer.backends.lora_compute import FusedLoraLinear, adopt, frozen_weight, use
+from trainer_consumer.backends.peft_config import adapter_config, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +103,10 @@ class HfPeftBackend:
             logprob_and_direction
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
-        self._bases: dict[str, _Base] = {}
-        self._adapters: dict[str, _Adapter] = {}
+        self._models: AdapterRegistry[_Base, _Adapter] = AdapterRegistry(self._load_base)
         self._slots = 0
 
     # ------------------------------------------------------------------ base models
-    def _base(self, name: str) -> _Base:
-        if name not in self._bases:
-            self._bases[name] = self._load_base(name)
-        return self._bases[name]
-
     def _load_base(self, name: str) -> _Base:
         from transformers import AutoModelForCausalLM
 
@@ -137,21 +126,14 @@ class HfPeftBackend:
             # Compiled lazily at the first forward, so the LoRA layers PEFT injects later are part of the graph.
             for layer in model.get_decoder().layers:
                 layer.compile(dynamic=True)  # one graph for every batch shape
-        config = model.config
-        vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
-        info = BaseModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0],
-                             vocab_size=vocab, max_positions=int(getattr(config, "max_position_embeddings", 1 << 20)))
-        return _Base(info=info, model=model)
+        return _Base(info=info_from_config(name, model.config.to_dict()), model=model)
 
     def base_model_info(self, base_model: str) -> BaseModelInfo:
-        return self._base(base_model).info
+        return self._models.base(base_model).info
 
     # ------------------------------------------------------------------ adapters
     def _adapter(self, model_id: str) -> _Adapter:
-        try:
-            return self._adapters[model_id]
-        except KeyError:
-            raise UnknownModel(f"no adapter is loaded for model {model_id!r}") from None
+        return self._models.adapter(model_id)
 
     def _activate(self, adapter: _Adapter) -> None:
         if adapter.base.active != adapter.slot:
@@ -159,15 +141,13 @@ class HfPeftBackend:
             adapter.base.active = adapter.slot
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        if model_id in self._adapters:
-            raise BackendInputError(f"model {model_id!r} already has an adapter")
-        base = self._base(spec.base_model)
+        self._models.check_new(model_id)
+        base = self._models.base(spec.base_model)
         slot = f"adapter_{self._slots}"
         self._slots += 1
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.target_modules,
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        config = lora_config(spec)
         with warnings.catch_warnings():
             # LoRA on lm_head of a tied-embedding model: PEFT warns about merging; we never merge.
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
@@ -182,14 +162,14 @@ class HfPeftBackend:
                           if marker in name}
         for param in adapter.params.values():  # PEFT leaves only its active adapter trainable; we train any
             param.requires_grad_(True)
-        _seeded_init(adapter.params, spec.seed)
+        seeded_init(adapter.params, spec.seed)
         adapter.optimizer = AdapterOptimizer(adapter.params)
-        self._adapters[model_id] = adapter
+        self._models.add(model_id, adapter)
         base.active = None  # PEFT may have switched the active adapter; re-activate on the next op
         log.info("created adapter %s for %s (rank %d on %s)", slot, model_id, spec.rank, spec.target_modules)
 
     def remove_adapter(self, model_id: str) -> None:
-        adapter = self._adapters.pop(model_id, None)
+        adapter = self._models.pop(model_id)
         if adapter is None:
             return
         adapter.base.peft.delete_adapter(adapter.slot)
@@ -232,9 +212,8 @@ class HfPeftBackend:
     def export_adapter(self, model_id: str) -> AdapterExport:
         adapter = self._adapter(model_id)
         weights = {key: param.detach().to("cpu", copy=True) for key, param in adapter.params.items()}
-        config = adapter.base.peft.peft_config[adapter.slot].to_dict()
-        config["base_model_name_or_path"] = adapter.spec.base_model
-        return AdapterExport(config=_json_safe(config), weights=weights)
+        config = adapter_config(adapter.base.peft.peft_config[adapter.slot].to_dict(), adapter.spec)
+        return AdapterExport(config=config, weights=weights)
 
     def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
         adapter = self._adapter(model_id)
@@ -244,16 +223,7 @@ class HfPeftBackend:
     def load_adapter(self, model_id: str, weights: Mapping[str, torch.Tensor],
                      optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
         adapter = self._adapter(model_id)
-        missing = sorted(set(adapter.params) - set(weights))
-        unexpected = sorted(set(weights) - set(adapter.params))
-        if missing or unexpected:
-            raise BackendInputError(f"adapter weights do not match the adapter: missing {missing[:3]}"
-                                    f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                                    f"{'...' if len(unexpected) > 3 else ''}")
-        for key, param in adapter.params.items():
-            if weights[key].shape != param.shape:
-                raise BackendInputError(f"adapter weight {key} has shape {list(weights[key].shape)}, "
-                                        f"the adapter needs {list(param.shape)}")
+        check_adapter_weights({key: list(param.shape) for key, param in adapter.params.items()}, weights)
         assert adapter.optimizer is not None
         adapter.optimizer.import_state(optimizer_state)  # validates before any weight changes
         with torch.no_grad():
@@ -261,29 +231,6 @@ class HfPeftBackend:
                 param.copy_(weights[key].to(param.device, param.dtype))
         adapter.optimizer.zero_grad()
 
-
-def _seeded_init(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
-    """lora_A ~ kaiming_uniform(a=sqrt(5)) (PEFT's default), lora_B = 0, from per-parameter CPU generators."""
-    with torch.no_grad():
-        for key, param in params.items():
-            if ".lora_B." in key:
-                param.zero_()
-                continue
-            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-            fan_in = param.shape[1]
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a = sqrt(5) gives bound = 1 / sqrt(fan_in)
-            values = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-            param.copy_(values.to(param.device, param.dtype))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted(_json_safe(v) for v in value)
-    if isinstance(value, str):  # str-valued enums (PeftType, TaskType) become plain strings
-        return str(value.value) if hasattr(value, "value") else value
-    return value
+    def close(self) -> None:
+        """Nothing to release: everything lives in this process's memory, freed with the backend object (which
+        callers such as tests may keep using after the engine stops)."""

@@ -14,17 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from bus_events import payloads as p
+from bus_runtime.base_models import BaseModelInfo, info_from_config
 from trainer_consumer.backends.adamw import AdapterOptimizer
-from trainer_consumer.backends.base import (
-    AdapterExport,
-    AdapterSpec,
-    BackendInputError,
-    BaseModelInfo,
-    ForwardBackwardOutput,
-    UnknownModel,
-)
+from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
+from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import run_forward_backward
-from trainer_consumer.backends.hf_peft import _seeded_init
+from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.megatron.config import ModelShape, build_gpt_model, model_shape
 from trainer_consumer.backends.megatron.convert import load_hf_weights, safetensors_source
 from trainer_consumer.backends.megatron.forward import checkpoint_layers, target_logprobs
@@ -38,7 +33,7 @@ from trainer_consumer.backends.megatron.lora import (
 )
 from trainer_consumer.backends.megatron.optimizer import TensorParallelAdapterOptimizer
 from trainer_consumer.backends.megatron.parallel import device, tp_rank, tp_size
-from trainer_consumer.backends.megatron.peft_config import adapter_config
+from trainer_consumer.backends.peft_config import adapter_config, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +62,9 @@ class MegatronEngine:
         self.gradient_checkpointing = gradient_checkpointing
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
-        self._bases: dict[str, _Base] = {}
-        self._adapters: dict[str, _Adapter] = {}
+        self._models: AdapterRegistry[_Base, _Adapter] = AdapterRegistry(self._load_base)
 
     # ------------------------------------------------------------------ base models
-    def _base(self, name: str) -> _Base:
-        return self._bases[name] if name in self._bases else self._load_base(name)
-
     def _load_base(self, name: str) -> _Base:
         from transformers import AutoConfig
 
@@ -86,46 +77,38 @@ class MegatronEngine:
         model = build_gpt_model(shape, tp_size=tp_size(), dtype=self.dtype)
         with safetensors_source(path) as source:
             load_hf_weights(model, source, shape, tp_rank(), tp_size())
-        return self._adopt_base(name, model, shape, (hf_config.architectures or ["?"])[0])
+        return self._adopt_base(info_from_config(name, hf_config.to_dict()), model, shape)
 
-    def _adopt_base(self, name: str, model: torch.nn.Module, shape: ModelShape, architecture: str) -> _Base:
+    def _adopt_base(self, info: BaseModelInfo, model: torch.nn.Module, shape: ModelShape) -> _Base:
         model.requires_grad_(False)
         if self.gradient_checkpointing:
             checkpoint_layers(model)
         model.train()  # every dropout is 0, so train and eval mode compute the same
         linears = all_linears(shape)
-        info = BaseModelInfo(name=name, architecture=architecture, vocab_size=shape.vocab_size,
-                             max_positions=shape.max_positions)
-        base = _Base(info=info, shape=shape, model=model, linears=linears,
+        return _Base(info=info, shape=shape, model=model, linears=linears,
                      active=attach_hooks(model, linears, tp_size()))
-        self._bases[name] = base
-        return base
 
     def base_model_info(self, base_model: str) -> BaseModelInfo:
-        return self._base(base_model).info
+        return self._models.base(base_model).info
 
     # ------------------------------------------------------------------ adapters
     def _adapter(self, model_id: str) -> _Adapter:
-        try:
-            return self._adapters[model_id]
-        except KeyError:
-            raise UnknownModel(f"no adapter is loaded for model {model_id!r}") from None
+        return self._models.adapter(model_id)
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
-        if model_id in self._adapters:
-            raise BackendInputError(f"model {model_id!r} already has an adapter")
-        base = self._base(spec.base_model)
+        self._models.check_new(model_id)
+        base = self._models.base(spec.base_model)
         local = build_local_adapter(base.linears, set(spec.target_modules), spec.rank, spec.alpha, tp_size(),
                                     device())
         # The HF backend's initialisation on the full PEFT shapes, then this rank's slice: the same seed gives the
         # same adapter in either backend and at any TP size.
         full = {key: torch.empty(self._full_shape(local, key)) for key in local.params}
-        _seeded_init(full, spec.seed)
+        seeded_init(full, spec.seed)
         set_local_values(local, full, tp_rank(), tp_size())
         sharded = {key for key, rule in local.sharding.items() if rule.dim is not None}
         optimizer = (AdapterOptimizer(local.params) if tp_size() == 1
                      else TensorParallelAdapterOptimizer(local.params, sharded))
-        self._adapters[model_id] = _Adapter(spec=spec, base=base, local=local, optimizer=optimizer)
+        self._models.add(model_id, _Adapter(spec=spec, base=base, local=local, optimizer=optimizer))
 
     @staticmethod
     def _full_shape(local: LocalAdapter, key: str) -> list[int]:
@@ -136,7 +119,7 @@ class MegatronEngine:
         return shape
 
     def remove_adapter(self, model_id: str) -> None:
-        adapter = self._adapters.pop(model_id, None)
+        adapter = self._models.pop(model_id)
         if adapter is not None and adapter.base.active.adapter is adapter.local:
             adapter.base.active.adapter = None
 
@@ -161,7 +144,8 @@ class MegatronEngine:
     # ------------------------------------------------------------------ state in and out
     def export_adapter(self, model_id: str) -> AdapterExport:
         adapter = self._adapter(model_id)
-        return AdapterExport(config=adapter_config(adapter.spec), weights=adapter.local.full_tensors())
+        config = adapter_config(lora_config(adapter.spec).to_dict(), adapter.spec)
+        return AdapterExport(config=config, weights=adapter.local.full_tensors())
 
     def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
         adapter = self._adapter(model_id)
@@ -178,16 +162,7 @@ class MegatronEngine:
                      optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
         adapter = self._adapter(model_id)
         local = adapter.local
-        missing = sorted(set(local.params) - set(weights))
-        unexpected = sorted(set(weights) - set(local.params))
-        if missing or unexpected:
-            raise BackendInputError(f"adapter weights do not match the adapter: missing {missing[:3]}"
-                                    f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                                    f"{'...' if len(unexpected) > 3 else ''}")
-        for key in local.params:
-            if list(weights[key].shape) != self._full_shape(local, key):
-                raise BackendInputError(f"adapter weight {key} has shape {list(weights[key].shape)}, "
-                                        f"the adapter needs {self._full_shape(local, key)}")
+        check_adapter_weights({key: self._full_shape(local, key) for key in local.params}, weights)
         local_moments = None
         if optimizer_state is not None:
             local_moments = {}

@@ -10,9 +10,9 @@ same seq_id, or sampler weights equal to the ones being saved) is then a success
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
+import msgspec
 import torch
 
 from artifact_store import (
@@ -24,48 +24,46 @@ from artifact_store import (
     TinkerPath,
     check_name,
 )
+from artifact_store.lora_targets import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES, trained_blocks
 from bus_events import payloads as p
-from trainer_consumer.backends.base import (
-    ATTN_MODULES,
-    LORA_ALPHA,
-    MLP_MODULES,
-    UNEMBED_MODULES,
-    AdapterExport,
-    AdapterSpec,
-    TrainingBackend,
-)
-from trainer_consumer.errors import UserError
+from bus_runtime.errors import UserError
+from trainer_consumer.backends.base import LORA_ALPHA, AdapterExport, AdapterSpec, TrainingBackend
+from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState
-from trainer_consumer.ops_training import install_model, require_state
+from trainer_consumer.ops.install import install
+from trainer_consumer.ops.training import require_state
 from trainer_consumer.runtime import Runtime, default_seed
-from trainer_consumer.stream import Inbound, ModelStream
+from trainer_consumer.state_record import StateFormatError, TrainingStateRecord, read_state
+from trainer_consumer.stream import ModelStream
 
 
 def training_state(backend: TrainingBackend, model_id: str) -> tuple[AdapterExport, dict]:
     return backend.export_adapter(model_id), backend.export_optimizer(model_id)
 
 
-async def save_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
-    payload: p.SaveWeights = inbound.payload
+async def save_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.SaveWeights) -> p.PathResult:
     state = require_state(stream, inbound)
     path = TinkerPath(state.model_id, "weights", check_name(payload.name))
     adapter, optimizer = await rt.compute(training_state, rt.backend, state.model_id)
-    checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer,
-                            state.checkpoint_state(inbound.env.seq_id, inbound.position))
+    record = state.record(inbound.env.seq_id, inbound.position)
+    checkpoint = Checkpoint(adapter.config, adapter.weights, optimizer, record.to_json())
     try:
         await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
                     overwrite=payload.overwrite, ttl_seconds=payload.ttl_seconds, user_metadata=payload.user_metadata)
     except CheckpointExists:
-        if not await rt.io(_saved_by, rt, path, lambda existing: _same_training_save(existing, checkpoint)):
+        if not await rt.io(_saved_by, rt, path, lambda existing: _same_training_save(existing, record)):
             raise
     return p.PathResult(path=str(path))
 
 
-def _same_training_save(existing: Checkpoint, ours: Checkpoint) -> bool:
+def _same_training_save(existing: Checkpoint, ours: TrainingStateRecord) -> bool:
     """This very save, applied before a crash: same model, same seq_id (seq-less saves are never matched)."""
-    seq = ours.state.get("saved_at_seq_id")
-    return seq is not None and existing.state.get("model_id") == ours.state.get("model_id") \
-        and existing.state.get("saved_at_seq_id") == seq
+    try:
+        theirs = read_state(existing.state)
+    except StateFormatError:
+        return False
+    return ours.saved_at_seq_id is not None and theirs is not None and theirs.model_id == ours.model_id \
+        and theirs.saved_at_seq_id == ours.saved_at_seq_id
 
 
 def _same_weights(existing: Checkpoint, ours: Checkpoint) -> bool:
@@ -80,8 +78,8 @@ def _saved_by(rt: Runtime, path: TinkerPath, matches: Callable[[Checkpoint], boo
         return False
 
 
-async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
-    payload: p.SaveWeightsForSampler = inbound.payload
+async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: Inbound,
+                                   payload: p.SaveWeightsForSampler) -> p.PathResult:
     state = require_state(stream, inbound)
     if payload.name is None and payload.sampling_session_id is None:
         raise UserError("save_weights_for_sampler needs a name or a sampling_session_id")
@@ -108,25 +106,25 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
     return p.PathResult(path=str(path), sampling_session_id=payload.sampling_session_id)
 
 
-def spec_from_checkpoint(checkpoint: Checkpoint, base_model: str, seed: int) -> AdapterSpec:
+def spec_from_checkpoint(checkpoint: Checkpoint, record: TrainingStateRecord | None, base_model: str,
+                         seed: int) -> AdapterSpec:
     """The adapter a checkpoint needs: from our state.json, else from its PEFT adapter_config.json."""
-    lora: Mapping[str, Any] | None = checkpoint.state.get("lora")
-    if lora:
-        return AdapterSpec(base_model=base_model, rank=int(lora["rank"]), seed=int(lora.get("seed", seed)),
-                           train_attn=bool(lora["train_attn"]), train_mlp=bool(lora["train_mlp"]),
-                           train_unembed=bool(lora["train_unembed"]), alpha=float(lora.get("alpha", LORA_ALPHA)))
-    config = checkpoint.adapter_config
-    targets = config.get("target_modules")
-    if not isinstance(targets, list):
-        raise UserError(f"checkpoint adapter_config target_modules {targets!r} is not a list of module names")
-    unknown = set(targets) - {*ATTN_MODULES, *MLP_MODULES, *UNEMBED_MODULES}
-    if unknown:
-        raise UserError(f"checkpoint targets modules this trainer does not train: {sorted(unknown)}")
-    chosen = set(targets)
-    return AdapterSpec(base_model=base_model, rank=int(config["r"]), seed=seed,
-                       train_attn=bool(chosen & set(ATTN_MODULES)), train_mlp=bool(chosen & set(MLP_MODULES)),
-                       train_unembed=bool(chosen & set(UNEMBED_MODULES)),
-                       alpha=float(config.get("lora_alpha", LORA_ALPHA)))
+    try:
+        if record is not None:
+            return record.lora.spec(base_model)
+        config = checkpoint.adapter_config
+        targets = config.get("target_modules")
+        if not isinstance(targets, list):
+            raise UserError(f"checkpoint adapter_config target_modules {targets!r} is not a list of module names")
+        unknown = set(targets) - {*ATTN_MODULES, *MLP_MODULES, *UNEMBED_MODULES}
+        if unknown:
+            raise UserError(f"checkpoint targets modules this trainer does not train: {sorted(unknown)}")
+        attn, mlp, unembed = trained_blocks(targets)
+        return AdapterSpec(base_model=base_model, alpha=float(config.get("lora_alpha", LORA_ALPHA)),
+                           lora=p.LoraSpec(rank=int(config["r"]), seed=seed, train_attn=attn, train_mlp=mlp,
+                                           train_unembed=unembed))
+    except msgspec.ValidationError as exc:  # rank out of range, no block trained...
+        raise UserError(f"checkpoint has an unusable LoRA spec: {exc}") from exc
 
 
 def _read_checkpoint(rt: Runtime, path: TinkerPath, tenant: str) -> tuple[Checkpoint, CheckpointInfo]:
@@ -136,8 +134,7 @@ def _read_checkpoint(rt: Runtime, path: TinkerPath, tenant: str) -> tuple[Checkp
     return rt.storage.checkpoints.load_with_info(path)
 
 
-async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
-    payload: p.LoadWeights = inbound.payload
+async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.LoadWeights) -> p.PathResult:
     env = inbound.env
     path = TinkerPath.parse(payload.path)
     if path.kind != "weights":
@@ -146,21 +143,26 @@ async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.
         raise UserError(f"unknown model {stream.model_id!r}: a load_weights that creates a model must be its first "
                         f"request (seq_id 0), got seq_id {env.seq_id}")
     checkpoint, info = await rt.io(_read_checkpoint, rt, path, env.tenant)
-    saved_step = int(checkpoint.state.get("step", 0))
+    try:
+        record = read_state(checkpoint.state)
+    except StateFormatError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from exc
+    saved_step = record.step if record is not None else 0
     if stream.state is None:  # create-via-load
-        base_model = payload.base_model or checkpoint.state.get("base_model") or info.base_model
+        base_model = payload.base_model or (record.base_model if record is not None else None) or info.base_model
         rt.check_base_model(base_model)
-        spec = spec_from_checkpoint(checkpoint, base_model, default_seed(stream.model_id))
+        spec = spec_from_checkpoint(checkpoint, record, base_model, default_seed(stream.model_id))
         state = ModelState(model_id=stream.model_id, tenant=env.tenant, spec=spec, session_id=payload.session_id,
                            user_metadata=dict(payload.user_metadata), step=saved_step, mutations=1)
-        await install_model(rt, stream, state, checkpoint, with_optimizer=payload.optimizer)
+        await install(rt, state, checkpoint, with_optimizer=payload.optimizer, register_run=True)
+        stream.state = state
         return p.PathResult(path=str(path), model_id=state.model_id)
     state = require_state(stream, inbound)  # legacy: load into the model create_model just made
     if not (env.seq_id == 1 or (env.seq_id is None and state.mutations == 0)):
         raise UserError("load_weights into an existing model is only accepted as its first request after "
                         f"create_model (seq_id 1), got seq_id {env.seq_id}; create a new training client from the "
                         "checkpoint instead")
-    wanted = spec_from_checkpoint(checkpoint, state.base_model, state.spec.seed)
+    wanted = spec_from_checkpoint(checkpoint, record, state.base_model, state.spec.seed)
     if (wanted.rank, wanted.target_modules, wanted.alpha) != (state.spec.rank, state.spec.target_modules,
                                                               state.spec.alpha):
         raise UserError(f"checkpoint {path} has LoRA rank {wanted.rank} on {wanted.target_modules}, but model "

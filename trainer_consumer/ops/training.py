@@ -11,20 +11,24 @@ the same way, since it may have been one of its forward_backwards.
 
 from __future__ import annotations
 
-from artifact_store import Checkpoint, TrainingRun
+import msgspec
+
 from bus_events import payloads as p
-from bus_events.tensors import tensor_from_numpy
-from trainer_consumer.backends.base import AdapterSpec
-from trainer_consumer.errors import TrainerError, UserError, error_info
+from bus_events import tensor_from_numpy
+from bus_runtime.errors import ServiceError, UserError
+from trainer_consumer.backends.base import AdapterSpec, FbRequest, forward_backward_many
+from trainer_consumer.errors import error_info
+from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState, WindowFailure
+from trainer_consumer.ops.install import install, run_record
 from trainer_consumer.runtime import Runtime, default_seed
-from trainer_consumer.stream import Inbound, ModelStream
+from trainer_consumer.stream import ModelStream
 
 
 def require_state(stream: ModelStream, inbound: Inbound) -> ModelState:
     state = stream.state
     if stream.unavailable is not None:
-        raise TrainerError(stream.unavailable)
+        raise ServiceError(stream.unavailable)
     # Another tenant's model is reported exactly like a missing one.
     if state is None or state.tenant != inbound.env.tenant:
         raise UserError(f"unknown model {stream.model_id!r}: no create_model or load_weights (seq_id 0) was applied")
@@ -33,56 +37,36 @@ def require_state(stream: ModelStream, inbound: Inbound) -> ModelState:
     return state
 
 
-def run_record(state: ModelState) -> TrainingRun:
-    return TrainingRun(model_id=state.model_id, base_model=state.base_model, tenant=state.tenant,
-                       lora_rank=state.spec.rank, train_attn=state.spec.train_attn, train_mlp=state.spec.train_mlp,
-                       train_unembed=state.spec.train_unembed, session_id=state.session_id,
-                       user_metadata=state.user_metadata)
-
-
-async def install_model(rt: Runtime, stream: ModelStream, state: ModelState,
-                        checkpoint: Checkpoint | None = None, with_optimizer: bool = False) -> None:
-    """Create the adapter (loading `checkpoint` into it) and register the run; all or nothing."""
-    await rt.compute(rt.backend.create_adapter, state.model_id, state.spec)
-    try:
-        if checkpoint is not None:
-            await rt.compute(rt.backend.load_adapter, state.model_id, checkpoint.adapter_weights,
-                             checkpoint.optimizer_state if with_optimizer else None)
-        await rt.io(rt.storage.registry.put_run, run_record(state))
-    except BaseException:
-        await rt.compute(rt.backend.remove_adapter, state.model_id)
-        raise
-    stream.state = state
-
-
-async def create_model(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ModelInfo:
-    payload: p.CreateModel = inbound.payload
+async def create_model(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.CreateModel) -> p.ModelInfo:
     if stream.state is not None:
         raise UserError(f"model {stream.model_id!r} already exists")
     rt.check_base_model(payload.base_model)
     lora = payload.lora
-    spec = AdapterSpec(base_model=payload.base_model, rank=lora.rank,
-                       seed=lora.seed if lora.seed is not None else default_seed(stream.model_id),
-                       train_attn=lora.train_attn, train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
-    state = ModelState(model_id=stream.model_id, tenant=inbound.env.tenant, spec=spec,
+    if lora.seed is None:
+        lora = msgspec.structs.replace(lora, seed=default_seed(stream.model_id))
+    state = ModelState(model_id=stream.model_id, tenant=inbound.env.tenant,
+                       spec=AdapterSpec(base_model=payload.base_model, lora=lora),
                        session_id=payload.session_id, user_metadata=dict(payload.user_metadata))
-    await install_model(rt, stream, state)
+    await install(rt, state, register_run=True)
+    stream.state = state
     return state.model_info()
 
 
-async def get_info(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ModelInfo:
+async def get_info(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.GetInfo) -> p.ModelInfo:
     return require_state(stream, inbound).model_info()
 
 
-async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.ForwardBackwardResult:
-    payload: p.ForwardBackward = inbound.payload
+async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound,
+                           payload: p.ForwardBackward) -> p.ForwardBackwardResult:
     state = require_state(stream, inbound)
     if not payload.forward_only:
         state.mutations += 1
         state.window_open = True
+    request = FbRequest(state.model_id, payload.data, payload.loss_fn, payload.loss_fn_config, payload.forward_only)
     try:
-        out = await rt.compute(rt.backend.forward_backward, state.model_id, payload.data, payload.loss_fn,
-                               payload.loss_fn_config, payload.forward_only)
+        out = (await rt.compute(forward_backward_many, rt.backend, [request]))[0]
+        if isinstance(out, Exception):
+            raise out
     except Exception as exc:
         if not payload.forward_only:
             info = error_info(exc)
@@ -94,15 +78,14 @@ async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound) -
                                    metrics=out.metrics)
 
 
-async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.OptimStepResult:
-    payload: p.OptimStep = inbound.payload
+async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.OptimStep) -> p.OptimStepResult:
     state = require_state(stream, inbound)
     failure = state.window_failure
     if failure is not None:
         state.window_failure = None
         await rt.compute(rt.backend.discard_gradients, state.model_id)
         state.window_open = False
-        raise TrainerError(
+        raise ServiceError(
             f"optim_step not applied: {failure.request} of this gradient window failed ({failure.message}). "
             "The window's accumulated gradients were discarded and the weights left unchanged; the model "
             "continues from its previous step.", failure.category)
@@ -114,7 +97,7 @@ async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.Op
     return p.OptimStepResult(metrics=metrics)
 
 
-async def unload_model(rt: Runtime, stream: ModelStream, inbound: Inbound) -> p.PathResult:
+async def unload_model(rt: Runtime, stream: ModelStream, inbound: Inbound, payload: p.UnloadModel) -> p.PathResult:
     state = require_state(stream, inbound)
     await rt.compute(rt.backend.remove_adapter, state.model_id)
     state.unloaded = True

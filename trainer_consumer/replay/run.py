@@ -21,7 +21,6 @@ are at hand, whether each replayed result equals the live one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,11 +38,20 @@ from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.event_log import LogRecord
 from trainer_consumer.fingerprint import adapter_sha256
+from trainer_consumer.inbound import BusPosition, Inbound, Reply
 from trainer_consumer.intake import Poisoned, decode_training_record
-from trainer_consumer.model_state import BusPosition
+from trainer_consumer.replay.report import (
+    EventEntry,
+    FinalState,
+    ReplayReport,
+    SnapshotStart,
+    compare_checkpoints,
+    compare_live,
+    live_snapshot,
+    steps_of,
+)
 from trainer_consumer.runtime import Runtime, Storage
-from trainer_consumer.snapshots import SnapshotStore, snapshot_path
-from trainer_consumer.stream import Inbound, Reply
+from trainer_consumer.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,7 @@ class _Recorder:
         self.sandbox = sandbox
         self.on_applied = on_applied
         self.engine: TrainerEngine | None = None
-        self.events: list[dict[str, Any]] = []
+        self.events: list[EventEntry] = []
         self.results: dict[str, Any] = {}  # request_id -> replayed Result (builtins)
         self.seen_seqs: set[int] = set()
         self.fed: set[int] = set()
@@ -95,22 +103,22 @@ class _Recorder:
         if not first_time or (own is None and env.type != EventType.SEQ_VOID):
             return  # a duplicate, or a re-read the restored snapshot covers
         assert self.engine is not None
-        state = self.engine.streams[self.model_id].state
-        entry: dict[str, Any] = {"seq_id": env.seq_id, "type": env.type.value, "request_id": env.request_id,
-                                 "step": state.step if state is not None else None}
+        state = self.engine.model_state(self.model_id)
+        entry = EventEntry(seq_id=env.seq_id, type=env.type.value, request_id=env.request_id,
+                           step=state.step if state is not None else None)
         if own is not None:
             self.results[env.request_id] = msgspec.to_builtins(own, builtin_types=(bytes,))
-            entry["ok"] = own.error is None
+            entry.ok = own.error is None
             if own.error is not None:
-                entry["error"] = own.error.message
+                entry.error = own.error.message
             elif env.type in (EventType.FORWARD_BACKWARD, EventType.OPTIM_STEP):
-                entry["metrics"] = dict((own.result or {}).get("metrics", {}))
+                entry.metrics = dict((own.result or {}).get("metrics", {}))
             if env.type == EventType.FORWARD_BACKWARD:
-                entry["forward_only"] = bool(inbound.payload.forward_only)
+                entry.forward_only = bool(getattr(inbound.payload, "forward_only", False))
             if env.type in SAVES and own.error is None:
-                entry["path"] = own.result["path"]  # type: ignore[index]
-                weights = (await asyncio.to_thread(self.sandbox.load, TinkerPath.parse(entry["path"]))).adapter_weights
-                entry["sha256"] = adapter_sha256(weights)
+                entry.path = path = str((own.result or {})["path"])
+                weights = (await asyncio.to_thread(self.sandbox.load, TinkerPath.parse(path))).adapter_weights
+                entry.sha256 = adapter_sha256(weights)
             if env.type == EventType.OPTIM_STEP and own.error is None:
                 self.steps += 1
         self.events.append(entry)
@@ -129,74 +137,12 @@ class _Recorder:
                 pass
 
 
-def _steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per optimizer step: its gradient window's forward_backwards and summed loss, and its metrics."""
-    out, window = [], []
-    for event in events:
-        if event["type"] == EventType.FORWARD_BACKWARD.value and not event.get("forward_only"):
-            window.append(event)
-        elif event["type"] == EventType.OPTIM_STEP.value:
-            entry = {"step": event["step"], "seq_id": event["seq_id"], "ok": event.get("ok", False),
-                     "loss:sum": sum(e.get("metrics", {}).get("loss:sum", 0.0) for e in window),
-                     "forward_backward": [{"seq_id": e["seq_id"], **e.get("metrics", {})} for e in window],
-                     "optim": event.get("metrics", {})}
-            if "error" in event:
-                entry["error"] = event["error"]
-            out.append(entry)
-            window = []
-        elif event["type"] == EventType.LOAD_WEIGHTS.value:
-            window = []
-    return out
-
-
-def _live_sha(live: ObjectStore | None, path: TinkerPath) -> tuple[str | None, str | None]:
-    """(sha256, why not) of a live checkpoint's adapter."""
-    if live is None:
-        return None, "offline"
-    try:
-        return adapter_sha256(CheckpointStore(live).load(path).adapter_weights), None
-    except Exception as exc:  # gone (TTL), never written, S3 away
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def _compare_checkpoints(events: list[dict[str, Any]], live: ObjectStore | None) -> list[dict[str, Any]]:
-    """Each save of the replay beside the live checkpoint at its path. A path saved again later (overwrite) only
-    holds its last save live, so earlier ones are not compared."""
-    saves = [e for e in events if "sha256" in e]
-    last = {e["path"]: e for e in saves}
-    out = []
-    for event in saves:
-        entry = {"path": event["path"], "seq_id": event["seq_id"], "step": event["step"], "sha256": event["sha256"]}
-        if last[event["path"]] is event:
-            entry["live_sha256"], why = _live_sha(live, TinkerPath.parse(event["path"]))
-            entry["match"] = entry["live_sha256"] == event["sha256"] if entry["live_sha256"] else None
-            if why:
-                entry["live_missing"] = why
-        else:
-            entry["match"], entry["live_missing"] = None, "saved again later at this path"
-        out.append(entry)
-    return out
-
-
-def _live_snapshot(live: ObjectStore | None, model_id: str) -> dict[str, Any] | None:
-    if live is None:
-        return None
-    try:
-        snapshot = SnapshotStore(live).load(model_id)
-    except Exception as exc:
-        log.warning("cannot read the live snapshot of %s: %s", model_id, exc)
-        return None
-    if snapshot is None or snapshot.state.get("unloaded"):
-        return None
-    return {"path": str(snapshot_path(model_id)), "step": snapshot.state.get("step"),
-            "seq_id": snapshot.point.last_seq, "sha256": adapter_sha256(snapshot.checkpoint.adapter_weights)}
-
-
 async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest, *, live: ObjectStore | None,
                        config: TrainerConfig | None = None, device: str = "auto",
                        backend: TrainingBackend | None = None, on_applied: AppliedProgress | None = None,
                        source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Replay `request.model_id` from `records`; write its adapter and report.json into `request.out_dir`."""
+    """Replay `request.model_id` from `records`; write its adapter and report.json into `request.out_dir`.
+    Returns the report as JSON builtins (what report.json holds; `ReplayReport` is its typed form)."""
     started = time.monotonic()
     model_id = request.model_id
     if request.from_snapshot and live is None:
@@ -234,21 +180,17 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
             recorder.fed.add(id(decoded))
             counts["events_fed"] += 1
             await engine.submit(decoded)
-        for stream in engine.streams.values():  # the log is over: what is still missing never comes
-            stream.sequencer.gap_timeout_s = 0.0
-        engine.expire_gaps()
+        await engine.end_of_log()  # what is still missing never comes
         await recorder.wait_done(lambda: engine.failure)
-        stream = engine.streams.get(model_id)
-        if stream is None or stream.state is None:
+        state = engine.model_state(model_id)
+        if state is None:
             raise ReplayError(f"model {model_id} was never created in this log"
                               + (" (and has no snapshot)" if request.from_snapshot else ""))
-        covered = stream.covered
+        covered = engine.restored_point(model_id)
         if covered is not None and request.until_seq is not None and (covered.last_seq or 0) > request.until_seq:
             raise ReplayError(f"the snapshot already holds seq_id {covered.last_seq}, past --until-seq "
                               f"{request.until_seq}: replay from scratch instead")
-        state = stream.state
-        final: dict[str, Any] = {"step": state.step, "last_seq_id": state.last_applied_seq_id,
-                                 "unloaded": state.unloaded}
+        final = FinalState(step=state.step, last_seq_id=state.last_applied_seq_id, unloaded=state.unloaded)
         request.out_dir.mkdir(parents=True, exist_ok=True)
         if not state.unloaded:
             adapter = await runtime.compute(runtime.backend.export_adapter, model_id)
@@ -256,34 +198,34 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
             await asyncio.to_thread(sandbox.save, output, Checkpoint(adapter.config, adapter.weights),
                                     base_model=state.base_model, overwrite=True)
             await asyncio.to_thread(sandbox.download, output, request.out_dir)
-            final["sha256"] = adapter_sha256(adapter.weights)
-            final["adapter_dir"] = str(request.out_dir)
+            final.sha256 = adapter_sha256(adapter.weights)
+            final.adapter_dir = str(request.out_dir)
     finally:
         await engine.stop()
-    checkpoints = await asyncio.to_thread(_compare_checkpoints, recorder.events, live)
-    snapshot = await asyncio.to_thread(_live_snapshot, live, model_id)
-    final["live"] = [c for c in checkpoints if c["step"] == final["step"] and c.get("live_sha256")]
-    if snapshot is not None and snapshot["step"] == final["step"] and "sha256" in final:
-        final["live"].append({**snapshot, "match": snapshot["sha256"] == final["sha256"]})
-    report = {
-        "model_id": model_id,
-        "base_model": state.base_model,
-        "source": source or {},
-        "until_seq": request.until_seq,
-        "from_snapshot": {"seq_id": covered.last_seq, "offset": covered.max_offset} if covered else None,
+    checkpoints = await asyncio.to_thread(compare_checkpoints, recorder.events, live)
+    snapshot = await asyncio.to_thread(live_snapshot, live, model_id)
+    final.live = [c for c in checkpoints if c.step == final.step and c.live_sha256]
+    if snapshot is not None and snapshot.step == final.step and isinstance(final.sha256, str):
+        final.live.append(msgspec.structs.replace(snapshot, match=snapshot.sha256 == final.sha256))
+    report = ReplayReport(
+        model_id=model_id,
+        base_model=state.base_model,
+        source=source or {},
+        until_seq=request.until_seq,
+        from_snapshot=SnapshotStart(seq_id=covered.last_seq, offset=covered.max_offset) if covered else None,
         **counts,
-        "events_applied": len(recorder.events),
-        "steps_applied": recorder.steps,
-        "seconds": round(time.monotonic() - started, 3),
-        "final": final,
-        "steps": _steps(recorder.events),
-        "checkpoints": checkpoints,
-        "live_snapshot": snapshot,
-        "live_replies": _compare_live(recorder.results, live_results) if request.replies_topic else None,
-        "events": recorder.events,
-    }
-    (request.out_dir / "report.json").write_text(_dump(report))
-    return report
+        events_applied=len(recorder.events),
+        steps_applied=recorder.steps,
+        seconds=round(time.monotonic() - started, 3),
+        final=final,
+        steps=steps_of(recorder.events),
+        checkpoints=checkpoints,
+        live_snapshot=snapshot,
+        live_replies=compare_live(recorder.results, live_results) if request.replies_topic else None,
+        events=recorder.events,
+    )
+    (request.out_dir / "report.json").write_text(report.dump())
+    return report.to_json()
 
 
 def _collect_live_result(record: LogRecord, live: ObjectStore | None, into: dict[str, Any]) -> None:
@@ -294,15 +236,3 @@ def _collect_live_result(record: LogRecord, live: ObjectStore | None, into: dict
         into[env.request_id] = msgspec.to_builtins(decode_payload(env, live), builtin_types=(bytes,))
     except Exception as exc:
         log.debug("live reply at %s[%d]@%d unreadable: %s", record.topic, record.partition, record.offset, exc)
-
-
-def _compare_live(replayed: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
-    common = sorted(set(replayed) & set(live))
-    differing = [r for r in common if replayed[r] != live[r]]
-    return {"compared": len(common), "identical": len(common) - len(differing), "differing": differing,
-            "without_live_reply": len(set(replayed) - set(live))}
-
-
-def _dump(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=1, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
-

@@ -1,0 +1,49 @@
+"""The built-in losses as descriptions (name, inputs, defaults), torch-free: the gateway validates loss names and
+config against them without loading torch. Each one's function (builtin.py) is imported on its first call."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loss_plugins.spec import LossOutput, LossSpec
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_LOW = "clip_low_threshold"
+CLIP_HIGH = "clip_high_threshold"
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """A built-in loss function by name, resolved in loss_plugins.builtin when first called."""
+
+    name: str
+
+    def __call__(self, target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+                 config: Mapping[str, float | str]) -> LossOutput:
+        fn = getattr(importlib.import_module("loss_plugins.builtin"), self.name)
+        return fn(target_logprobs, inputs, config)
+
+
+_POLICY_INPUTS = ("logprobs", "advantages")
+
+BUILTIN_LOSSES: tuple[LossSpec, ...] = (
+    LossSpec("cross_entropy", _Builtin("cross_entropy"),
+             "Weighted negative log-likelihood −Σ w·ℓ (missing weights = 1).",
+             input_defaults={"weights": 1.0}),
+    LossSpec("importance_sampling", _Builtin("importance_sampling"),
+             "Off-policy REINFORCE −Σ exp(ℓ − s)·A with sampler logprobs s and advantages A.",
+             required_inputs=_POLICY_INPUTS),
+    LossSpec("ppo", _Builtin("ppo"), "PPO clipped objective −Σ min(r·A, clip(r, lo, hi)·A), r = exp(ℓ − s).",
+             required_inputs=_POLICY_INPUTS, config_defaults={CLIP_LOW: 0.8, CLIP_HIGH: 1.2}),
+    LossSpec("cispo", _Builtin("cispo"), "CISPO −Σ sg[clip(r, lo, hi)]·ℓ·A, the clipped ratio detached.",
+             required_inputs=_POLICY_INPUTS, config_defaults={CLIP_LOW: 0.0, CLIP_HIGH: 4.0}),
+    # The protocol leaves DRO's default β undocumented; 0.05 is the value of the official docs' example.
+    LossSpec("dro", _Builtin("dro"),
+             "DRO −Σ (ℓ·A − ½β(ℓ − s)²), quadratic penalty on drift from the sampler (β = 0.05).",
+             required_inputs=_POLICY_INPUTS, config_defaults={"beta": 0.05}),
+)
