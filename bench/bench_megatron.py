@@ -24,6 +24,7 @@ from bench.data import random_datums
 from bench.shapes import DEFAULT_BATCH, build_model_dir
 from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from trainer_consumer.backends.base import AdapterSpec
 
 ADAM = p.AdamParams(learning_rate=1e-5)
@@ -46,8 +47,7 @@ def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, 
     started = time.perf_counter()
     info = backend.base_model_info(str(model_dir))
     load_s = time.perf_counter() - started
-    backend.create_adapter("bench", AdapterSpec(base_model=str(model_dir), rank=args.rank, seed=0,
-                                                train_unembed=False))
+    backend.create_adapter("bench", AdapterSpec(str(model_dir), LoraSpec(rank=args.rank, seed=0, train_unembed=False)))
     data = random_datums(batch, length, info.vocab_size)
     first = backend.forward_backward("bench", data, "cross_entropy", {}, forward_only=False)
     backend.discard_gradients("bench")

@@ -31,6 +31,7 @@ from bench.data import random_datums
 from bench.shapes import build_model_dir
 from bench.timing import Row, peak_gib, print_table, reset_peak, timed_steps
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 
@@ -42,8 +43,7 @@ def bench_backend(name: str, model_dir: Path, batch: int, length: int, args: arg
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = HfPeftBackend(**backend_options)  # type: ignore[arg-type]
     info = backend.base_model_info(str(model_dir))
-    backend.create_adapter("bench", AdapterSpec(base_model=str(model_dir), rank=args.rank, seed=0,
-                                                train_unembed=False))
+    backend.create_adapter("bench", AdapterSpec(str(model_dir), LoraSpec(rank=args.rank, seed=0, train_unembed=False)))
     data = random_datums(batch, length, info.vocab_size)
     reset_peak(device)
 

@@ -48,6 +48,7 @@ def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int
                   adapters: int, options: dict, label: str, profile: str | None = None) -> Row:
     """Our HF+PEFT backend called directly: `adapters` LoRAs trained round-robin on the same batches."""
     from bus_events import payloads as p
+    from bus_events.payloads import LoraSpec
     from trainer_consumer.backends.base import AdapterSpec
     from trainer_consumer.backends.hf_peft import HfPeftBackend
 
@@ -55,8 +56,7 @@ def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int
     backend = HfPeftBackend(device=device, **options)
     ids = [f"bench:train:{i}" for i in range(adapters)]
     for i, model_id in enumerate(ids):
-        backend.create_adapter(model_id, AdapterSpec(base_model=str(model_dir), rank=RANK, seed=i,
-                                                     train_unembed=False))
+        backend.create_adapter(model_id, AdapterSpec(str(model_dir), LoraSpec(rank=RANK, seed=i, train_unembed=False)))
     data = datums_from_tokens(tokens.numpy())
     params = p.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     turn = iter(range(1 << 30))
@@ -129,11 +129,12 @@ def tiny_step_latency(client, n: int = 40) -> dict[str, float]:
 
 def tiny_step_compute(model_dir: Path, device: str, n: int = 40) -> float:
     """The same tiny forward on the backend alone (no bus), to subtract from the path's latency."""
+    from bus_events.payloads import LoraSpec
     from trainer_consumer.backends.base import AdapterSpec
     from trainer_consumer.backends.hf_peft import HfPeftBackend
 
     backend = HfPeftBackend(device=device)
-    backend.create_adapter("tiny:train:0", AdapterSpec(base_model=str(model_dir), rank=RANK, seed=0))
+    backend.create_adapter("tiny:train:0", AdapterSpec(str(model_dir), LoraSpec(rank=RANK, seed=0)))
     data = datums_from_tokens(np.arange(3, 12)[None])
     times = timed_steps(lambda: backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True),
                         n, 5, device)

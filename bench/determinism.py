@@ -3,7 +3,7 @@
 Trains the same LoRA adapter on the same data with the trainer's HF+PEFT backend several times: twice in one
 process (fresh backends, as a restarted model) and once in another, with deterministic mode on and off (each mode
 in processes of its own: the mode's settings are process-wide), and prints the sha256
-(trainer_consumer.fingerprint) of each final adapter as JSON.
+(trainer_consumer.replay.fingerprint) of each final adapter as JSON.
 
     python -m bench.determinism --device cuda --steps 20
 """
@@ -37,13 +37,14 @@ def _data(seed: int, count: int, vocab: int, length: int):
 
 def train_once(model_dir: str, device: str, deterministic: bool, steps: int, rank: int) -> dict:
     from bus_events import payloads as p
+    from bus_events.payloads import LoraSpec
     from trainer_consumer.backends.base import AdapterSpec
     from trainer_consumer.backends.hf_peft import HfPeftBackend
-    from trainer_consumer.fingerprint import adapter_sha256
+    from trainer_consumer.replay.fingerprint import adapter_sha256
 
     backend = HfPeftBackend(device=device, deterministic=deterministic)
     vocab = backend.base_model_info(model_dir).vocab_size
-    backend.create_adapter("m", AdapterSpec(base_model=model_dir, rank=rank, seed=7))
+    backend.create_adapter("m", AdapterSpec(model_dir, LoraSpec(rank=rank, seed=7)))
     started = time.perf_counter()
     losses = []
     for step in range(steps):

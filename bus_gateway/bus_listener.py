@@ -16,10 +16,11 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from bus_events import BlobStore, ContractError, EventType, decode_envelope, decode_payload
+from bus_events import BlobStore, EventType
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_runtime.kafka_io import make_consumer
+from bus_runtime.records import Poisoned, decode_record
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,17 @@ class BusListener:
         self.records_seen += 1
         if record.timestamp / 1000 < time.time() - self.settings.result_ttl_s:
             return
-        try:
-            env = decode_envelope(record.value)
-            if env.type == EventType.RESULT:
-                if env.payload_ref is not None:  # claim-checked result: S3 read off the event loop
-                    result = await asyncio.to_thread(decode_payload, env, self.blob_store)
-                else:
-                    result = decode_payload(env)
-                assert isinstance(result, p.Result)
-                self.table.resolve(env.request_id, result, tenant=env.tenant, model_id=env.model_id,
-                                   seq_id=env.seq_id)
-            elif env.type in REQUEST_EVENTS:
-                self.table.add(Future(env.request_id, env.tenant, env.type.value, env.model_id, env.seq_id,
-                                      created_at=env.created_at or record.timestamp / 1000))
-        except ContractError as exc:
+        decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT, *REQUEST_EVENTS},
+                                      envelope_only=REQUEST_EVENTS)
+        if isinstance(decoded, Poisoned):
             # Workers dead-letter poison on their topics; the gateway only reads, so it just skips it.
-            log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset, exc)
-        except Exception as exc:  # e.g. a claim-checked result whose blob is gone
-            log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset, exc)
+            log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset,
+                        decoded.error)
+            return
+        env = decoded.env
+        if isinstance(decoded.payload, p.Result):
+            self.table.resolve(env.request_id, decoded.payload, tenant=env.tenant, model_id=env.model_id,
+                               seq_id=env.seq_id)
+        elif env.type in REQUEST_EVENTS:
+            self.table.add(Future(env.request_id, env.tenant, env.type.value, env.model_id, env.seq_id,
+                                  created_at=env.created_at or record.timestamp / 1000))

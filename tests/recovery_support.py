@@ -27,7 +27,7 @@ from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer
 from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus.infra import stop_process
 from trainer_consumer.config import TrainerConfig
-from trainer_consumer.fingerprint import adapter_sha256
+from trainer_consumer.replay.fingerprint import adapter_sha256
 from trainer_consumer.worker import run_trainer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from bus_runtime.settings import BusSettings, open_object_store
 from bus_runtime.testing import make_tiny_model
 from sampler_consumer.worker import run_sampler
 from tinker_bus import cli as tinker_bus_cli
-from trainer_consumer.fingerprint import adapter_sha256
+from trainer_consumer.replay.fingerprint import adapter_sha256
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import msgspec
 
 from artifact_store import CheckpointStore, ObjectStore, TinkerPath
 from bus_events import EventType
-from trainer_consumer.fingerprint import adapter_sha256
+from trainer_consumer.replay.fingerprint import adapter_sha256
 from trainer_consumer.snapshots import SnapshotStore, snapshot_path
 
 log = logging.getLogger(__name__)
