@@ -41,7 +41,8 @@ def _as_ids(value: int | list[int] | None) -> set[int]:
     return {value} if isinstance(value, int) else set(value)
 
 
-def load_base_model(name: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def load_base_model(name: str, device: torch.device, dtype: torch.dtype, *, adapter_slots: int = 16,
+                    max_lora_rank: int = 32) -> BaseModel:
     path = resolve_base_model(name)
     log.info("loading base model %s from %s on %s (%s)", name, path, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -52,7 +53,8 @@ def load_base_model(name: str, device: torch.device, dtype: torch.dtype) -> Base
         eos.add(tokenizer.eos_token_id)
     vocab = model.get_output_embeddings().weight.shape[0]
     return BaseModel(
-        name=name, model=model, tokenizer=tokenizer, lora=LoraBank(model, device, dtype), eos_ids=frozenset(eos),
+        name=name, model=model, tokenizer=tokenizer, eos_ids=frozenset(eos),
+        lora=LoraBank(model, device, dtype, slots=adapter_slots + 1, max_rank=max_lora_rank),
         vocab_size=vocab, max_positions=int(getattr(model.config, "max_position_embeddings", 1 << 20)),
         device=device, dtype=dtype,
     )
