@@ -73,7 +73,8 @@ if triton is not None:
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
-        for t0 in range(0, length, BLOCK_T):
+        t0 = 0
+        while t0 < length:  # a while loop: the bound is loaded data (Triton's interpreter needs this form too)
             pos = t0 + t
             ok = pos < length
             page = tl.load(table_ptr + row * stride_tb + pos // PAGE, mask=ok, other=0)
@@ -88,6 +89,7 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
+            t0 += BLOCK_T
         out = acc / denom[:, None]
         tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])

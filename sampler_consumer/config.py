@@ -23,6 +23,7 @@ class SamplerConfig:
     max_lora_rank: int = 32  # adapters of higher rank are refused; slots are sized for this rank
     base_model_cache_size: int = 2  # base models kept loaded (LRU)
     cuda_graphs: bool | None = None  # capture the decode step per batch bucket; None = on for CUDA
+    kernels: bool | None = None  # Triton attention + LoRA kernels; None = on for CUDA (CPU: TRITON_INTERPRET=1)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
     prompt_logprob_chunk: int = 256  # prompt positions per lm_head call when computing prompt logprobs
     intake_batch: int = 512  # Kafka records prepared together (one session / adapter lookup each per batch)
@@ -35,7 +36,7 @@ class SamplerConfig:
             if raw is None:
                 continue
             default = getattr(cls, f.name)
-            if isinstance(default, bool) or f.name == "cuda_graphs":
+            if isinstance(default, bool) or f.name in ("cuda_graphs", "kernels"):
                 values[f.name] = None if raw.lower() == "auto" else raw.lower() in ("1", "true", "yes", "on")
             elif isinstance(default, int):
                 values[f.name] = int(raw)
@@ -53,7 +54,10 @@ class SamplerConfig:
             max_batch_rows=self.max_batch_rows or (2048 if cuda else 256),
             max_prefill_tokens=self.max_prefill_tokens or (8192 if cuda else 512),
             cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
-            max_lora_rank=max(16, 1 << (self.max_lora_rank - 1).bit_length()) if cuda else self.max_lora_rank,
+            kernels=cuda if self.kernels is None else self.kernels,
+            # The kernels' tiles need a power-of-two rank of at least 16 (tl.dot); slots are sized for it.
+            max_lora_rank=(max(16, 1 << (self.max_lora_rank - 1).bit_length())
+                           if cuda or self.kernels else self.max_lora_rank),
         )
 
 

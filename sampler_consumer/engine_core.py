@@ -27,6 +27,7 @@ from sampler_consumer.models import BaseModel
 from sampler_consumer.paged_model import PagedModel
 from sampler_consumer.requests import Done, GenFailure, GenOutput, GenRequest, describe
 from sampler_consumer.scheduler import Group, Scheduler, StepPlan
+from sampler_consumer.stops import StopChecker
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,8 @@ class ModelEngine:
     def __init__(self, base: BaseModel, config: SamplerConfig) -> None:
         config = config.resolved(base.device)
         self.base, self.config = base, config
-        cuda = base.device.type == "cuda"
-        kernels = cuda and _has_triton()
-        if cuda and kernels:
+        kernels = bool(config.kernels) and _has_triton()
+        if kernels:
             base.lora.allocate_all()  # before any graph captures the slot stacks
         max_len = min(base.max_positions, 1 << 20)
         probe = PagedModel(base, 2, config.page_size, max_len, triton_attention=kernels)
@@ -64,7 +64,7 @@ class ModelEngine:
         self.pool = PagePool(pages, config.page_size)
         self.scheduler = Scheduler(self.pool, base.lora.adapters, max_rows=config.max_batch_rows,
                                    max_pages_per_row=max_pages_per_row, max_prefill_tokens=config.max_prefill_tokens,
-                                   eos_ids=base.eos_ids, decode=base.decode)
+                                   stop_rule=self._stop_rule)
         self.executor = Executor(base, self.model, max_rows=config.max_batch_rows,
                                  max_pages_per_row=max_pages_per_row, graphs=bool(config.cuda_graphs) and kernels,
                                  kernels=kernels, prompt_logprob_chunk=config.prompt_logprob_chunk)
@@ -75,6 +75,9 @@ class ModelEngine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def _stop_rule(self, request: GenRequest) -> StopChecker:
+        return StopChecker(request.params.stop, self.base.eos_ids, self.base.decode)
 
     def add(self, request: GenRequest, done: Done) -> None:
         failure = self._check(request)

@@ -99,11 +99,11 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, pool: PagePool, adapters: AdapterSlots, *, max_rows: int, max_pages_per_row: int,
-                 max_prefill_tokens: int, eos_ids: frozenset[int], decode: Callable[[list[int]], str]) -> None:
+                 max_prefill_tokens: int, stop_rule: Callable[[GenRequest], StopChecker]) -> None:
         self.pool, self.adapters = pool, adapters
         self.max_rows, self.max_prefill_tokens = max_rows, max_prefill_tokens
         self.page_size = pool.page_size
-        self.eos_ids, self.decode_text = eos_ids, decode
+        self.stop_rule = stop_rule
         self.waiting: deque[Group] = deque()
         self.rows: dict[int, Row] = {}  # running rows by slot
         self.reserved = 0  # pages promised to running rows, not yet allocated
@@ -122,8 +122,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ intake
     def add(self, request: GenRequest, done: Done) -> None:
-        stop = StopChecker(request.params.stop, self.eos_ids, self.decode_text)
-        self.waiting.append(Group(request, done, stop))
+        self.waiting.append(Group(request, done, self.stop_rule(request)))
 
     @property
     def has_work(self) -> bool:

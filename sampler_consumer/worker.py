@@ -1,9 +1,10 @@
-"""The sampler's Kafka worker: poll Sample events, batch them for a few ms, generate in a thread, reply.
+"""The sampler's Kafka worker: a thin client of the engine core.
 
-The poll loop never blocks on generation: decoded requests go into a queue that a generation task drains
-into batches (`SamplerService.run_batch` in a worker thread). Poisoned events go to the dead-letter topic.
-Offsets are committed only below the oldest request not yet answered (at-least-once; the gateway
-deduplicates replies by request_id).
+The poll loop never blocks on sampling: decoded requests go to an intake task that prepares them in batches
+(S3 lookups in a worker thread) and hands them to the engine thread; each answer comes back through
+`loop.call_soon_threadsafe` into a reply queue that a publisher task drains, publishing replies concurrently.
+Poisoned events go to the dead-letter topic. Offsets are committed only below the oldest request not yet
+answered (at-least-once; the gateway deduplicates replies by request_id).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import ContractError, EventType, decode_envelope, decode_payload, make_result
+from bus_events import ContractError, EventType, decode_envelope, decode_payload
 from bus_events import payloads as p
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.offsets import OffsetTracker
-from sampler_consumer.service import SampleJob, SamplerService
+from sampler_consumer.requests import describe
+from sampler_consumer.service import Prepared, Reply, SampleJob, SamplerService
 from tinker_bus.dead_letter import dead_letter_contract_error, send_to_dead_letter
 from tinker_bus.health import heartbeating
 from tinker_bus.kafka_io import ensure_topics, make_consumer, make_producer, publish
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 50
 MAX_POLL_RECORDS = 512
+MAX_PUBLISHING = 256  # replies being sent at once
 
 
 @dataclass
@@ -46,11 +49,13 @@ class _SamplerWorker:
                  producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, objects: ObjectStore) -> None:
         self.settings, self.config, self.service = settings, config, service
         self.producer, self.consumer, self.objects = producer, consumer, objects
-        self.queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self.intake: asyncio.Queue[_Queued] = asyncio.Queue()
+        self.replies: asyncio.Queue[tuple[_Queued, Reply]] = asyncio.Queue()
         self.offsets = OffsetTracker()
 
     async def run(self, ready: asyncio.Event | None) -> None:
-        generation = asyncio.create_task(self._generate_forever(), name="sampler-generation")
+        tasks = [asyncio.create_task(self._intake_forever(), name="sampler-intake"),
+                 asyncio.create_task(self._publish_forever(), name="sampler-publish")]
         if ready is not None:
             ready.set()
         try:
@@ -60,12 +65,15 @@ class _SamplerWorker:
                     for record in records:
                         await self._accept(partition, record)
                 await self._commit()
-                if generation.done():
-                    generation.result()  # a crash of the generation loop surfaces here
+                for task in tasks:
+                    if task.done():
+                        task.result()  # a crash of a helper task surfaces here
         finally:
-            generation.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await generation
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # ------------------------------------------------------------------ intake
     async def _accept(self, partition: TopicPartition, record: ConsumerRecord) -> None:
@@ -74,7 +82,7 @@ class _SamplerWorker:
         if job is None:
             self.offsets.done(partition, record.offset)
         else:
-            self.queue.put_nowait(_Queued(partition, record.offset, job))
+            self.intake.put_nowait(_Queued(partition, record.offset, job))
 
     async def _decode(self, record: ConsumerRecord) -> SampleJob | None:
         """The record's request, or None once it has been dead-lettered."""
@@ -97,8 +105,9 @@ class _SamplerWorker:
             await dead_letter_contract_error(self.producer, self.settings, record, exc, "validate")
             return None
         except Exception as exc:  # the claim-checked payload could not be fetched
-            await send_to_dead_letter(self.producer, self.settings, record, f"claim check unreadable: {exc}",
-                                      "decode", env.request_id, env.model_id)
+            await send_to_dead_letter(self.producer, self.settings, record,
+                                      f"claim check unreadable: {describe(exc)}", "decode", env.request_id,
+                                      env.model_id)
             return None
         return SampleJob(env, payload)
 
@@ -113,37 +122,40 @@ class _SamplerWorker:
         else:
             self.offsets.committed(positions)
 
-    # ------------------------------------------------------------------ generation
-    async def _next_batch(self) -> list[_Queued]:
-        batch = [await self.queue.get()]
-        rows = batch[0].job.request.num_samples
-        deadline = asyncio.get_running_loop().time() + self.config.batch_window_ms / 1000
-        while rows < self.config.max_batch_rows:
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(),
-                                                                                               remaining)
-            except (asyncio.QueueEmpty, TimeoutError):
-                break
-            batch.append(item)
-            rows += item.job.request.num_samples
-        return batch
-
-    async def _generate_forever(self) -> None:
+    async def _intake_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            jobs = [item.job for item in batch]
+            batch = [await self.intake.get()]
+            while len(batch) < self.config.intake_batch and not self.intake.empty():
+                batch.append(self.intake.get_nowait())
             try:
-                replies = await asyncio.to_thread(self.service.run_batch, jobs)
-            except Exception as exc:  # a bug, not the request's fault: answer every request and carry on
-                log.exception("sampling batch of %d requests failed", len(jobs))
-                error = p.ErrorInfo(message=f"sampler failure: {exc}", category="server")
-                replies = [make_result(job.env, error=error) for job in jobs]
-            for env, result in replies:
-                await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
-                              claim_check_bytes=self.settings.claim_check_bytes)
-            for item in batch:
-                self.offsets.done(item.partition, item.offset)
+                prepared = await asyncio.to_thread(self.service.prepare, [item.job for item in batch])
+            except Exception as exc:  # a bug, not the requests' fault: answer every one and carry on
+                log.exception("preparing %d sample requests failed", len(batch))
+                error = p.ErrorInfo(message=f"sampler failure: {describe(exc)}", category="server")
+                prepared = [Prepared(item.job, error=error) for item in batch]
+            for item, ready in zip(batch, prepared, strict=True):
+                self.service.submit(ready, lambda reply, item=item: loop.call_soon_threadsafe(
+                    self.replies.put_nowait, (item, reply)))
+
+    # ------------------------------------------------------------------ replies
+    async def _publish_forever(self) -> None:
+        sending: set[asyncio.Task] = set()
+        while True:
+            item, reply = await self.replies.get()
+            while len(sending) >= MAX_PUBLISHING:
+                _, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+            sending.add(asyncio.create_task(self._publish(item, reply)))
+
+    async def _publish(self, item: _Queued, reply: Reply) -> None:
+        env, result = reply
+        try:
+            await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
+                          claim_check_bytes=self.settings.claim_check_bytes)
+        except Exception:  # not committed: the request is read again after a restart and answered then
+            log.exception("publishing the reply to %s failed", env.request_id)
+            return
+        self.offsets.done(item.partition, item.offset)
 
 
 async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = None,
@@ -165,4 +177,5 @@ async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = No
         finally:
             await consumer.stop()
     finally:
+        await asyncio.to_thread(service.close)
         await producer.stop()

@@ -47,7 +47,7 @@ async def _collect(settings, topic: str, want: int, group: str, timeout: float =
 @contextlib.asynccontextmanager
 async def _running_sampler(settings):
     ready = asyncio.Event()
-    task = asyncio.create_task(run_sampler(settings, ready=ready, config=SamplerConfig(batch_window_ms=20)))
+    task = asyncio.create_task(run_sampler(settings, ready=ready, config=SamplerConfig()))
     try:
         await asyncio.wait_for(ready.wait(), 60)
         yield task
@@ -99,7 +99,11 @@ async def test_worker_answers_samples_over_the_broker_and_dead_letters_poison(se
         dead = await _collect(settings, settings.topics.dead_letter, 3, "test-dead-letters")
 
     results = {env.request_id: decode_payload(env, store) for env in replies}
-    expected = SamplerService(settings, SamplerConfig(), store).run_batch([*valid_jobs, after_poison])
+    reference = SamplerService(settings, SamplerConfig(), store)
+    try:
+        expected = reference.run_batch([*valid_jobs, after_poison])
+    finally:
+        reference.close()
     for (env, want) in expected:
         got = results[env.request_id]
         assert got.request_type == "sample"
