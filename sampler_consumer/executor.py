@@ -139,11 +139,13 @@ class Executor:
         lengths = scheduler.length[slots]
         self.tokens[:rows].copy_(torch.from_numpy(scheduler.last_token[slots]))
         self.positions[:rows].copy_(torch.from_numpy(lengths))
-        tables = scheduler.block_table[slots]
         page_size = scheduler.page_size
+        # Only the pages in use travel: entries past a row's length are never read (the kernel stops there).
+        width = int(lengths.max()) // page_size + 1
+        tables = scheduler.block_table[slots, :width]
         cache_slots = tables[np.arange(rows), lengths // page_size].astype(np.int64) * page_size + lengths % page_size
         self.slots[:rows].copy_(torch.from_numpy(cache_slots))
-        self.block_table[:rows].copy_(torch.from_numpy(tables))
+        self.block_table[:rows, :width].copy_(torch.from_numpy(tables))
         self.seq_lens[:rows].copy_(torch.from_numpy((lengths + 1).astype(np.int32)))
         if bucket > rows:  # padding rows: scratch page, length 1
             self.tokens[rows:bucket] = 0
@@ -159,9 +161,10 @@ class Executor:
             tiles = self._tiles_for(bucket)
             tiles.copy_(torch.tensor(build_tiles(segments, tiles.shape[1]), dtype=torch.int32))
         if not self.graphs:
+            # Eager: the block table only as wide as the longest row needs (a graph keeps the full width).
             self.bank.plan(LoraPlan(segments, self._tiles.get(bucket)) if lora else None)
             try:
-                return self._decode_forward(bucket)
+                return self._decode_forward(bucket, width)
             finally:
                 self.bank.plan(None)
         graph = self._graphs.get((bucket, lora)) or self._capture(bucket, lora)
@@ -176,8 +179,8 @@ class Executor:
                                               dtype=torch.int32)
         return self._tiles[bucket]
 
-    def _decode_forward(self, bucket: int) -> torch.Tensor:
-        meta = DecodeMeta(self.block_table[:bucket], self.seq_lens[:bucket])
+    def _decode_forward(self, bucket: int, width: int | None = None) -> torch.Tensor:
+        meta = DecodeMeta(self.block_table[:bucket, :width], self.seq_lens[:bucket])
         hidden = self.model.forward(self.tokens[:bucket], self.positions[:bucket], self.slots[:bucket], meta)
         return self.model.head(hidden)
 

@@ -71,7 +71,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     the trainer's forward pass computes for the same token; vLLM's default "raw logprobs" alike.
     """
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    log_total = torch.logsumexp(logits, dim=-1)  # log p(t) = logit(t) - this: no [R, V] log_softmax
     tokens = logits.argmax(dim=-1)
     uniforms = hashed_uniform(seeds, steps)
     for index, truncates in ((random, False), (truncating, True)):
@@ -84,4 +84,4 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         else:
             chosen = _inverse_cdf(torch.softmax(scaled, dim=-1), uniforms.index_select(0, index))
         tokens.index_copy_(0, index, chosen)
-    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
