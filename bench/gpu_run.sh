@@ -22,20 +22,21 @@ for stage in "$@"; do
   case $stage in
     train1b) timeout "${STAGE_S:-380}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 \
         --adapters 8 --profile "$OUT/profile-train-llama-1b.txt" 2>&1 | quiet | tee "$OUT/train-llama-1b.log" ;;
-    sample1b) timeout "${STAGE_S:-300}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
+    sample1b) timeout "${SAMPLE_S:-${STAGE_S:-300}}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
         --batch "${BATCHES:-64,256}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 --check \
         ${SAMPLE_ARGS:-} --profile "$OUT/profile-sample-llama-1b.txt" 2>&1 | quiet | tee "$OUT/sample-llama-1b.log" ;;
     train8b) timeout "${STAGE_S:-540}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 \
         --adapters 8 --skip "${SKIP:-bus,multi}" --profile "$OUT/profile-train-llama-8b.txt" 2>&1 | quiet | tee "$OUT/train-llama-8b.log" ;;
-    sample8b) timeout "${STAGE_S:-300}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
+    sample8b) timeout "${SAMPLE_S:-${STAGE_S:-300}}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
         --batch "${BATCHES:-64,256}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 ${SAMPLE_ARGS:-} \
         --profile "$OUT/profile-sample-llama-8b.txt" 2>&1 | quiet | tee "$OUT/sample-llama-8b.log" ;;
-    kernels) timeout "${STAGE_S:-120}" python3 -m pytest -q -x -p no:cacheprovider tests/test_sampler_kernels.py 2>&1 \
+    kernels) timeout "${KERNELS_S:-${STAGE_S:-120}}" python3 -m pytest -q -x -p no:cacheprovider tests/test_sampler_kernels.py 2>&1 \
         | tee "$OUT/kernels.log" ;;
     rollout1b|rollout8b) shape=llama-${stage#rollout}
-      timeout "${STAGE_S:-420}" python3 -m bench.bench_rollout --shape "$shape" --device cuda --work-dir /tmp/rollout \
+      timeout "${ROLLOUT_S:-${STAGE_S:-420}}" python3 -m bench.bench_rollout --shape "$shape" --device cuda --work-dir /tmp/rollout \
         ${ROLLOUT_ARGS:-} 2>&1 | quiet | tee "$OUT/rollout-$shape.log"
-      grep -E "ERROR|Traceback|failed|Error" /tmp/rollout/stack.log | tail -40 > "$OUT/rollout-$shape-stack-errors.log" ;;
+      grep -E "sampler engine for|capturing|ERROR|Traceback|failed|Error" /tmp/rollout/stack.log | tail -60 \
+        > "$OUT/rollout-$shape-stack.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
