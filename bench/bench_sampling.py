@@ -178,6 +178,41 @@ def attention_micro(device: torch.device, dtype: torch.dtype, shape: str, rows: 
     print(f"# attention max |triton - torch| {diff:.2e}", flush=True)
 
 
+def rl_round(engine: Engine, vocab: int, groups: int, group_size: int, prompt_len: int, new_tokens: int,
+             lone: int) -> None:
+    """The rl_basic rollout shape straight into the engine (no bus): groups x group_size requests of one sample
+    (identical prompts within a group), then groups requests of group_size samples; and the latency of lone
+    one-token requests submitted one after another while the first round runs (time to first token)."""
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=generator).tolist() for _ in range(groups)]
+    params = p.SamplingParams(max_tokens=new_tokens, temperature=1.0, stop=[])
+    one = p.SamplingParams(max_tokens=1, temperature=1.0, stop=[])
+    for per_call in (True, False, True):
+        requests = ([GenRequest(prompt, params) for prompt in prompts for _ in range(group_size)] if per_call
+                    else [GenRequest(prompt, params, num_samples=group_size) for prompt in prompts])
+        t0 = time.perf_counter()
+        futures = [engine.submit(r) for r in requests]
+        latencies = []
+        if per_call and lone:
+            time.sleep(0.2)
+            for _ in range(lone):
+                t1 = time.perf_counter()
+                engine.submit(GenRequest(prompts[0][::-1], one)).result()
+                latencies.append(time.perf_counter() - t1)
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+        tokens = sum(len(s.tokens) for r in results for s in getattr(r, "sequences", []))
+        failed = sum(1 for r in results if not hasattr(r, "sequences"))
+        shape = f"{len(requests)} x {1 if per_call else group_size}"
+        print(f"# engine alone, RL round {shape}: {wall:.2f} s, {tokens / wall:,.0f} tok/s, {failed} failed",
+              flush=True)
+        if latencies:
+            latencies.sort()
+            print(f"#   lone 1-token requests during it: p50 {1000 * statistics.median(latencies):.0f} ms, "
+                  f"p99 {1000 * latencies[round(0.99 * (len(latencies) - 1))]:.0f} ms", flush=True)
+            lone = 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-config", choices=sorted(SHAPES), default="smollm2")
@@ -193,6 +228,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--static-baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time generate with a static cache (transformers compiles its decode step)")
+    parser.add_argument("--rl-round", action="store_true",
+                        help="also run the rl_basic rollout round (128 prompts x 16) straight into the engine")
     parser.add_argument("--check", action="store_true",
                         help="first check the engine's sampled-token logprobs against teacher forcing")
     args = parser.parse_args()
@@ -202,8 +239,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     batches = [int(b) for b in args.batch.split(",")]
-    config = SamplerConfig(max_batch_rows=max(batches), adapter_cache_size=args.adapters,
-                           max_prefill_tokens=max(batches) * args.prompt_len).resolved(device)
+    config = SamplerConfig(adapter_cache_size=args.adapters).resolved(device)
 
     model = build_model(args.model_config, device, dtype)
     baseline = None
@@ -258,6 +294,8 @@ def main() -> None:
             if n_adapters == args.adapters:
                 profile_to(args.profile, lambda r=requests: engine.generate(r), device.type,
                            f"sampler engine, batch {batch}, {n_adapters} adapters")
+    if args.rl_round:
+        rl_round(engine, model.config.vocab_size, 128, 16, args.prompt_len, args.new_tokens, lone=20)
     engine.close()
 
 

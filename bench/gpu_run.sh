@@ -35,7 +35,8 @@ for stage in "$@"; do
     rollout1b|rollout8b) shape=llama-${stage#rollout}
       timeout "${ROLLOUT_S:-${STAGE_S:-420}}" python3 -m bench.bench_rollout --shape "$shape" --device cuda --work-dir /tmp/rollout \
         ${ROLLOUT_ARGS:-} 2>&1 | quiet | tee "$OUT/rollout-$shape.log"
-      grep -E "sampler engine for|capturing|ERROR|Traceback|failed|Error" /tmp/rollout/stack.log | tail -60 \
+      grep -h -E "sampler engine|capturing|ERROR|Traceback|failed|Error" /tmp/rollout/stack/logs/sampler.log \
+        /tmp/rollout/stack.log | cut -c1-400 | tail -80 \
         > "$OUT/rollout-$shape-stack.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -59,7 +59,9 @@ if triton is not None:
     def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, scale, stride_qb, stride_qh,
                       stride_kp, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                      BLOCK_T: tl.constexpr):
+                      BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+        """One program per (row, kv head): the query heads sharing that kv head (padded to 16 rows for the
+        tensor cores) against BLOCK_T positions at a time, gathered through the block table; online softmax."""
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         length = tl.load(lens_ptr + row)
@@ -68,8 +70,7 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         heads = kv_head * GROUP + g
         g_ok = g < GROUP
-        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
-                    other=0.0).to(tl.float32) * scale
+        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
@@ -79,15 +80,15 @@ if triton is not None:
             ok = pos < length
             page = tl.load(table_ptr + row * stride_tb + pos // PAGE, mask=ok, other=0)
             where = page * stride_kp + (pos % PAGE) * stride_kt + kv_head * stride_kh
-            k = tl.load(k_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_T]
+            k = tl.load(k_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_T]
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
             t0 += BLOCK_T
         out = acc / denom[:, None]
@@ -104,6 +105,6 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _paged_decode[(rows, kv_heads)](
         q, k_cache, v_cache, block_table, seq_lens, out, scale, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(1, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_T=max(32, k_cache.shape[1]))
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
+        BLOCK_T=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return out

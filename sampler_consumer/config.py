@@ -14,7 +14,7 @@ def _env(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    max_batch_rows: int = 0  # rows (samples) decoding at once; 0 = 256 on CPU, 2048 on CUDA
+    max_batch_rows: int = 0  # rows (samples) decoding at once; 0 = 256 on CPU, 4096 on CUDA
     max_prefill_tokens: int = 0  # prompt tokens prefilled per engine step (>= one prompt); 0 = 512 CPU, 8192 CUDA
     kv_cache_tokens: int = 0  # KV cache size in positions; 0 = 16384 on CPU, kv_cache_fraction of free GPU memory
     kv_cache_fraction: float = 0.5  # share of the free GPU memory (after the weights) the KV cache may take
@@ -51,7 +51,8 @@ class SamplerConfig:
         cuda = device.type == "cuda"
         return replace(
             self,
-            max_batch_rows=self.max_batch_rows or (2048 if cuda else 256),
+            # CUDA: room for a lone request next to a 2,048-row RL round (graph buckets are powers of two).
+            max_batch_rows=self.max_batch_rows or (4096 if cuda else 256),
             max_prefill_tokens=self.max_prefill_tokens or (8192 if cuda else 512),
             cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
             kernels=cuda if self.kernels is None else self.kernels,

@@ -12,6 +12,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +33,7 @@ from sampler_consumer.stops import StopChecker
 log = logging.getLogger(__name__)
 
 CPU_KV_TOKENS = 16384
+REPORT_S = 5.0
 
 
 def _kv_pages(base: BaseModel, config: SamplerConfig, bytes_per_token: int) -> int:
@@ -69,6 +71,7 @@ class ModelEngine:
                                  max_pages_per_row=max_pages_per_row, graphs=bool(config.cuda_graphs) and kernels,
                                  kernels=kernels, prompt_logprob_chunk=config.prompt_logprob_chunk)
         self.steps = 0
+        self._window = _Window()
         log.info("sampler engine for %s: %d KV pages of %d positions, %d rows, graphs %s, kernels %s", base.name,
                  pages - 1, config.page_size, config.max_batch_rows, self.executor.graphs, kernels)
 
@@ -104,10 +107,29 @@ class ModelEngine:
 
     def step(self) -> None:
         """Admit, prefill, decode and sample once. A failing part fails only the requests it was running."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.empty:
             return
         self.steps += 1
+        try:
+            self._step(plan)
+        finally:
+            self._window.add(time.perf_counter() - started, len(plan.sample),
+                             sum(item.new_tokens for item in plan.prefills))
+            if self._window.due():
+                self._report()
+
+    def _report(self) -> None:
+        w, s, pool = self._window, self.scheduler, self.pool
+        log.info("sampler engine %s: %d steps in %.1f s (%.1f ms/step busy), %.0f tokens/s sampled, %d prompt "
+                 "tokens prefilled; %d rows running, %d requests waiting; KV pages %d free + %d cached of %d, "
+                 "%d prefix pages reused so far", self.base.name, w.steps, w.elapsed, 1000 * w.busy / max(1, w.steps),
+                 w.sampled / max(w.elapsed, 1e-9), w.prefilled, len(s.rows), len(s.waiting), pool.free_pages,
+                 pool.cached_pages, pool.num_pages - 1, pool.hits)
+        self._window = _Window()
+
+    def _step(self, plan: StepPlan) -> None:
         prefill_logits, outputs = None, [None] * len(plan.prefills)
         if plan.prefills:
             try:
@@ -154,6 +176,28 @@ class ModelEngine:
         self.scheduler.fail(groups, message)
         while self.scheduler.waiting:
             self.scheduler.waiting.popleft().done(GenFailure(message, "server"))
+
+
+class _Window:
+    """What the engine did since its last log line (one every REPORT_S seconds while busy)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = self.sampled = self.prefilled = 0
+        self.busy = 0.0
+
+    def add(self, seconds: float, sampled: int, prefilled: int) -> None:
+        self.steps += 1
+        self.busy += seconds
+        self.sampled += sampled
+        self.prefilled += prefilled
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def due(self) -> bool:
+        return self.elapsed >= REPORT_S
 
 
 def _groups(rows: Any) -> list[Group]:

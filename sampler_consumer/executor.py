@@ -87,14 +87,13 @@ class Executor:
         meta = PrefillMeta(torch.from_numpy(table).to(device),
                            torch.tensor([item.start for item in batch], device=device),
                            torch.tensor([len(item.prompt) for item in batch], device=device))
-        self._plan([(i * width, i * width + item.new_tokens, item.adapter_slot) for i, item in enumerate(batch)],
-                   rows * width)
+        self._plan([(i * width, i * width + item.new_tokens, item.adapter_slot) for i, item in enumerate(batch)])
         try:
             hidden = self.model.forward(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
                                         torch.from_numpy(slots).to(device).view(-1), meta)
             last = hidden[torch.arange(rows, device=device),
                           torch.tensor([item.new_tokens - 1 for item in batch], device=device)]
-            self._plan([(i, i + 1, item.adapter_slot) for i, item in enumerate(batch)], rows)
+            self._plan([(i, i + 1, item.adapter_slot) for i, item in enumerate(batch)])
             logits = self.model.head(last).float()
             outputs = [self._prompt_outputs(item, hidden[i]) if item.full_prompt else None
                        for i, item in enumerate(batch)]
@@ -102,13 +101,12 @@ class Executor:
             self.bank.plan(None)
         return logits, outputs
 
-    def _plan(self, segments: list[tuple[int, int, int]], tokens: int) -> None:
+    def _plan(self, segments: list[tuple[int, int, int]]) -> None:
         tiles = None
         if self.kernels and any(slot for _, _, slot in segments):
-            from sampler_consumer.lora_kernels import build_tiles, max_tiles
+            from sampler_consumer.lora_kernels import build_tiles
 
-            tiles = torch.tensor(build_tiles(segments, max_tiles(tokens, self.bank.slots)), dtype=torch.int32,
-                                 device=self.device)
+            tiles = torch.tensor(build_tiles(segments), dtype=torch.int32, device=self.device)
         self.bank.plan(LoraPlan(segments, tiles))
 
     def _prompt_outputs(self, item: PrefillItem, hidden: torch.Tensor) -> GenOutput:
@@ -122,7 +120,7 @@ class Executor:
         targets = torch.tensor(item.prompt[1:], device=self.device)
         for c0 in range(0, n - 1, self.prompt_logprob_chunk):
             c1 = min(n - 1, c0 + self.prompt_logprob_chunk)
-            self._plan([(0, c1 - c0, item.adapter_slot)], c1 - c0)
+            self._plan([(0, c1 - c0, item.adapter_slot)])
             chunk = torch.log_softmax(self.model.head(hidden[c0:c1]).float(), dim=-1)
             logprobs[1 + c0:1 + c1] = chunk.gather(1, targets[c0:c1, None])[:, 0].cpu().numpy()
             if k:

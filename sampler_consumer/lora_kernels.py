@@ -23,8 +23,9 @@ def max_tiles(tokens: int, slots: int) -> int:
     return -(-tokens // TILE_M) + slots
 
 
-def build_tiles(segments: list[tuple[int, int, int]], capacity: int) -> list[list[int]]:
-    """(starts, ends, slots) of the tiles of `segments`, padded with empty tiles to `capacity`."""
+def build_tiles(segments: list[tuple[int, int, int]], capacity: int | None = None) -> list[list[int]]:
+    """(starts, ends, slots) of the tiles of `segments`, padded with empty tiles to `capacity` (a graph's fixed
+    grid; its batch is sorted by slot, so max_tiles bounds it), or exactly as many as needed (None)."""
     starts, ends, slots = [], [], []
     for start, end, slot in segments:
         if not slot:
@@ -33,6 +34,7 @@ def build_tiles(segments: list[tuple[int, int, int]], capacity: int) -> list[lis
             starts.append(s)
             ends.append(min(end, s + TILE_M))
             slots.append(slot)
+    capacity = len(starts) if capacity is None else capacity
     if len(starts) > capacity:
         raise ValueError(f"{len(starts)} LoRA tiles > capacity {capacity}")
     pad = capacity - len(starts)
@@ -41,7 +43,8 @@ def build_tiles(segments: list[tuple[int, int, int]], capacity: int) -> list[lis
 
 @triton.jit
 def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stride_as, stride_ar, stride_h,
-            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+            PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
@@ -59,13 +62,13 @@ def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stri
                         other=0.0)
             a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + cols[:, None], mask=col_ok[:, None],
                         other=0.0)
-            acc += tl.dot(x, a)
+            acc += tl.dot(x, a, input_precision=PRECISION)
         tl.atomic_add(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
 def _expand(h_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles, out_features, stride_h, stride_bs, stride_bn, stride_o,
-            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
@@ -79,11 +82,16 @@ def _expand(h_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles, out_features, stride_h, s
         h = tl.load(h_ptr + rows[:, None] * stride_h + ranks[None, :], mask=row_ok[:, None], other=0.0)
         b = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + ranks[:, None], mask=col_ok[None, :],
                     other=0.0)
-        delta = tl.dot(h.to(b.dtype), b)
+        delta = tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
         where = out_ptr + rows[:, None] * stride_o + cols[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
         old = tl.load(where, mask=ok, other=0.0)
         tl.store(where, (old.to(tl.float32) + delta).to(old.dtype), mask=ok)
+
+
+def _precision(t: torch.Tensor) -> str:
+    """fp32 stays fp32 (tests compare to 1e-5); bf16 / fp16 multiply natively on the tensor cores either way."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -94,7 +102,8 @@ def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, tiles: torch.Tensor) -> 
     n_tiles = tiles.shape[1]
     grid = (n_tiles, triton.cdiv(in_features, _SPLIT_K_WIDTH))
     _shrink[grid](x, a_stack, h, tiles, n_tiles, in_features, x.stride(0), a_stack.stride(0), a_stack.stride(1),
-                  h.stride(0), RANK=rank, TILE=TILE_M, BLOCK_K=_BLOCK_K, WIDTH=_SPLIT_K_WIDTH)
+                  h.stride(0), RANK=rank, TILE=TILE_M, BLOCK_K=_BLOCK_K, WIDTH=_SPLIT_K_WIDTH,
+                  PRECISION=_precision(x))
     return h
 
 
@@ -104,4 +113,4 @@ def sgmv_expand(h: torch.Tensor, b_stack: torch.Tensor, tiles: torch.Tensor, out
     n_tiles = tiles.shape[1]
     grid = (n_tiles, triton.cdiv(out_features, _BLOCK_N))
     _expand[grid](h, b_stack, out, tiles, n_tiles, out_features, h.stride(0), b_stack.stride(0), b_stack.stride(1),
-                  out.stride(0), RANK=rank, TILE=TILE_M, BLOCK_N=_BLOCK_N)
+                  out.stride(0), RANK=rank, TILE=TILE_M, BLOCK_N=_BLOCK_N, PRECISION=_precision(b_stack))

@@ -7,6 +7,7 @@ cache position (`slots`, a flat page * page_size + offset) before attention read
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from sampler_consumer.attention import (
 )
 from sampler_consumer.models import BaseModel
 
+log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "qwen2", "qwen3")  # pre-norm decoders with rotary q/k and a gated MLP: the same forward
 
 
@@ -63,8 +65,23 @@ class PagedModel:
         probe = torch.zeros(1, dtype=dtype, device=device)
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
-        self.decode_attention = (decode_attention_triton if triton_attention and triton is not None
-                                 else decode_attention_torch)
+        self.decode_attention = decode_attention_torch
+        if triton_attention and triton is not None:
+            try:  # compile it now, for this head geometry: a kernel that cannot build must not fail requests
+                self.k_cache[0][1].normal_()
+                self.v_cache[0][1].normal_()
+                probe_q = torch.randn(2, self.heads, self.head_dim, device=device, dtype=dtype)
+                table = torch.ones(2, 1, device=device, dtype=torch.int32)
+                lens = torch.tensor([1, page_size], device=device, dtype=torch.int32)
+                args = (probe_q, self.k_cache[0], self.v_cache[0], table, lens, self.scale)
+                torch.testing.assert_close(decode_attention_triton(*args), decode_attention_torch(*args),
+                                           atol=5e-2, rtol=5e-2)
+                self.decode_attention = decode_attention_triton
+            except Exception:
+                log.exception("the Triton paged-attention kernel failed its self-check; using torch attention")
+            finally:
+                self.k_cache[0][1].zero_()
+                self.v_cache[0][1].zero_()
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -27,8 +27,8 @@ from sampler_consumer.models import load_base_model
 from tinker_bus.base_models import make_tiny_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# fp32 everywhere; on the GPU the kernels' tl.dot rounds through tf32, so logprobs agree to ~1e-3 there.
-ATOL = 2e-3 if DEVICE.type == "cuda" else 1e-5
+# fp32 everywhere (the kernels' tl.dot too); the GPU's kernels sum in other orders than the CPU's.
+ATOL = 5e-4 if DEVICE.type == "cuda" else 1e-5
 
 
 @pytest.fixture(autouse=True)
