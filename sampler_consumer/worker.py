@@ -143,6 +143,7 @@ class _SamplerWorker:
         sending: set[asyncio.Task] = set()
         while True:
             item, reply = await self.replies.get()
+            sending = {task for task in sending if not task.done()}
             while len(sending) >= MAX_PUBLISHING:
                 _, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
             sending.add(asyncio.create_task(self._publish(item, reply)))
