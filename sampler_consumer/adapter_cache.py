@@ -1,20 +1,22 @@
-"""Loaded LoRA adapters of one base model, keyed by (tinker path, manifest version), LRU-evicted.
+"""Adapter checkpoints read from S3, keyed by (tinker path, manifest version), kept in a host-memory LRU.
 
-Keying by the manifest version (not by sampling session or path alone) is what makes a sampling client
-see exactly the weights saved before it was created: an overwritten path has a new version, so it is
-loaded afresh. An evicted adapter is simply loaded again on its next use.
+Keying by the manifest version (not by sampling session or path alone) is what makes a sampling client see
+exactly the weights saved before it was created: an overwritten path has a new version, so it is read afresh.
+These are CPU tensors only; the engine thread parses them into its adapter slots (lora.AdapterSlots) and keeps
+the slot while the version is in use, so a new version never disturbs requests still running on the old one.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from artifact_store import CheckpointNotFound, CheckpointStore, InvalidPath, TinkerPath
 from bus_runtime.base_models import resolve_base_model
-from sampler_consumer.lora import AdapterError, LoraAdapter, LoraBank
+from sampler_consumer.lora import AdapterError
+from sampler_consumer.requests import AdapterCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ class AdapterNotFound(LookupError):
 class CacheStats:
     hits: int = 0
     loads: int = 0
-    evictions: int = 0
 
 
 def same_base_model(a: str, b: str) -> bool:
@@ -40,25 +41,17 @@ def same_base_model(a: str, b: str) -> bool:
 
 
 class AdapterCache:
-    def __init__(self, checkpoints: CheckpointStore, bank: LoraBank, base_model: str, capacity: int) -> None:
+    def __init__(self, checkpoints: CheckpointStore, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("adapter cache capacity must be >= 1")
         self.checkpoints = checkpoints
-        self.bank = bank
-        self.base_model = base_model
         self.capacity = capacity
         self.stats = CacheStats()
-        self._adapters: OrderedDict[tuple[str, str], LoraAdapter] = OrderedDict()
+        self._adapters: OrderedDict[tuple[str, tuple[str, str]], AdapterCheckpoint] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._adapters
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        """Keys from least to most recently used."""
-        return iter(list(self._adapters))
-
-    def get(self, path: str) -> LoraAdapter:
-        """The adapter currently stored at `path` (a tinker:// sampler_weights path)."""
+    def get(self, path: str, base_model: str) -> AdapterCheckpoint:
+        """The adapter currently stored at `path` (a tinker:// sampler_weights path), trained on `base_model`."""
         try:
             tinker_path = TinkerPath.parse(path)
         except InvalidPath as exc:
@@ -68,29 +61,23 @@ class AdapterCache:
         except CheckpointNotFound as exc:
             raise AdapterNotFound(f"no checkpoint at {path} (never saved, deleted or expired)") from exc
         key = (str(tinker_path), info.version)
-        if key in self._adapters:
-            self.stats.hits += 1
-            self._adapters.move_to_end(key)
-            return self._adapters[key]
+        with self._lock:
+            cached = self._adapters.get((base_model, key))
+            if cached is not None:
+                self.stats.hits += 1
+                self._adapters.move_to_end((base_model, key))
+                return cached
         try:
             ckpt, info = self.checkpoints.load_with_info(tinker_path)
         except CheckpointNotFound as exc:
             raise AdapterNotFound(f"no checkpoint at {path} (deleted while loading)") from exc
-        if not same_base_model(info.base_model, self.base_model):
-            raise AdapterError(f"{path} was trained on {info.base_model!r}, not on {self.base_model!r}")
-        adapter = self.bank.parse(ckpt, (str(tinker_path), info.version))
-        self.stats.loads += 1
-        log.info("loaded adapter %s (version %s, rank %d, %.1f MB)", path, info.version, adapter.rank,
-                 adapter.nbytes / 1e6)
-        self._adapters[adapter.key] = adapter
+        if not same_base_model(info.base_model, base_model):
+            raise AdapterError(f"{path} was trained on {info.base_model!r}, not on {base_model!r}")
+        adapter = AdapterCheckpoint((str(tinker_path), info.version), ckpt)
+        log.info("read adapter %s (version %s)", path, info.version)
+        with self._lock:
+            self.stats.loads += 1
+            self._adapters[(base_model, adapter.key)] = adapter
+            while len(self._adapters) > self.capacity:
+                self._adapters.popitem(last=False)
         return adapter
-
-    def trim(self, in_use: Collection[tuple[str, str]] = ()) -> None:
-        """Evict least recently used adapters down to capacity, never one the current batch uses."""
-        for key in list(self._adapters):
-            if len(self._adapters) <= self.capacity:
-                return
-            if key not in in_use:
-                del self._adapters[key]
-                self.stats.evictions += 1
-                log.info("evicted adapter %s (version %s)", *key)

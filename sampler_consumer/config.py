@@ -2,45 +2,52 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any
 
 import torch
 
-CacheMode = Literal["auto", "dynamic", "static"]
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TINKER_BUS_SAMPLER_{name}", default)
+from bus_runtime.env_config import env_config
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    max_batch_rows: int = 64  # sequences decoded together (num_samples counts each sample as a row)
-    batch_window_ms: float = 5.0  # how long the worker waits for more requests before starting a batch
-    adapter_cache_size: int = 16  # LoRA adapters kept loaded per base model (LRU)
+    max_batch_rows: int = 0  # rows (samples) decoding at once; 0 = 256 on CPU, 4096 on CUDA
+    max_prefill_tokens: int = 0  # prompt tokens prefilled per engine step (>= one prompt); 0 = 512 CPU, 8192 CUDA
+    kv_cache_tokens: int = 0  # KV cache size in positions; 0 = 16384 on CPU, kv_cache_fraction of free GPU memory
+    kv_cache_fraction: float = 0.5  # share of the free GPU memory (after the weights) the KV cache may take
+    page_size: int = 16  # positions per KV page (the unit of sharing and of the block table)
+    adapter_cache_size: int = 16  # LoRA adapter slots per base model (loaded adapters, LRU)
+    max_lora_rank: int = 32  # adapters of higher rank are refused; slots are sized for this rank
     base_model_cache_size: int = 2  # base models kept loaded (LRU)
-    cache_mode: CacheMode = "auto"  # KV cache: "static" on GPU (compiled decode step), "dynamic" on CPU
-    compile: bool | None = None  # torch.compile the static decode step; None = on for CUDA
-    compile_mode: str = "reduce-overhead"  # torch.compile mode of the decode step; this one replays CUDA graphs
+    cuda_graphs: bool | None = None  # capture the decode step per batch bucket; None = on for CUDA
+    kernels: bool | None = None  # Triton attention + LoRA kernels; None = on for CUDA (CPU: TRITON_INTERPRET=1)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
     prompt_logprob_chunk: int = 256  # prompt positions per lm_head call when computing prompt logprobs
+    intake_batch: int = 512  # Kafka records prepared together (one session / adapter lookup each per batch)
+    # How long publishing a reply is retried (broker restart...) before the sampler stops uncommitted (its
+    # successor re-reads the request and answers it): the trainer's policy too.
+    publish_retry_s: float = 300.0
 
     @classmethod
-    def from_env(cls, **overrides: object) -> SamplerConfig:
-        compile_env = _env("COMPILE", "auto").lower()
-        base = cls(
-            max_batch_rows=int(_env("MAX_BATCH_ROWS", str(cls.max_batch_rows))),
-            batch_window_ms=float(_env("BATCH_WINDOW_MS", str(cls.batch_window_ms))),
-            adapter_cache_size=int(_env("ADAPTER_CACHE_SIZE", str(cls.adapter_cache_size))),
-            base_model_cache_size=int(_env("BASE_MODEL_CACHE_SIZE", str(cls.base_model_cache_size))),
-            cache_mode=_env("CACHE_MODE", cls.cache_mode),  # type: ignore[arg-type]
-            compile=None if compile_env == "auto" else compile_env in ("1", "true", "yes"),
-            compile_mode=_env("COMPILE_MODE", cls.compile_mode),
-            dtype=_env("DTYPE", cls.dtype),
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SamplerConfig:
+        return env_config(cls, "TINKER_BUS_SAMPLER_", environ, **overrides)
+
+    def resolved(self, device: torch.device) -> SamplerConfig:
+        """The 0 / None / "auto" defaults filled in for `device`."""
+        cuda = device.type == "cuda"
+        return replace(
+            self,
+            # CUDA: room for a lone request next to a 2,048-row RL round (graph buckets are powers of two).
+            max_batch_rows=self.max_batch_rows or (4096 if cuda else 256),
+            max_prefill_tokens=self.max_prefill_tokens or (8192 if cuda else 512),
+            cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
+            kernels=cuda if self.kernels is None else self.kernels,
+            # The kernels' tiles need a power-of-two rank of at least 16 (tl.dot); slots are sized for it.
+            max_lora_rank=(max(16, 1 << (self.max_lora_rank - 1).bit_length())
+                           if cuda or self.kernels else self.max_lora_rank),
         )
-        return replace(base, **overrides)  # type: ignore[arg-type]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,12 +60,3 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-def resolve_cache_mode(config: SamplerConfig, device: torch.device) -> tuple[Literal["dynamic", "static"], bool]:
-    """(cache mode, compile?) for this device: GPU gets a static cache + compiled decode step."""
-    mode = config.cache_mode if config.cache_mode != "auto" else ("static" if device.type == "cuda" else "dynamic")
-    compiled = config.compile if config.compile is not None else (mode == "static" and device.type == "cuda")
-    if compiled and mode != "static":
-        raise ValueError("compile=True needs cache_mode='static' (a dynamic cache changes shape every step)")
-    return mode, compiled  # type: ignore[return-value]

@@ -1,19 +1,21 @@
 """Per-row LoRA: every row of a batch may use a different adapter (or none), in one forward pass.
 
-Each nn.Linear of the base model is wrapped once in `MultiLoraLinear`. For a batch, `LoraBank.activate`
-packs the k distinct adapters of the batch side by side per module (A: [k*r, in], B: [out, k*r], the
-LoRA scale folded into B, ranks zero-padded to a common r) and sets a row mask [rows, k*r] that selects
-each row's block. The forward is then two dense matmuls with static shapes (no per-adapter Python loop),
-so it batches well and compiles; padded ranks and other rows' blocks contribute exact zeros.
+Each nn.Linear of the base model is wrapped once in `MultiLoraLinear`, which owns a stack of adapter slots per
+module (A: [slots, R, in], B: [out, R] per slot with the LoRA scale folded in, ranks zero-padded to R); slot 0 is
+"no adapter" and stays empty. Loading an adapter copies it into a free slot, so the tensors a CUDA graph captured
+never move: a new adapter (version) needs no new graph. A forward pass gets a `LoraPlan`: the batch's tokens
+grouped into segments of one adapter slot each. On CUDA the segments become tiles of a segmented gather-matmul
+(lora_kernels.py, Punica SGMV style: each tile reads only its own adapter); elsewhere each segment is two small
+matmuls. Rows without an adapter cost nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 
 if TYPE_CHECKING:  # the engine (and the GPU benchmark) runs without the S3 client installed
     from artifact_store import Checkpoint
+    from sampler_consumer.requests import GenRequest
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -40,7 +43,7 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
-    """One adapter, parsed and on the model's device. `key` = (tinker path, manifest version)."""
+    """One adapter, parsed (tensors in the model's dtype). `key` = (tinker path, manifest version)."""
 
     key: tuple[str, str]
     modules: dict[str, LoraModule]
@@ -51,20 +54,34 @@ class LoraAdapter:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
 
 
-class _RowMask:
-    """Shared by every wrapper: which packed LoRA block each row of the current batch uses."""
+@dataclass
+class LoraPlan:
+    """Which adapter slot each token of the next forward passes uses: contiguous segments (start, end, slot)."""
 
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None  # [rows, k*r]
+    segments: list[tuple[int, int, int]]
+    tiles: torch.Tensor | None = None  # [3, max_tiles] int32 (start, end, slot) for the segmented kernels
+
+    @property
+    def active(self) -> bool:
+        return any(slot for _, _, slot in self.segments)
+
+
+@dataclass
+class _Current:
+    """Shared by every wrapper: the plan of the forward pass in progress (None: base model only)."""
+
+    plan: LoraPlan | None = None
+    kernels: bool = False  # the segmented Triton kernels (CUDA), else per-segment matmuls
+    slot_rank: list[int] = field(default_factory=list)
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, rows: _RowMask) -> None:
+    def __init__(self, base: nn.Linear, current: _Current) -> None:
         super().__init__()
         self.base = base
-        self.lora_a: torch.Tensor | None = None  # [k*r, in]
-        self.lora_b: torch.Tensor | None = None  # [out, k*r], scale folded in
-        object.__setattr__(self, "_rows", rows)  # shared, so not registered as a submodule
+        self.a_stack: torch.Tensor | None = None  # [slots, R, in]
+        self.b_stack: torch.Tensor | None = None  # [slots, out, R], scale folded in
+        object.__setattr__(self, "_current", current)  # shared, so not registered as a submodule
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads lm_head.weight (tying, dtype checks)
@@ -80,12 +97,21 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.lora_a is None or self._rows.mask is None:
+        plan = self._current.plan
+        if plan is None or self.a_stack is None:
             return out
-        mask = self._rows.mask
-        hidden = F.linear(x, self.lora_a)  # [rows, T, k*r]
-        hidden = hidden * (mask.unsqueeze(1) if hidden.dim() == 3 else mask)
-        return out + F.linear(hidden, self.lora_b)
+        flat_x, flat_out = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
+        if self._current.kernels:
+            from sampler_consumer.lora_kernels import sgmv_expand, sgmv_shrink
+
+            sgmv_expand(sgmv_shrink(flat_x, self.a_stack, plan.tiles), self.b_stack, plan.tiles, flat_out)
+            return out
+        for start, end, slot in plan.segments:
+            rank = self._current.slot_rank[slot]
+            if slot and rank:
+                hidden = F.linear(flat_x[start:end], self.a_stack[slot, :rank])
+                flat_out[start:end] += F.linear(hidden, self.b_stack[slot, :, :rank])
+        return out
 
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
@@ -112,19 +138,21 @@ def _check_config(config: dict) -> None:
 
 
 class LoraBank:
-    """The wrapped model's LoRA state: parses adapters for it and activates a batch's adapters."""
+    """The wrapped model's LoRA state: parses adapters for it, holds the adapter slots, sets each pass's plan."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, slots: int = 17,
+                 max_rank: int = 32) -> None:
         self.model = model
         self.device, self.dtype = device, dtype
-        self.rows = _RowMask()
+        self.slots, self.max_rank = slots, max_rank
+        self.current = _Current(slot_rank=[0] * slots)
         self.wrappers: dict[str, MultiLoraLinear] = {}
-        self._active: tuple | None = None
+        self.adapters = AdapterSlots(self)  # one slot table per bank, whichever engine uses it
         targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
         for name, linear in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapper = MultiLoraLinear(linear, self.rows)
+            wrapper = MultiLoraLinear(linear, self.current)
             setattr(parent, child, wrapper)
             self.wrappers[name] = wrapper
 
@@ -156,9 +184,12 @@ class LoraBank:
             raise AdapterError(
                 f"adapter module {name!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                 f"rank {rank} and the base layer ({wrapper.out_features} x {wrapper.in_features})")
+        if rank > self.max_rank:
+            raise AdapterError(f"adapter module {name!r} has rank {rank}; this sampler serves ranks up to "
+                               f"{self.max_rank} (TINKER_BUS_SAMPLER_MAX_LORA_RANK)")
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        return LoraModule(a=a.to(self.device, self.dtype), b=b.to(self.device, self.dtype), scale=scale)
+        return LoraModule(a=a.to(self.dtype), b=b.to(self.dtype), scale=scale)
 
     def _check_unchanged_base_weight(self, name: str, tensor: torch.Tensor) -> None:
         """PEFT saves the (untouched) embedding matrix when lm_head/embed_tokens is a LoRA target; accept it
@@ -175,65 +206,96 @@ class LoraBank:
         if base.shape != tensor.shape or not torch.equal(base.detach(), tensor.to(base.device, base.dtype)):
             raise AdapterError(f"adapter replaces base weight {name!r}; only LoRA deltas are supported")
 
-    # ------------------------------------------------------------------ activation
-    def activate(self, adapters: Sequence[LoraAdapter | None], *, pad_to_bucket: bool = False) -> None:
-        """Make row i of the next forward passes use `adapters[i]` (None = the base model)."""
-        distinct: list[LoraAdapter] = []
-        for adapter in adapters:
-            if adapter is not None and all(adapter is not d for d in distinct):
-                distinct.append(adapter)
-        if not distinct:
-            self._pack([], 0, 0)
-            self.rows.mask = None
-            return
-        rank = max(a.rank for a in distinct)
-        slots = len(distinct)
-        if pad_to_bucket:  # fewer distinct shapes -> fewer recompilations of the static decode step
-            rank = -(-rank // 8) * 8
-            slots = 1 << (slots - 1).bit_length()
-        self._pack(distinct, rank, slots)
-        mask = torch.zeros(len(adapters), slots * rank, device=self.device, dtype=self.dtype)
-        for row, adapter in enumerate(adapters):
-            if adapter is not None:
-                slot = next(i for i, d in enumerate(distinct) if d is adapter)
-                mask[row, slot * rank:(slot + 1) * rank] = 1
-        self.rows.mask = mask
+    # ------------------------------------------------------------------ slots
+    def _stacks(self, wrapper: MultiLoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        if wrapper.a_stack is None:
+            shape_a = (self.slots, self.max_rank, wrapper.in_features)
+            shape_b = (self.slots, wrapper.out_features, self.max_rank)
+            wrapper.a_stack = torch.zeros(shape_a, device=self.device, dtype=self.dtype)
+            wrapper.b_stack = torch.zeros(shape_b, device=self.device, dtype=self.dtype)
+        return wrapper.a_stack, wrapper.b_stack
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep / repeat rows (num_samples expansion, finished rows dropped) like the KV cache does."""
-        if self.rows.mask is not None:
-            self.rows.mask = self.rows.mask.index_select(0, index.to(self.device))
+    def allocate_all(self) -> None:
+        """Every module's slot stack now (before CUDA graphs capture them); on CPU they come with first use."""
+        for wrapper in self.wrappers.values():
+            self._stacks(wrapper)
 
-    @contextlib.contextmanager
-    def only_row(self, row: int) -> Iterator[None]:
-        """Forward passes inside see just `row` of the current batch (per-request prompt logprobs)."""
-        saved = self.rows.mask
-        if saved is not None:
-            self.rows.mask = saved[row:row + 1]
-        try:
-            yield
-        finally:
-            self.rows.mask = saved
-
-    def pad_rows(self, rows: int) -> None:
-        """Extra rows (static-cache padding) use no adapter."""
-        if self.rows.mask is not None and self.rows.mask.shape[0] < rows:
-            self.rows.mask = F.pad(self.rows.mask, (0, 0, 0, rows - self.rows.mask.shape[0]))
-
-    def _pack(self, distinct: list[LoraAdapter], rank: int, slots: int) -> None:
-        signature = (tuple(a.key for a in distinct), rank, slots)
-        if signature == self._active:
-            return  # consecutive batches usually share their adapters
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        if not 0 < slot < self.slots:
+            raise ValueError(f"adapter slot {slot} outside 1..{self.slots - 1}")
         for name, wrapper in self.wrappers.items():
-            used = [(i, a.modules[name]) for i, a in enumerate(distinct) if name in a.modules]
-            if not used:
-                wrapper.lora_a = wrapper.lora_b = None
+            module = adapter.modules.get(name)
+            if module is None:
+                if wrapper.a_stack is not None:  # a slot's previous adapter must not leak into this one
+                    wrapper.a_stack[slot].zero_()
+                    wrapper.b_stack[slot].zero_()
                 continue
-            a_packed = torch.zeros(slots * rank, wrapper.in_features, device=self.device, dtype=self.dtype)
-            b_packed = torch.zeros(wrapper.out_features, slots * rank, device=self.device, dtype=self.dtype)
-            for slot, module in used:
-                r = module.a.shape[0]
-                a_packed[slot * rank:slot * rank + r] = module.a
-                b_packed[:, slot * rank:slot * rank + r] = module.b * module.scale
-            wrapper.lora_a, wrapper.lora_b = a_packed, b_packed
-        self._active = signature
+            a_stack, b_stack = self._stacks(wrapper)
+            r = module.a.shape[0]
+            a_stack[slot].zero_()
+            b_stack[slot].zero_()
+            a_stack[slot, :r].copy_(module.a)
+            b_stack[slot, :, :r].copy_(module.b.to(self.device) * module.scale)
+        self.current.slot_rank[slot] = adapter.rank
+
+    def plan(self, plan: LoraPlan | None) -> None:
+        """Make the next forward passes use `plan` (None or no adapter segment: the base model alone)."""
+        self.current.plan = plan if plan is not None and plan.active else None
+
+
+@dataclass
+class SlotStats:
+    hits: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+class AdapterSlots:
+    """Which adapter (version) sits in which slot of a LoraBank; engine thread only.
+
+    A slot in use by a running request is never evicted; the least recently used idle one is. When every slot is
+    in use a request waits (acquire returns None) instead of failing."""
+
+    def __init__(self, bank: LoraBank) -> None:
+        self.bank = bank
+        self.capacity = bank.slots - 1
+        self.stats = SlotStats()
+        self._slots: OrderedDict[tuple[str, str], int] = OrderedDict()  # least recently used first
+        self._users = [0] * bank.slots
+        self._free = list(range(bank.slots - 1, 0, -1))
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """Keys of the loaded adapters, least recently used first."""
+        return iter(list(self._slots))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def acquire(self, request: GenRequest) -> int | None:
+        spec = request.adapter
+        if spec is None:
+            return 0
+        slot = self._slots.get(spec.key)
+        if slot is not None:
+            self.stats.hits += 1
+            self._slots.move_to_end(spec.key)
+            self._users[slot] += 1
+            return slot
+        if not self._free and all(self._users[s] for s in self._slots.values()):
+            return None
+        adapter = spec if isinstance(spec, LoraAdapter) else self.bank.parse(spec.checkpoint, spec.key)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = next(key for key, s in self._slots.items() if not self._users[s])
+            slot = self._slots.pop(evicted)
+            self.stats.evictions += 1
+        self.bank.load(slot, adapter)
+        self.stats.loads += 1
+        self._slots[spec.key] = slot
+        self._users[slot] = 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self._users[slot] -= 1

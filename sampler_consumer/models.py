@@ -1,13 +1,10 @@
-"""Base models for sampling: loaded once, wrapped for per-row LoRA, kept in a small LRU."""
+"""Base models for sampling: loaded once and wrapped for per-row LoRA (the engine core keeps a small LRU)."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -16,7 +13,6 @@ from bus_runtime.base_models import load_tokenizer, resolve_base_model
 from sampler_consumer.lora import LoraBank
 
 log = logging.getLogger(__name__)
-_M = TypeVar("_M")
 
 
 @dataclass
@@ -41,7 +37,8 @@ def _as_ids(value: int | list[int] | None) -> set[int]:
     return {value} if isinstance(value, int) else set(value)
 
 
-def load_base_model(name: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def load_base_model(name: str, device: torch.device, dtype: torch.dtype, *, adapter_slots: int = 16,
+                    max_lora_rank: int = 32) -> BaseModel:
     path = resolve_base_model(name)
     log.info("loading base model %s from %s on %s (%s)", name, path, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -52,29 +49,8 @@ def load_base_model(name: str, device: torch.device, dtype: torch.dtype) -> Base
         eos.add(tokenizer.eos_token_id)
     vocab = model.get_output_embeddings().weight.shape[0]
     return BaseModel(
-        name=name, model=model, tokenizer=tokenizer, lora=LoraBank(model, device, dtype), eos_ids=frozenset(eos),
+        name=name, model=model, tokenizer=tokenizer, eos_ids=frozenset(eos),
+        lora=LoraBank(model, device, dtype, slots=adapter_slots + 1, max_rank=max_lora_rank),
         vocab_size=vocab, max_positions=int(getattr(model.config, "max_position_embeddings", 1 << 20)),
         device=device, dtype=dtype,
     )
-
-
-class ModelPool(Generic[_M]):
-    """Loaded base models (with whatever is built on them) by name, least recently used first out."""
-
-    def __init__(self, capacity: int, loader: Callable[[str], _M]) -> None:
-        self.capacity = capacity
-        self._loader = loader
-        self._models: OrderedDict[str, _M] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> _M:
-        with self._lock:
-            if name in self._models:
-                self._models.move_to_end(name)
-                return self._models[name]
-            model = self._loader(name)
-            self._models[name] = model
-            while len(self._models) > self.capacity:
-                evicted, _ = self._models.popitem(last=False)
-                log.info("unloaded base model %s", evicted)
-            return model

@@ -1,33 +1,37 @@
-"""From decoded Sample events to Result payloads: sessions, validation, adapters, batching, the engine.
+"""From decoded Sample events to Result payloads: sessions, validation, adapters, the engine core.
 
-Blocking (S3 and torch); the worker runs `SamplerService.run_batch` in a thread. Every request gets exactly
-one result: a SampleResult, a "user" error (unknown session, bad prompt, bad adapter) or a "server" error.
+`prepare` does the blocking part (S3: sessions, adapter checkpoints) and runs off the event loop; `submit`
+hands the typed requests to the engine thread and returns at once; the reply callback fires exactly once per
+job, on the engine thread. Every request gets exactly one result: a SampleResult, a "user" error (unknown
+session, bad prompt, bad adapter) or a "server" error, whose message is never empty.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSession
 from bus_events import Envelope, make_result, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.errors import UserError
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.adapter_cache import AdapterCache, AdapterNotFound
-from sampler_consumer.config import SamplerConfig, resolve_cache_mode, resolve_device, resolve_dtype
-from sampler_consumer.engine import Engine, GenOutput, GenRequest
-from sampler_consumer.lora import AdapterError, LoraAdapter
-from sampler_consumer.models import BaseModel, ModelPool, load_base_model
+from sampler_consumer.config import SamplerConfig, resolve_device, resolve_dtype
+from sampler_consumer.engine_core import EngineCore, ModelEngine
+from sampler_consumer.lora import AdapterError
+from sampler_consumer.models import load_base_model
+from sampler_consumer.requests import GenFailure, GenOutput, GenRequest, describe
 from sampler_consumer.stops import StopSpecError, check_stop_spec
 
 log = logging.getLogger(__name__)
 
-
-class UserError(ValueError):
-    """The request cannot be served as asked; answered with category "user"."""
+Reply = tuple[Envelope, p.Result]
 
 
 @dataclass
@@ -37,23 +41,14 @@ class SampleJob:
 
 
 @dataclass
-class Runner:
-    """A loaded base model with its engine and adapter cache."""
+class Prepared:
+    """A job ready for the engine: its base model and its pieces (num_samples split to fit a batch), or the
+    error that answers it."""
 
-    base: BaseModel
-    engine: Engine
-    adapters: AdapterCache
-
-
-@dataclass
-class _Piece:
-    """Samples [first, first+count) of one job: the unit packed into engine batches."""
-
-    job: int
-    first: int
-    count: int
-    prompt: list[int]
-    adapter: LoraAdapter | None
+    job: SampleJob
+    base_model: str = ""
+    pieces: list[GenRequest] = field(default_factory=list)
+    error: p.ErrorInfo | None = None
 
 
 def _prompt_tokens(request: p.Sample) -> list[int]:
@@ -63,21 +58,6 @@ def _prompt_tokens(request: p.Sample) -> list[int]:
     if prompt.numel == 0:
         raise UserError("prompt is empty: sampling needs at least one token")
     return [int(t) for t in prompt.numpy()]
-
-
-def _check_against_model(request: p.Sample, tokens: list[int], base: BaseModel) -> None:
-    bad = [t for t in tokens if not 0 <= t < base.vocab_size]
-    if bad:
-        raise UserError(f"prompt holds token ids outside the vocabulary [0, {base.vocab_size}): {bad[:5]}")
-    if len(tokens) + request.sampling_params.max_tokens > base.max_positions:
-        raise UserError(f"prompt ({len(tokens)} tokens) + sampling_params.max_tokens "
-                        f"({request.sampling_params.max_tokens}) exceeds the model's context of {base.max_positions}")
-    if not 0 <= request.topk_prompt_logprobs <= base.vocab_size:
-        raise UserError(f"topk_prompt_logprobs must be in [0, {base.vocab_size}], got {request.topk_prompt_logprobs}")
-    try:
-        check_stop_spec(request.sampling_params.stop)
-    except StopSpecError as exc:
-        raise UserError(str(exc)) from exc
 
 
 def _to_result(out: GenOutput) -> p.SampleResult:
@@ -96,128 +76,113 @@ def _to_result(out: GenOutput) -> p.SampleResult:
     )
 
 
+class _Merge:
+    """Collects the pieces of one job (engine thread) and replies once, when the last one is in."""
+
+    def __init__(self, prepared: Prepared, reply: Callable[[Reply], None]) -> None:
+        self.prepared, self.reply = prepared, reply
+        self.parts: list[GenOutput | GenFailure | None] = [None] * len(prepared.pieces)
+        self.missing = len(prepared.pieces)
+        self.lock = threading.Lock()
+
+    def piece_done(self, index: int, result: GenOutput | GenFailure) -> None:
+        with self.lock:
+            self.parts[index] = result
+            self.missing -= 1
+            if self.missing:
+                return
+        env = self.prepared.job.env
+        failure = next((r for r in self.parts if isinstance(r, GenFailure)), None)
+        if failure is not None:
+            self.reply(make_result(env, error=p.ErrorInfo(message=failure.message, category=failure.category)))
+            return
+        outputs: list[GenOutput] = self.parts  # type: ignore[assignment]
+        merged = GenOutput(sequences=[s for out in outputs for s in out.sequences],
+                           prompt_logprobs=outputs[0].prompt_logprobs, topk_ids=outputs[0].topk_ids,
+                           topk_logprobs=outputs[0].topk_logprobs)
+        self.reply(make_result(env, _to_result(merged)))
+
+
 class SamplerService:
     def __init__(self, settings: BusSettings, config: SamplerConfig, objects: ObjectStore | None = None) -> None:
-        self.config = config
         self.objects = objects or open_object_store(settings)
         self.registry = Registry(self.objects)
-        self.checkpoints = CheckpointStore(self.objects)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.cache_mode, self.compiled = resolve_cache_mode(config, self.device)
-        self.runners: ModelPool[Runner] = ModelPool(config.base_model_cache_size, self._load_runner)
+        self.config = config.resolved(self.device)
+        self.adapters = AdapterCache(CheckpointStore(self.objects), self.config.adapter_cache_size)
+        self.core = EngineCore(self._load_engine, capacity=self.config.base_model_cache_size)
 
-    def _load_runner(self, name: str) -> Runner:
-        base = load_base_model(name, self.device, self.dtype)
-        engine = Engine(base, self.cache_mode, self.compiled, self.config.prompt_logprob_chunk,
-                        self.config.compile_mode)
-        return Runner(base, engine, AdapterCache(self.checkpoints, base.lora, name, self.config.adapter_cache_size))
+    def _load_engine(self, name: str) -> ModelEngine:  # on the engine thread
+        base = load_base_model(name, self.device, self.dtype, adapter_slots=self.config.adapter_cache_size,
+                               max_lora_rank=self.config.max_lora_rank)
+        return ModelEngine(base, self.config)
 
-    # ------------------------------------------------------------------ entry point
-    def run_batch(self, jobs: list[SampleJob]) -> list[tuple[Envelope, p.Result]]:
-        """One reply per job, in job order."""
-        outcomes: dict[int, GenOutput | p.ErrorInfo] = {}
-        sessions = self._sessions({job.request.sampling_session_id for job in jobs})
-        groups: dict[str, list[tuple[int, list[int], SamplingSession]]] = {}
-        for i, job in enumerate(jobs):
-            try:
-                session = sessions.get(job.request.sampling_session_id)
-                if session is None or session.tenant != job.env.tenant:
-                    raise UserError(f"unknown sampling session {job.request.sampling_session_id!r}")
-                groups.setdefault(session.base_model, []).append((i, _prompt_tokens(job.request), session))
-            except UserError as exc:
-                outcomes[i] = p.ErrorInfo(message=str(exc), category="user")
-        for base_model, members in groups.items():
-            self._run_group(base_model, members, jobs, outcomes)
-        return [self._reply(job, outcomes[i]) for i, job in enumerate(jobs)]
+    def close(self) -> None:
+        self.core.stop()
 
-    @staticmethod
-    def _reply(job: SampleJob, outcome: GenOutput | p.ErrorInfo) -> tuple[Envelope, p.Result]:
-        if isinstance(outcome, p.ErrorInfo):
-            return make_result(job.env, error=outcome)
-        return make_result(job.env, _to_result(outcome))
+    # ------------------------------------------------------------------ blocking: S3
+    def prepare(self, jobs: list[SampleJob]) -> list[Prepared]:
+        """Sessions and adapters of `jobs` (one registry read per session, one adapter lookup per path)."""
+        sessions = {sid: self.registry.get_sampling_session(sid)
+                    for sid in {job.request.sampling_session_id for job in jobs}}
+        adapters: dict[tuple[str, str], object] = {}
+        return [self._prepare(job, sessions, adapters) for job in jobs]
 
-    def _sessions(self, ids: set[str]) -> dict[str, SamplingSession | None]:
-        # Re-read on every batch: cheap, and never stale if a session is (re)written.
-        return {sid: self.registry.get_sampling_session(sid) for sid in ids}
-
-    # ------------------------------------------------------------------ one base model
-    def _run_group(self, base_model: str, members: list[tuple[int, list[int], SamplingSession]],
-                   jobs: list[SampleJob], outcomes: dict[int, GenOutput | p.ErrorInfo]) -> None:
+    def _prepare(self, job: SampleJob, sessions: dict[str, SamplingSession | None],
+                 adapters: dict[tuple[str, str], object]) -> Prepared:
+        request = job.request
+        session = sessions.get(request.sampling_session_id)
         try:
-            runner = self.runners.get(base_model)
-        except (OSError, ValueError) as exc:  # no such model / unreadable folder
-            log.warning("cannot load base model %s: %s", base_model, exc)
-            for i, _, _ in members:
-                outcomes[i] = p.ErrorInfo(message=f"base model {base_model!r} cannot be loaded: {exc}",
-                                          category="user")
-            return
-        pieces: list[_Piece] = []
-        adapters: dict[str, LoraAdapter] = {}
-        for i, tokens, session in members:
-            request = jobs[i].request
+            if session is None or session.tenant != job.env.tenant:
+                raise UserError(f"unknown sampling session {request.sampling_session_id!r}")
+            tokens = _prompt_tokens(request)
             try:
-                _check_against_model(request, tokens, runner.base)
-                adapter = None
-                if session.model_path is not None:
-                    if session.model_path not in adapters:
-                        adapters[session.model_path] = runner.adapters.get(session.model_path)
-                    adapter = adapters[session.model_path]
-            except (UserError, AdapterNotFound, AdapterError) as exc:
-                outcomes[i] = p.ErrorInfo(message=str(exc), category="user")
-                continue
-            except Exception as exc:  # corrupt checkpoint, S3 trouble: our side
-                log.exception("loading the adapter of %s failed", session.sampling_session_id)
-                outcomes[i] = p.ErrorInfo(message=f"loading {session.model_path} failed: {exc}", category="server")
-                continue
-            for first in range(0, request.num_samples, self.config.max_batch_rows):
-                count = min(self.config.max_batch_rows, request.num_samples - first)
-                pieces.append(_Piece(i, first, count, tokens, adapter))
-        # Similar prompt lengths together: less left padding in each prefill.
-        pieces.sort(key=lambda piece: len(piece.prompt))
-        partial: dict[int, GenOutput] = {}
-        for chunk in self._chunks(pieces, runner.adapters.capacity):
-            self._run_chunk(runner, chunk, jobs, partial, outcomes)
-        for i, output in partial.items():
-            if i not in outcomes:
-                outcomes[i] = output
+                check_stop_spec(request.sampling_params.stop)
+            except StopSpecError as exc:
+                raise UserError(str(exc)) from exc
+            adapter = None
+            if session.model_path is not None:
+                where = (session.model_path, session.base_model)
+                if where not in adapters:
+                    try:
+                        adapters[where] = self.adapters.get(session.model_path, session.base_model)
+                    except Exception as exc:
+                        adapters[where] = exc
+                adapter = adapters[where]
+                if isinstance(adapter, Exception):
+                    raise adapter
+        except (UserError, AdapterNotFound, AdapterError) as exc:
+            return Prepared(job, error=p.ErrorInfo(message=str(exc), category="user"))
+        except Exception as exc:  # corrupt checkpoint, S3 trouble: our side
+            log.exception("preparing sample request %s failed", job.env.request_id)
+            return Prepared(job, error=p.ErrorInfo(message=f"loading {session.model_path if session else '?'} "
+                                                           f"failed: {describe(exc)}", category="server"))
+        rows = self.config.max_batch_rows
+        pieces = [GenRequest(prompt=tokens, params=request.sampling_params, adapter=adapter, first_sample=first,
+                             num_samples=min(rows, request.num_samples - first),
+                             prompt_logprobs=request.prompt_logprobs and first == 0,
+                             topk_prompt_logprobs=request.topk_prompt_logprobs if first == 0 else 0)
+                  for first in range(0, request.num_samples, rows)]
+        return Prepared(job, session.base_model, pieces)
 
-    def _chunks(self, pieces: list[_Piece], max_adapters: int) -> Iterator[list[_Piece]]:
-        chunk: list[_Piece] = []
-        rows, keys = 0, set()
-        for piece in pieces:
-            key = piece.adapter.key if piece.adapter else None
-            if chunk and (rows + piece.count > self.config.max_batch_rows
-                          or (key is not None and key not in keys and len(keys) >= max_adapters)):
-                yield chunk
-                chunk, rows, keys = [], 0, set()
-            chunk.append(piece)
-            rows += piece.count
-            if key is not None:
-                keys.add(key)
-        if chunk:
-            yield chunk
-
-    def _run_chunk(self, runner: Runner, chunk: list[_Piece], jobs: list[SampleJob],
-                   partial: dict[int, GenOutput], outcomes: dict[int, GenOutput | p.ErrorInfo]) -> None:
-        requests = []
-        for piece in chunk:
-            request = jobs[piece.job].request
-            requests.append(GenRequest(
-                prompt=piece.prompt, params=request.sampling_params, adapter=piece.adapter, first_sample=piece.first,
-                num_samples=piece.count, prompt_logprobs=request.prompt_logprobs and piece.first == 0,
-                topk_prompt_logprobs=request.topk_prompt_logprobs if piece.first == 0 else 0))
-        try:
-            runner.adapters.trim(in_use={piece.adapter.key for piece in chunk if piece.adapter})
-            outputs = runner.engine.generate(requests)
-        except Exception as exc:
-            log.exception("generation failed for a batch of %d pieces", len(chunk))
-            for piece in chunk:
-                outcomes[piece.job] = p.ErrorInfo(message=f"sampling failed: {exc}", category="server")
+    # ------------------------------------------------------------------ non-blocking: the engine
+    def submit(self, prepared: Prepared, reply: Callable[[Reply], None]) -> None:
+        """Hand `prepared` to the engine; `reply` gets its (envelope, result) once (on the engine thread, or here
+        for a job that `prepare` already answered)."""
+        if prepared.error is not None or not prepared.pieces:
+            error = prepared.error or p.ErrorInfo(message="num_samples must be at least 1", category="user")
+            reply(make_result(prepared.job.env, error=error))
             return
-        for piece, output in zip(chunk, outputs, strict=True):
-            merged = partial.setdefault(piece.job, GenOutput(sequences=[None] * jobs[piece.job].request.num_samples))
-            merged.sequences[piece.first:piece.first + piece.count] = output.sequences
-            if piece.first == 0:
-                merged.prompt_logprobs = output.prompt_logprobs
-                merged.topk_ids, merged.topk_logprobs = output.topk_ids, output.topk_logprobs
+        merge = _Merge(prepared, reply)
+        for index, piece in enumerate(prepared.pieces):
+            self.core.submit(prepared.base_model, piece, lambda result, i=index: merge.piece_done(i, result))
+
+    def run_batch(self, jobs: list[SampleJob]) -> list[Reply]:
+        """Blocking convenience (tests, tools): one reply per job, in job order."""
+        futures: list[Future] = []
+        for prepared in self.prepare(jobs):
+            future: Future = Future()
+            self.submit(prepared, future.set_result)
+            futures.append(future)
+        return [future.result() for future in futures]

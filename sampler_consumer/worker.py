@@ -1,9 +1,10 @@
-"""The sampler's Kafka worker: poll Sample events, batch them for a few ms, generate in a thread, reply.
+"""The sampler's Kafka worker: a thin client of the engine core.
 
-The poll loop never blocks on generation: decoded requests go into a queue that a generation task drains
-into batches (`SamplerService.run_batch` in a worker thread). Poisoned events go to the dead-letter topic.
-Offsets are committed only below the oldest request not yet answered (at-least-once; the gateway
-deduplicates replies by request_id).
+The poll loop never blocks on sampling: decoded requests go to an intake task that prepares them in batches
+(S3 lookups in a worker thread) and hands them to the engine thread; each answer comes back through
+`loop.call_soon_threadsafe` into a reply queue that a publisher task drains, publishing replies concurrently.
+Poisoned events go to the dead-letter topic. Offsets are committed only below the oldest request not yet
+answered (at-least-once; the gateway deduplicates replies by request_id).
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import ContractError, EventType, decode_envelope, decode_payload, make_result
+from bus_events import EventType
 from bus_events import payloads as p
-from bus_runtime.dead_letter import dead_letter_contract_error, send_to_dead_letter
+from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
-from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
+from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish_with_retry
+from bus_runtime.offsets import OffsetTracker
+from bus_runtime.records import Poisoned, decode_record
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.config import SamplerConfig
-from sampler_consumer.offsets import OffsetTracker
-from sampler_consumer.service import SampleJob, SamplerService
+from sampler_consumer.requests import describe
+from sampler_consumer.service import Prepared, Reply, SampleJob, SamplerService
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 50
 MAX_POLL_RECORDS = 512
+MAX_PUBLISHING = 256  # replies being sent at once
 
 
 @dataclass
@@ -46,11 +50,13 @@ class _SamplerWorker:
                  producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, objects: ObjectStore) -> None:
         self.settings, self.config, self.service = settings, config, service
         self.producer, self.consumer, self.objects = producer, consumer, objects
-        self.queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self.intake: asyncio.Queue[_Queued] = asyncio.Queue()
+        self.replies: asyncio.Queue[tuple[_Queued, Reply]] = asyncio.Queue()
         self.offsets = OffsetTracker()
 
     async def run(self, ready: asyncio.Event | None) -> None:
-        generation = asyncio.create_task(self._generate_forever(), name="sampler-generation")
+        tasks = [asyncio.create_task(self._intake_forever(), name="sampler-intake"),
+                 asyncio.create_task(self._publish_forever(), name="sampler-publish")]
         if ready is not None:
             ready.set()
         try:
@@ -60,50 +66,36 @@ class _SamplerWorker:
                     for record in records:
                         await self._accept(partition, record)
                 await self._commit()
-                if generation.done():
-                    generation.result()  # a crash of the generation loop surfaces here
+                for task in tasks:
+                    if task.done():
+                        task.result()  # a crash of a helper task surfaces here
         finally:
-            generation.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await generation
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # ------------------------------------------------------------------ intake
     async def _accept(self, partition: TopicPartition, record: ConsumerRecord) -> None:
         self.offsets.received(partition, record.offset)
         job = await self._decode(record)
         if job is None:
-            self.offsets.done(partition, record.offset)
+            self.offsets.finished(partition, record.offset)
         else:
-            self.queue.put_nowait(_Queued(partition, record.offset, job))
+            self.intake.put_nowait(_Queued(partition, record.offset, job))
 
     async def _decode(self, record: ConsumerRecord) -> SampleJob | None:
         """The record's request, or None once it has been dead-lettered."""
-        try:
-            env = decode_envelope(record.value)
-        except ContractError as exc:
-            await dead_letter_contract_error(self.producer, self.settings, record, exc, "decode")
+        decoded = await decode_record(record.value, self.objects, {EventType.SAMPLE})
+        if isinstance(decoded, Poisoned):
+            await dead_letter_contract_error(self.producer, self.settings, record, decoded.error, decoded.stage)
             return None
-        if env.type != EventType.SAMPLE:
-            await send_to_dead_letter(self.producer, self.settings, record,
-                                      f"{env.type.value} event on the sampling topic (only sample belongs here)",
-                                      "validate", env.request_id, env.model_id)
-            return None
-        try:
-            if env.payload_ref is not None:
-                payload = await asyncio.to_thread(decode_payload, env, self.objects)
-            else:
-                payload = decode_payload(env)
-        except ContractError as exc:
-            await dead_letter_contract_error(self.producer, self.settings, record, exc, "validate")
-            return None
-        except Exception as exc:  # the claim-checked payload could not be fetched
-            await send_to_dead_letter(self.producer, self.settings, record, f"claim check unreadable: {exc}",
-                                      "decode", env.request_id, env.model_id)
-            return None
-        return SampleJob(env, payload)
+        assert isinstance(decoded.payload, p.Sample)
+        return SampleJob(decoded.env, decoded.payload)
 
     async def _commit(self) -> None:
-        positions = self.offsets.commit_positions()
+        positions = self.offsets.to_commit()
         if not positions:
             return
         try:
@@ -113,37 +105,42 @@ class _SamplerWorker:
         else:
             self.offsets.committed(positions)
 
-    # ------------------------------------------------------------------ generation
-    async def _next_batch(self) -> list[_Queued]:
-        batch = [await self.queue.get()]
-        rows = batch[0].job.request.num_samples
-        deadline = asyncio.get_running_loop().time() + self.config.batch_window_ms / 1000
-        while rows < self.config.max_batch_rows:
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(),
-                                                                                               remaining)
-            except (asyncio.QueueEmpty, TimeoutError):
-                break
-            batch.append(item)
-            rows += item.job.request.num_samples
-        return batch
-
-    async def _generate_forever(self) -> None:
+    async def _intake_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            jobs = [item.job for item in batch]
+            batch = [await self.intake.get()]
+            while len(batch) < self.config.intake_batch and not self.intake.empty():
+                batch.append(self.intake.get_nowait())
             try:
-                replies = await asyncio.to_thread(self.service.run_batch, jobs)
-            except Exception as exc:  # a bug, not the request's fault: answer every request and carry on
-                log.exception("sampling batch of %d requests failed", len(jobs))
-                error = p.ErrorInfo(message=f"sampler failure: {exc}", category="server")
-                replies = [make_result(job.env, error=error) for job in jobs]
-            for env, result in replies:
-                await publish(self.producer, self.settings.topics.replies, env, result, blob_store=self.objects,
-                              claim_check_bytes=self.settings.claim_check_bytes)
-            for item in batch:
-                self.offsets.done(item.partition, item.offset)
+                prepared = await asyncio.to_thread(self.service.prepare, [item.job for item in batch])
+            except Exception as exc:  # a bug, not the requests' fault: answer every one and carry on
+                log.exception("preparing %d sample requests failed", len(batch))
+                error = p.ErrorInfo(message=f"sampler failure: {describe(exc)}", category="server")
+                prepared = [Prepared(item.job, error=error) for item in batch]
+            for item, ready in zip(batch, prepared, strict=True):
+                self.service.submit(ready, lambda reply, item=item: loop.call_soon_threadsafe(
+                    self.replies.put_nowait, (item, reply)))
+
+    # ------------------------------------------------------------------ replies
+    async def _publish_forever(self) -> None:
+        sending: set[asyncio.Task] = set()
+        while True:
+            item, reply = await self.replies.get()
+            for task in [task for task in sending if task.done()]:
+                task.result()  # a reply that could not be published within publish_retry_s stops the worker
+                sending.discard(task)
+            while len(sending) >= MAX_PUBLISHING:
+                _, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+            sending.add(asyncio.create_task(self._publish(item, reply)))
+
+    async def _publish(self, item: _Queued, reply: Reply) -> None:
+        env, result = reply
+        # Raises once the broker stayed away for publish_retry_s: nothing is committed past this request, so the
+        # sampler that takes over reads it again and answers it.
+        await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
+                                 retry_s=self.config.publish_retry_s, blob_store=self.objects,
+                                 claim_check_bytes=self.settings.claim_check_bytes)
+        self.offsets.finished(item.partition, item.offset)
 
 
 async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = None,
@@ -165,4 +162,5 @@ async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = No
         finally:
             await consumer.stop()
     finally:
+        await asyncio.to_thread(service.close)
         await producer.stop()

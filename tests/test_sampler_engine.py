@@ -1,4 +1,4 @@
-"""The generation engine on a tiny random Llama: seeds, stops, num_samples, top-k/p, batching, KV caches."""
+"""The generation engine on a tiny random Llama: seeds, stops, num_samples, top-k/p, batching, prompt logprobs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from sampler_support import train_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from bus_events import payloads as p
+from bus_events.payloads import TOPK_PAD_ID, TOPK_PAD_LOGPROB
 from bus_runtime.testing import make_tiny_model
-from sampler_consumer.engine import TOPK_PAD_ID, TOPK_PAD_LOGPROB, Engine, GenOutput, GenRequest
+from sampler_consumer.config import SamplerConfig
+from sampler_consumer.engine import Engine, GenOutput, GenRequest
 from sampler_consumer.models import load_base_model
 
 PROMPT = [5, 17, 42, 99, 7, 133]
@@ -33,7 +35,9 @@ def base(tiny_dir):
 
 @pytest.fixture(scope="module")
 def engine(base):
-    return Engine(base)
+    engine = Engine(base)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +108,6 @@ def test_batched_rows_with_different_adapters_match_unbatched(engine, adapters):
         assert one.sequences[0].tokens == many.sequences[0].tokens
         np.testing.assert_allclose(one.sequences[0].logprobs, many.sequences[0].logprobs, atol=1e-5, rtol=0)
         np.testing.assert_allclose(one.prompt_logprobs, many.prompt_logprobs, atol=1e-5, rtol=0)
-
-
-def test_static_cache_decoder_matches_dynamic(base, engine, adapters):
-    static = Engine(base, cache_mode="static")
-    requests = [GenRequest(PROMPT, GREEDY, adapter=adapters[0]),
-                GenRequest(OTHER_PROMPT, p.SamplingParams(max_tokens=7, temperature=1.0, seed=5, stop=[]),
-                           adapter=adapters[1], num_samples=3),
-                GenRequest(PROMPT[:2], p.SamplingParams(max_tokens=3, temperature=0.0, stop=[]))]
-    for expected, got in zip(engine.generate(requests), static.generate(requests), strict=True):
-        assert _tokens(expected) == _tokens(got)
-        for a, b in zip(expected.sequences, got.sequences, strict=True):
-            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
-    # The static cache is reused by the next batch of the same bucket.
-    cache = static.static_pool.cache
-    static.generate(requests[:1])
-    assert static.static_pool.cache is cache
 
 
 # ----------------------------------------------------------------------------- stops and lengths
@@ -201,20 +189,12 @@ def test_prompt_logprobs_and_topk_layout(base, engine):
     assert ids.shape == top.shape == (len(PROMPT), 3) and ids.dtype == np.int32
     assert (ids[0] == TOPK_PAD_ID).all() and (top[0] == TOPK_PAD_LOGPROB).all()
     assert (np.diff(top[1:], axis=1) <= 0).all() and (top[1:, 0] >= lps[1:] - 1e-6).all()
-    chunked = Engine(base, prompt_logprob_chunk=2)
-    np.testing.assert_allclose(_one(chunked, GenRequest(PROMPT, p.SamplingParams(max_tokens=1),
-                                                        prompt_logprobs=True)).prompt_logprobs[1:], lps[1:],
-                               atol=1e-6, rtol=0)
+    chunked = Engine(base, SamplerConfig(prompt_logprob_chunk=2))
+    try:
+        np.testing.assert_allclose(_one(chunked, GenRequest(PROMPT, p.SamplingParams(max_tokens=1),
+                                                            prompt_logprobs=True)).prompt_logprobs[1:], lps[1:],
+                                   atol=1e-6, rtol=0)
+    finally:
+        chunked.close()
     single = _one(engine, GenRequest(PROMPT[:1], p.SamplingParams(max_tokens=1), prompt_logprobs=True))
     assert single.prompt_logprobs.shape == (1,) and math.isnan(single.prompt_logprobs[0])
-
-
-def test_compiled_static_decode_step_follows_the_batch_adapters(base, engine, adapters, tiny_dir):
-    """The GPU path (static cache + torch.compile'd step), here compiled for CPU: batches with other adapters of
-    the same shapes reuse the compiled graph and still sample their own adapters (nothing baked in)."""
-    third = base.lora.parse(train_peft_adapter(tiny_dir, seed=3, rank=4),
-                            ("tinker://r:train:0/sampler_weights/a3", "v"))
-    compiled = Engine(base, cache_mode="static", compiled=True)
-    for pair in ((adapters[0], third), (third, adapters[0])):
-        requests = [GenRequest(PROMPT, GREEDY, adapter=a) for a in pair]
-        assert [_tokens(o) for o in compiled.generate(requests)] == [_tokens(o) for o in engine.generate(requests)]

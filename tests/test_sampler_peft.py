@@ -57,7 +57,10 @@ def test_store_written_adapter_loads_in_peft_and_matches_sampler_logprobs(settin
     compute = sample_request("s:sample:0", PROMPT, prompt_logprobs=True,
                              params=p.SamplingParams(max_tokens=1, temperature=1.0))
     greedy = sample_request("s:sample:0", PROMPT, params=p.SamplingParams(max_tokens=10, temperature=0.0, stop=[]))
-    (_, computed), (_, sampled) = service.run_batch([job(compute), job(greedy)])
+    try:
+        (_, computed), (_, sampled) = service.run_batch([job(compute), job(greedy)])
+    finally:
+        service.close()
 
     got = sample_result(computed).prompt_logprobs.numpy()
     assert got.shape == (len(PROMPT),) and math.isnan(got[0])

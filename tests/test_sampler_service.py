@@ -38,8 +38,25 @@ def trained(tiny_dir):
     return [train_peft_adapter(tiny_dir, seed=seed, rank=4) for seed in (1, 2, 3)]
 
 
+_open: list[SamplerService] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_services():
+    yield
+    while _open:
+        _open.pop().close()
+
+
 def _service(settings, store, **config) -> SamplerService:
-    return SamplerService(dataclasses.replace(settings, device="cpu"), SamplerConfig(**config), store)
+    service = SamplerService(dataclasses.replace(settings, device="cpu"), SamplerConfig(**config), store)
+    _open.append(service)
+    return service
+
+
+def _slots(service: SamplerService, base: str):
+    """The engine's adapter slot table of `base` (read on the engine thread)."""
+    return service.core.call(lambda core: core.engines[base].base.lora.adapters).result()
 
 
 @pytest.fixture
@@ -62,7 +79,7 @@ def _greedy(service: SamplerService, session: str, prompt=PROMPT):
 def test_lru_evicts_and_reloads_on_demand(settings, store, world):
     service = _service(settings, store, adapter_cache_size=2)
     first = [_greedy(service, s) for s in world.sessions]
-    cache = service.runners.get(world.base).adapters
+    cache = _slots(service, world.base)
     assert (cache.stats.loads, cache.stats.evictions) == (3, 1)
     assert [key[0] for key in cache] == world.paths[1:]  # a0 was least recently used
     assert len({tuple(seqs[0][0]) for seqs in first}) == 3  # three adapters, three outputs

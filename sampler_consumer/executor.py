@@ -1,0 +1,252 @@
+"""Runs one scheduled step on the device: the prefills, the decode of the running rows, then per-row sampling.
+
+On CUDA the decode forward is captured once per batch-size bucket (and LoRA on/off) into a CUDA graph over fixed
+input buffers: tokens, positions, cache slots, block tables, lengths and the LoRA tiles are copied in, the graph
+replays. The graph depends on neither the adapters in the batch (they are slot indices in the tiles) nor on the
+rows' lengths (the attention kernel reads them), so nothing is ever recompiled. Padding rows of a bucket write
+to the scratch page and are never read. Elsewhere (CPU) the same forward runs eagerly at the exact batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bus_events.payloads import TOPK_PAD_ID, TOPK_PAD_LOGPROB
+from sampler_consumer.kv_pages import SCRATCH_PAGE
+from sampler_consumer.lora import LoraPlan
+from sampler_consumer.models import BaseModel
+from sampler_consumer.paged_model import DecodeMeta, PagedModel, PrefillMeta
+from sampler_consumer.requests import GenOutput
+from sampler_consumer.sampling import sample_rows
+from sampler_consumer.scheduler import PrefillItem, Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+def bucket_of(rows: int) -> int:
+    return 1 << max(0, rows - 1).bit_length()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class Executor:
+    def __init__(self, base: BaseModel, model: PagedModel, *, max_rows: int, max_pages_per_row: int,
+                 graphs: bool, kernels: bool, prompt_logprob_chunk: int) -> None:
+        self.base, self.model = base, model
+        self.device = base.device
+        self.kernels, self.graphs = kernels, graphs
+        self.prompt_logprob_chunk = prompt_logprob_chunk
+        self.bank = base.lora
+        self.bank.current.kernels = kernels
+        self.max_rows = bucket_of(max_rows)
+        i32 = dict(device=self.device, dtype=torch.int32)
+        self.tokens = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
+        self.positions = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
+        self.slots = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
+        self.block_table = torch.zeros(self.max_rows, max_pages_per_row, **i32)
+        self.seq_lens = torch.ones(self.max_rows, **i32)
+        self._tiles: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> tuple[torch.Tensor, list[GenOutput | None]]:
+        """Float logits of each item's last prompt position [len(items), V], and its prompt logprobs if asked."""
+        logits: list[torch.Tensor | None] = [None] * len(items)
+        outputs: list[GenOutput | None] = [None] * len(items)
+        for batch in _length_batches(items):
+            batch_logits, batch_outputs = self._prefill_batch([items[i] for i in batch])
+            for j, i in enumerate(batch):
+                logits[i], outputs[i] = batch_logits[j], batch_outputs[j]
+        return torch.stack(logits), outputs  # type: ignore[arg-type]
+
+    def _prefill_batch(self, batch: list[PrefillItem]) -> tuple[torch.Tensor, list[GenOutput | None]]:
+        rows, width = len(batch), max(item.new_tokens for item in batch)
+        page_size = self.model.page_size
+        tokens = np.zeros((rows, width), dtype=np.int64)
+        positions = np.zeros((rows, width), dtype=np.int64)
+        slots = np.full((rows, width), SCRATCH_PAGE * page_size, dtype=np.int64)
+        table = np.full((rows, max(len(item.pages) for item in batch)), SCRATCH_PAGE, dtype=np.int32)
+        for i, item in enumerate(batch):
+            new = np.arange(item.start, len(item.prompt))
+            pages = np.asarray(item.pages, dtype=np.int64)
+            tokens[i, :len(new)] = item.prompt[item.start:]
+            positions[i, :len(new)] = new
+            slots[i, :len(new)] = pages[new // page_size] * page_size + new % page_size
+            table[i, :len(pages)] = pages
+        device = self.device
+        meta = PrefillMeta(torch.from_numpy(table).to(device),
+                           torch.tensor([item.start for item in batch], device=device),
+                           torch.tensor([len(item.prompt) for item in batch], device=device))
+        self._plan([(i * width, i * width + item.new_tokens, item.adapter_slot) for i, item in enumerate(batch)])
+        try:
+            hidden = self.model.forward(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
+                                        torch.from_numpy(slots).to(device).view(-1), meta)
+            last = hidden[torch.arange(rows, device=device),
+                          torch.tensor([item.new_tokens - 1 for item in batch], device=device)]
+            self._plan([(i, i + 1, item.adapter_slot) for i, item in enumerate(batch)])
+            logits = self.model.head(last).float()
+            outputs = [self._prompt_outputs(item, hidden[i]) if item.full_prompt else None
+                       for i, item in enumerate(batch)]
+        finally:
+            self.bank.plan(None)
+        return logits, outputs
+
+    def _plan(self, segments: list[tuple[int, int, int]]) -> None:
+        tiles = None
+        if self.kernels and any(slot for _, _, slot in segments):
+            from sampler_consumer.lora_kernels import build_tiles
+
+            tiles = torch.tensor(build_tiles(segments), dtype=torch.int32, device=self.device)
+        self.bank.plan(LoraPlan(segments, tiles))
+
+    def _prompt_outputs(self, item: PrefillItem, hidden: torch.Tensor) -> GenOutput:
+        """log p(prompt[t] | prompt[:t]) for t >= 1 and the top-k alternatives (the most any group asked),
+        NaN / padding at t = 0; lm_head runs over chunks of positions, never [prompt, vocab] at once."""
+        k = max(group.request.topk_prompt_logprobs for group in item.groups)
+        n = len(item.prompt)
+        logprobs = np.full(n, math.nan, dtype=np.float32)
+        topk_ids = np.full((n, k), TOPK_PAD_ID, dtype=np.int32)
+        topk_lps = np.full((n, k), TOPK_PAD_LOGPROB, dtype=np.float32)
+        targets = torch.tensor(item.prompt[1:], device=self.device)
+        for c0 in range(0, n - 1, self.prompt_logprob_chunk):
+            c1 = min(n - 1, c0 + self.prompt_logprob_chunk)
+            self._plan([(0, c1 - c0, item.adapter_slot)])
+            chunk = torch.log_softmax(self.model.head(hidden[c0:c1]).float(), dim=-1)
+            logprobs[1 + c0:1 + c1] = chunk.gather(1, targets[c0:c1, None])[:, 0].cpu().numpy()
+            if k:
+                values, ids = chunk.topk(k, dim=-1)
+                topk_ids[1 + c0:1 + c1] = ids.cpu().numpy()
+                topk_lps[1 + c0:1 + c1] = values.cpu().numpy()
+        return GenOutput(sequences=[], prompt_logprobs=logprobs, topk_ids=topk_ids if k else None,
+                         topk_logprobs=topk_lps if k else None)
+
+    @torch.inference_mode()
+    def decode(self, scheduler: Scheduler, slots: np.ndarray) -> torch.Tensor:
+        rows = len(slots)
+        bucket = bucket_of(rows) if self.graphs else rows
+        lengths = scheduler.length[slots]
+        self.tokens[:rows].copy_(torch.from_numpy(scheduler.last_token[slots]))
+        self.positions[:rows].copy_(torch.from_numpy(lengths))
+        page_size = scheduler.page_size
+        # Only the pages in use travel: entries past a row's length are never read (the kernel stops there).
+        width = int(lengths.max()) // page_size + 1
+        tables = scheduler.block_table[slots, :width]
+        cache_slots = tables[np.arange(rows), lengths // page_size].astype(np.int64) * page_size + lengths % page_size
+        self.slots[:rows].copy_(torch.from_numpy(cache_slots))
+        self.block_table[:rows, :width].copy_(torch.from_numpy(tables))
+        self.seq_lens[:rows].copy_(torch.from_numpy((lengths + 1).astype(np.int32)))
+        if bucket > rows:  # padding rows: scratch page, length 1
+            self.tokens[rows:bucket] = 0
+            self.positions[rows:bucket] = 0
+            self.slots[rows:bucket] = SCRATCH_PAGE * page_size
+            self.block_table[rows:bucket] = SCRATCH_PAGE
+            self.seq_lens[rows:bucket] = 1
+        segments = _segments(scheduler.adapter_slot[slots])
+        lora = any(slot for _, _, slot in segments)
+        if self.kernels and lora:
+            from sampler_consumer.lora_kernels import build_tiles
+
+            tiles = self._tiles_for(bucket)
+            tiles.copy_(torch.tensor(build_tiles(segments, tiles.shape[1]), dtype=torch.int32))
+        if not self.graphs:
+            # Eager: the block table only as wide as the longest row needs (a graph keeps the full width).
+            self.bank.plan(LoraPlan(segments, self._tiles.get(bucket)) if lora else None)
+            try:
+                return self._decode_forward(bucket, width)
+            finally:
+                self.bank.plan(None)
+        graph = self._graphs.get((bucket, lora)) or self._capture(bucket, lora)
+        graph.graph.replay()
+        return graph.logits[:rows]
+
+    def _tiles_for(self, bucket: int) -> torch.Tensor:
+        if bucket not in self._tiles:
+            from sampler_consumer.lora_kernels import max_tiles
+
+            self._tiles[bucket] = torch.zeros(3, max_tiles(bucket, self.bank.slots), device=self.device,
+                                              dtype=torch.int32)
+        return self._tiles[bucket]
+
+    def _decode_forward(self, bucket: int, width: int | None = None) -> torch.Tensor:
+        meta = DecodeMeta(self.block_table[:bucket, :width], self.seq_lens[:bucket])
+        hidden = self.model.forward(self.tokens[:bucket], self.positions[:bucket], self.slots[:bucket], meta)
+        return self.model.head(hidden)
+
+    def _capture(self, bucket: int, lora: bool) -> _Graph:
+        log.info("capturing the decode step for %d rows (LoRA %s) into a CUDA graph", bucket, "on" if lora else "off")
+        plan = LoraPlan([(0, bucket, 1)], self._tiles_for(bucket)) if lora else None
+        saved = self._tiles_for(bucket).clone()
+        self._tiles[bucket].zero_()  # warm-up runs with empty tiles: the kernels compile, nothing is added
+        self.bank.plan(plan)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_forward(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._decode_forward(bucket)
+        finally:
+            self.bank.plan(None)
+            self._tiles[bucket].copy_(saved)
+        self._graphs[(bucket, lora)] = _Graph(graph, logits)
+        return self._graphs[(bucket, lora)]
+
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        self.model.copy_pages(pairs, self.device)
+
+    @torch.inference_mode()
+    def sample(self, scheduler: Scheduler, plan: StepPlan, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        slots = np.array([row.slot for row in plan.sample], dtype=np.int64)
+        temperature = scheduler.temperature[slots]
+        top_k, top_p = scheduler.top_k[slots], scheduler.top_p[slots]
+        random = temperature > 0
+        truncating = random & ((top_k > 0) | (top_p < 1))
+        device = self.device
+
+        def on_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+        def index(mask: np.ndarray) -> torch.Tensor | None:
+            return on_device(np.flatnonzero(mask)) if mask.any() else None
+
+        tokens, logprobs = sample_rows(
+            logits, on_device(np.where(random, temperature, 1.0).astype(np.float32)), on_device(top_k),
+            on_device(top_p), on_device(scheduler.seed[slots]), on_device(scheduler.generated[slots]),
+            index(truncating), index(random & ~truncating))
+        return tokens.cpu().numpy(), logprobs.cpu().numpy()
+
+
+def _segments(adapter_slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of equal adapter slots (the scheduler sorts decode rows by slot)."""
+    segments, start = [], 0
+    for i in range(1, len(adapter_slots) + 1):
+        if i == len(adapter_slots) or adapter_slots[i] != adapter_slots[start]:
+            segments.append((start, i, int(adapter_slots[start])))
+            start = i
+    return segments
+
+
+def _length_batches(items: list[PrefillItem]) -> list[list[int]]:
+    """Item indices in batches of similar new-token counts (each batch is padded to its longest)."""
+    order = sorted(range(len(items)), key=lambda i: items[i].new_tokens)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and items[i].new_tokens <= 2 * items[batches[-1][0]].new_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

@@ -1,0 +1,109 @@
+"""The CUDA path's pieces against the torch path: the paged decode attention kernel, the segmented LoRA kernels,
+and the whole engine with kernels (and, on a GPU, CUDA graphs) vs without. On a machine without a GPU this runs
+the same Triton kernels in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is first imported);
+without Triton installed it is skipped."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+from sampler_support import train_peft_adapter
+
+pytest.importorskip("triton")
+
+from bus_events import payloads as p
+from bus_runtime.testing import make_tiny_model
+from sampler_consumer.attention import decode_attention_torch, decode_attention_triton
+from sampler_consumer.config import SamplerConfig
+from sampler_consumer.engine import Engine, GenRequest
+from sampler_consumer.lora_kernels import build_tiles, max_tiles, sgmv_expand, sgmv_shrink
+from sampler_consumer.models import load_base_model
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32 everywhere (the kernels' tl.dot too); the GPU's kernels sum in other orders than the CPU's.
+ATOL = 5e-4 if DEVICE.type == "cuda" else 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_paged_decode_kernel_matches_torch_and_reads_only_each_rows_length():
+    torch.manual_seed(0)
+    pages, page, kv_heads, dim, heads = 40, 16, 2, 32, 8
+    k = torch.randn(pages, page, kv_heads, dim, device=DEVICE)
+    v = torch.randn(pages, page, kv_heads, dim, device=DEVICE)
+    table = torch.randperm(pages - 1, device=DEVICE)[:5 * 7].view(5, 7).int() + 1
+    lens = torch.tensor([1, 15, 16, 17, 100], device=DEVICE, dtype=torch.int32)
+    q = torch.randn(5, heads, dim, device=DEVICE)
+    expected = decode_attention_torch(q, k, v, table, lens, dim**-0.5)
+    torch.testing.assert_close(decode_attention_triton(q, k, v, table, lens, dim**-0.5), expected,
+                               atol=1e-5, rtol=1e-5)
+    # Pages past a row's length may hold anything: garbage there changes nothing.
+    k[table[0, 1:].long()] = float("nan")
+    torch.testing.assert_close(decode_attention_triton(q, k, v, table, lens, dim**-0.5)[0], expected[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_segmented_lora_kernels_match_per_segment_matmuls():
+    torch.manual_seed(1)
+    slots, rank, n_in, n_out, tokens = 4, 16, 100, 70, 40
+    a = torch.randn(slots, rank, n_in, device=DEVICE) / 10
+    b = torch.randn(slots, n_out, rank, device=DEVICE) / 10
+    x = torch.randn(tokens, n_in, device=DEVICE)
+    segments = [(0, 10, 1), (10, 13, 0), (13, 35, 3), (35, 40, 1)]  # slot 0: no adapter, left alone
+    tiles = torch.tensor(build_tiles(segments, max_tiles(tokens, slots)), dtype=torch.int32, device=DEVICE)
+    out = torch.ones(tokens, n_out, device=DEVICE)
+    sgmv_expand(sgmv_shrink(x, a, tiles), b, tiles, out)
+    expected = torch.ones(tokens, n_out, device=DEVICE)
+    for start, end, slot in segments:
+        if slot:
+            expected[start:end] += x[start:end] @ a[slot].T @ b[slot].T
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_heads=4, num_kv_heads=2)
+
+
+def test_engine_with_kernels_matches_the_torch_path_and_new_adapters_need_no_new_graphs(tiny_dir):
+    base = load_base_model(str(tiny_dir), DEVICE, torch.float32)
+    adapters = [base.lora.parse(train_peft_adapter(tiny_dir, seed=seed, rank=rank), (f"a{seed}", "v"))
+                for seed, rank in ((1, 4), (2, 8), (3, 4))]
+    params = p.SamplingParams(max_tokens=12, temperature=1.0, seed=4, stop=[])
+    requests = [GenRequest([5, 17, 42, 99, 7, 133], params, adapter=adapters[0], num_samples=2),
+                GenRequest([250, 12, 64, 3, 201, 88, 19, 77, 140] * 3, params, adapter=adapters[1],
+                           prompt_logprobs=True),
+                GenRequest([9, 8, 7], params, adapter=None)]
+    plain = Engine(base, SamplerConfig(kernels=False, cuda_graphs=False))
+    try:
+        expected = plain.generate(requests)
+    finally:
+        plain.close()
+    fast = Engine(base, SamplerConfig(kernels=True))  # + CUDA graphs on a GPU
+    try:
+        got = fast.generate(requests)
+        graphs = fast.core.call(lambda core: len(core.engines[base.name].executor._graphs)).result()
+        swapped = [GenRequest(r.prompt, r.params, adapter=adapters[2], num_samples=r.num_samples) for r in requests]
+        fast.generate(swapped)  # another adapter into a slot: same buckets, no new graph
+        assert fast.core.call(lambda core: len(core.engines[base.name].executor._graphs)).result() == graphs
+    finally:
+        fast.close()
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want.sequences, have.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs[:3], b.logprobs[:3], atol=ATOL, rtol=0)
+            if DEVICE.type == "cpu":
+                assert a.tokens == b.tokens
+    np.testing.assert_allclose(expected[1].prompt_logprobs[1:], got[1].prompt_logprobs[1:], atol=ATOL, rtol=0)
