@@ -60,4 +60,4 @@ class FlatTensors(dict):
 
     def file(self) -> memoryview:
         """The safetensors file: a view of the buffer, valid as long as this object lives."""
-        return memoryview(self.buffer.numpy()).cast("B")
+        return self.buffer.numpy().data.cast("B")

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from minio import Minio
 from minio.error import S3Error
@@ -86,7 +86,7 @@ class MinioObjectStore:
                     raise
 
     def put_bytes(self, key: str, data: bytes | memoryview, content_type: str = "application/octet-stream") -> None:
-        stream = io.BytesIO(data) if isinstance(data, bytes) else _PartReader(data)
+        stream = io.BytesIO(data) if isinstance(data, bytes) else cast(BinaryIO, _PartReader(data))
         self._client.put_object(self.bucket, key, stream, len(data), content_type=content_type)
 
     def get_bytes(self, key: str) -> bytes:
