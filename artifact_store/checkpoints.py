@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and safetensors load on first (de)serialisation: the gateway imports no torch
     import torch
 
+from artifact_store.flat_tensors import FlatTensors
 from artifact_store.object_store import ObjectStore
 from artifact_store.paths import CHECKPOINT_TYPES, InvalidPath, TinkerPath, run_prefix
 
@@ -88,7 +89,7 @@ class CheckpointInfo:
         return out
 
 
-def _sha(data: bytes) -> str:
+def _sha(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -106,6 +107,13 @@ def _st_load(data: bytes) -> dict[str, torch.Tensor]:
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _safetensors_file(tensors: dict[str, torch.Tensor]) -> bytes | memoryview:
+    """A FlatTensors already is the file (no serialisation pass, no copy); anything else is serialised."""
+    if isinstance(tensors, FlatTensors):
+        return tensors.file()
+    return _st_save(_contiguous(tensors))
 
 
 def _json_default(value: Any) -> Any:
@@ -132,12 +140,12 @@ class CheckpointStore:
     ) -> CheckpointInfo:
         if not overwrite and self._manifest(path) is not None:
             raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
-        files: dict[str, bytes] = {
+        files: dict[str, bytes | memoryview] = {
             ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1, default=_json_default).encode(),
-            ADAPTER_WEIGHTS: _st_save(_contiguous(ckpt.adapter_weights)),
+            ADAPTER_WEIGHTS: _safetensors_file(ckpt.adapter_weights),
         }
         if path.kind == "weights":
-            files[OPTIMIZER] = _st_save(_contiguous(ckpt.optimizer_state or {}))
+            files[OPTIMIZER] = _safetensors_file(ckpt.optimizer_state or {})
             files[STATE] = json.dumps(ckpt.state, sort_keys=True).encode()
         version = f"v-{uuid.uuid4().hex[:12]}"
         for name, data in files.items():

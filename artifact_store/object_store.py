@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from minio import Minio
 from minio.error import S3Error
@@ -38,7 +38,8 @@ class ObjectStore(Protocol):
     bucket: str
 
     def ensure_bucket(self) -> None: ...
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_bytes(self, key: str, data: bytes | memoryview, content_type: str = "application/octet-stream") -> None:
+        ...
     def get_bytes(self, key: str) -> bytes: ...
     def get_bytes_or_none(self, key: str) -> bytes | None:
         """The object's bytes, or None if there is no such key (one request, no exists() race)."""
@@ -51,6 +52,21 @@ class ObjectStore(Protocol):
     def ping(self) -> bool: ...
     def put_blob(self, key: str, data: bytes) -> None: ...
     def get_blob(self, key: str) -> bytes: ...
+
+
+class _PartReader:
+    """Reads a memoryview part by part: BytesIO would copy all of it at once, holding the GIL meanwhile (a
+    snapshot's optimizer file is hundreds of MB); minio reads one part (>= 5 MiB) at a time and needs bytes."""
+
+    def __init__(self, data: memoryview):
+        self._data = data.cast("B")
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size < 0 else min(len(self._data), self._pos + size)
+        chunk = bytes(self._data[self._pos:end])
+        self._pos = end
+        return chunk
 
 
 class MinioObjectStore:
@@ -69,8 +85,9 @@ class MinioObjectStore:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+    def put_bytes(self, key: str, data: bytes | memoryview, content_type: str = "application/octet-stream") -> None:
+        stream = io.BytesIO(data) if isinstance(data, bytes) else cast(BinaryIO, _PartReader(data))
+        self._client.put_object(self.bucket, key, stream, len(data), content_type=content_type)
 
     def get_bytes(self, key: str) -> bytes:
         resp = self._client.get_object(self.bucket, key)
@@ -144,7 +161,7 @@ class MemoryObjectStore:
     def ensure_bucket(self) -> None:
         pass
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(self, key: str, data: bytes | memoryview, content_type: str = "application/octet-stream") -> None:
         with self._lock:
             self._written[key] = bytes(data)
             self._deleted.discard(key)

@@ -127,17 +127,23 @@ def tiny_step_latency(client, n: int = 40) -> dict[str, float]:
     return {"p50_ms": 1000 * statistics.median(samples), "p99_ms": 1000 * samples[int(0.99 * (len(samples) - 1))]}
 
 
-def tiny_step_compute(model_dir: Path, device: str, n: int = 40) -> float:
-    """The same tiny forward on the backend alone (no bus), to subtract from the path's latency."""
+def tiny_step_compute(model_dir: Path, device: str, n: int = 40, profile: str | None = None) -> float:
+    """The same tiny forward on the backend alone (no bus), to subtract from the path's latency: the same adapter
+    as the path's client (no LoRA on the unembedding)."""
     from bus_events.payloads import LoraSpec
     from trainer_consumer.backends.base import AdapterSpec
     from trainer_consumer.backends.hf_peft import HfPeftBackend
 
     backend = HfPeftBackend(device=device)
-    backend.create_adapter("tiny:train:0", AdapterSpec(str(model_dir), LoraSpec(rank=RANK, seed=0)))
+    backend.create_adapter("tiny:train:0", AdapterSpec(str(model_dir), LoraSpec(rank=RANK, seed=0,
+                                                                                 train_unembed=False)))
     data = datums_from_tokens(np.arange(3, 12)[None])
-    times = timed_steps(lambda: backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True),
-                        n, 5, device)
+
+    def forward() -> None:
+        backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True)
+
+    times = timed_steps(forward, n, 5, device)
+    profile_to(profile, forward, device, "tiny forward (1 x 8 tokens), backend alone")
     backend = None  # the last reference: lets _free() return its GPU memory
     _free()
     return 1000 * statistics.median(times)
@@ -183,7 +189,7 @@ def main() -> None:
                                   adapters, options, label, args.profile))
     print_table(f"training, {args.shape}, {batch}x{seq} tokens/step", rows, baseline="bare transformers+PEFT")
     if latency is not None:
-        compute_ms = tiny_step_compute(model_dir, args.device)
+        compute_ms = tiny_step_compute(model_dir, args.device, profile=args.profile)
         print(f"\ntiny forward (1 x 8 tokens) through the full path: p50 {latency['p50_ms']:.1f} ms, "
               f"p99 {latency['p99_ms']:.1f} ms; backend alone {compute_ms:.1f} ms; "
               f"the bus adds ~{latency['p50_ms'] - compute_ms:.1f} ms at p50")

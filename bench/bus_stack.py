@@ -25,7 +25,9 @@ def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float
     s3.start()
     host, s3_port = s3.get_host_and_port()
     port = free_port()
-    env = {**os.environ, "TINKER_BUS_FETCH_MAX_WAIT_MS": os.environ.get("TINKER_BUS_FETCH_MAX_WAIT_MS", "10")}
+    # Tansu never wakes a long-polling fetch (docs/local-infra.md 2.2): each Kafka hop waits up to this long. 5 ms
+    # halves the 10 ms this used to be (issue 14); a broker that wakes fetches (Apache Kafka) needs no such setting.
+    env = {**os.environ, "TINKER_BUS_FETCH_MAX_WAIT_MS": os.environ.get("TINKER_BUS_FETCH_MAX_WAIT_MS", "5")}
     cmd = [sys.executable, "-m", "tinker_bus", "up", "--ephemeral", "--port", str(port), "--broker-port", "0",
            "--s3-endpoint", f"{host}:{s3_port}", "--s3-access-key", "bench", "--s3-secret-key", "bench",
            "--base-model", str(model_dir), "--device", device, "--data-dir", str(log_path.parent / "stack")]

@@ -46,7 +46,10 @@ def make_producer(settings: BusSettings) -> AIOKafkaProducer:
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
         enable_idempotence=False,
-        linger_ms=2,
+        # Every request and reply is awaited by someone: send at once. Events queued while a send is in flight
+        # still share the next batch, so a burst costs no more requests (a 2 ms linger added 2 ms to each of the
+        # two produce hops of every call, issue 14).
+        linger_ms=0,
         max_request_size=MAX_REQUEST_BYTES,
     )
 

@@ -94,11 +94,18 @@ def compute_loss(name: str, target_logprobs: torch.Tensor, inputs: Mapping[str, 
     from loss_plugins import checks  # torch: only where a loss is computed
 
     spec = get_loss(name)
-    checks.check_target_logprobs(target_logprobs)
-    full_config = checked_config(spec, config or {})
-    checked_inputs = checks.checked_inputs(spec, target_logprobs, inputs)
-    checks.check_clip_bounds(checked_inputs, full_config)
-    output = spec.fn(target_logprobs, checked_inputs, full_config)
+    finite = checks.FiniteChecks()
+    checks.check_target_logprobs(target_logprobs, finite)
+    try:
+        full_config = checked_config(spec, config or {})
+        checked_inputs = checks.checked_inputs(spec, target_logprobs, inputs, finite)
+        checks.check_clip_bounds(checked_inputs, full_config)
+        output = spec.fn(target_logprobs, checked_inputs, full_config)
+    except Exception:
+        # A finiteness check queued before the failure would have raised first had it run at once: it wins.
+        finite.raise_first()
+        raise
+    finite.raise_first()  # on an accelerator: read back with the loss, whose metrics synchronise anyway
     checks.check_output(spec.name, output)
     return output
 

@@ -99,6 +99,32 @@ def test_training_state_keeps_optimizer_step_and_offsets(ckpts):
     assert info.path == path and info.as_tinker_json()["checkpoint_type"] == "training"
 
 
+def test_flat_tensors_are_saved_as_is_and_load_as_standard_safetensors(ckpts, store):
+    """A FlatTensors buffer is the file (no serialisation pass): safetensors reads it back exactly, mixed dtypes,
+    scalars and empty tensors included, and the upload reads it part by part."""
+    from artifact_store.flat_tensors import FlatTensors
+    from artifact_store.object_store import _PartReader
+
+    tensors = {"w.lora_A.weight": torch.randn(3, 5), "w.lora_A.weight.step": torch.tensor(7.0),
+               "half": torch.randn(4).half(), "ids": torch.arange(6), "empty": torch.zeros(0, 2)}
+    flat = FlatTensors.allocate({k: (t.shape, t.dtype) for k, t in tensors.items()})
+    for name, tensor in tensors.items():
+        flat[name].copy_(tensor)
+    assert all(flat[k].untyped_storage().data_ptr() == flat.buffer.untyped_storage().data_ptr() for k in flat)
+    for name, tensor in st_load(bytes(flat.file())).items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name])
+    ckpt = _training_state(2.0)
+    ckpt.optimizer_state = flat
+    path = TinkerPath(RUN, "weights", "flat")
+    info = ckpts.save(path, ckpt, base_model="tiny")
+    assert store.get_bytes(f"{path.prefix}{info.version}/optimizer.safetensors") == bytes(flat.file())
+    loaded = ckpts.load(path).optimizer_state
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    reader = _PartReader(flat.file())
+    parts = [reader.read(16), reader.read(10**9), reader.read(16)]
+    assert b"".join(parts) == bytes(flat.file()) and len(parts[0]) == 16 and parts[2] == b""
+
+
 def test_overwrite_replaces_atomically_and_cleans_the_old_version(ckpts, store):
     path = TinkerPath(RUN, "sampler_weights", "latest")
     first = ckpts.save(path, _adapter(1.0), base_model="tiny")

@@ -375,14 +375,41 @@ def _ppo_inputs(n: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         (lambda x: x.update(advantages=["a"] * 5), None, "advantages is not a numeric tensor"),
     ],
 )
-def test_ppo_rejects_bad_input_naming_the_field(mutate, config, message):
+def test_ppo_rejects_bad_input_naming_the_field(mutate, config, message, finite_checks):
     target, inputs = _ppo_inputs()
     mutate(inputs)
     with pytest.raises(LossInputError, match=message):
         compute_loss("ppo", target, inputs, config)
 
 
-def test_rejections_for_other_losses_name_the_field():
+@pytest.fixture(params=["at once", "deferred"])
+def finite_checks(request, monkeypatch):
+    """Finiteness checked at once (the CPU's way) or queued and read back after the loss (an accelerator's way):
+    the same inputs must give the same error either way."""
+    if request.param == "deferred":
+        from loss_plugins import checks
+
+        init = checks.FiniteChecks.__init__
+        monkeypatch.setattr(checks.FiniteChecks, "__init__", lambda self, defer=None: init(self, defer=True))
+    return request.param
+
+
+def test_a_non_finite_input_wins_over_a_later_error_when_deferred(finite_checks, scratch_registry):
+    target, inputs = _ppo_inputs()
+    inputs["logprobs"][1] = math.nan
+    inputs["advantages"] = torch.zeros(6)  # checked after logprobs: at once it never gets that far
+    with pytest.raises(LossInputError, match="logprobs contains NaN at position 1"):
+        compute_loss("ppo", target, inputs, None)
+
+    def failing(target_logprobs, inputs, config):
+        raise ValueError("the loss function choked on NaN")
+
+    register_loss("choking", failing, description="fails", input_defaults={"weights": 1.0}, replace=True)
+    with pytest.raises(LossInputError, match="target_logprobs contains NaN at position 0"):
+        compute_loss("choking", torch.tensor([math.nan, -1.0]), {}, None)
+
+
+def test_rejections_for_other_losses_name_the_field(finite_checks):
     target = -torch.rand(3, 4, dtype=F64)
     weights = torch.ones(3, 4, dtype=F64)
     weights[1, 2] = math.nan

@@ -13,6 +13,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from bus_events import payloads as p
 from trainer_consumer.backends.base import BackendInputError
+from trainer_consumer.backends.host_copy import to_host
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -55,15 +56,16 @@ class AdapterOptimizer:
         }
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+        """CPU copies of the moments (one batched device -> host copy, see host_copy.py)."""
+        live: dict[str, torch.Tensor] = {}
         for key, param in self.params.items():
             state = self.optimizer.state.get(param)
             if not state:
                 continue
-            out[f"{key}.exp_avg"] = state["exp_avg"].detach().to("cpu", copy=True)
-            out[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().to("cpu", copy=True)
-            out[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to("cpu", copy=True)
-        return out
+            live[f"{key}.exp_avg"] = state["exp_avg"]
+            live[f"{key}.exp_avg_sq"] = state["exp_avg_sq"]
+            live[f"{key}.step"] = torch.as_tensor(state["step"], dtype=torch.float32)
+        return to_host(live)
 
     def import_state(self, state: Mapping[str, torch.Tensor] | None) -> None:
         """Replace the moments (None or {}: start fresh). Every name must belong to this adapter."""

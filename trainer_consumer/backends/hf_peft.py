@@ -42,6 +42,7 @@ from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
 from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
+from trainer_consumer.backends.host_copy import to_host
 from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
 from trainer_consumer.backends.lora_compute import FusedLoraLinear, adopt, frozen_weight, use
@@ -177,12 +178,21 @@ class HfPeftBackend:
         adapter.base.active = None
 
     # ------------------------------------------------------------------ training
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a host wait: page-locked, copied behind the queued kernels."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
         """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
         decoder = base.model.get_decoder()
-        hidden = decoder(input_ids=batch.input_ids.to(self.device), use_cache=False).last_hidden_state
-        mask = batch.mask.to(self.device)
-        hidden, targets = hidden[mask], batch.targets.to(self.device)[mask]
+        hidden = decoder(input_ids=self._to_device(batch.input_ids), use_cache=False).last_hidden_state
+        # The real positions are found on the host: a boolean mask on the device would make the host wait for
+        # the whole decoder before it could queue the unembedding, the loss and the backward.
+        positions = batch.mask.flatten().nonzero().squeeze(1)
+        hidden = hidden.flatten(0, 1).index_select(0, self._to_device(positions))
+        targets = self._to_device(batch.targets.flatten()[positions])
         unembed = base.model.get_output_embeddings()
         weight = frozen_weight(unembed)
         if weight is not None:
@@ -211,7 +221,7 @@ class HfPeftBackend:
     # ------------------------------------------------------------------ state in and out
     def export_adapter(self, model_id: str) -> AdapterExport:
         adapter = self._adapter(model_id)
-        weights = {key: param.detach().to("cpu", copy=True) for key, param in adapter.params.items()}
+        weights = to_host(adapter.params)
         config = adapter_config(adapter.base.peft.peft_config[adapter.slot].to_dict(), adapter.spec)
         return AdapterExport(config=config, weights=weights)
 
