@@ -26,7 +26,7 @@ from bus_events.envelope import (
     new_id,
     payload_bytes,
 )
-from bus_events.results import RESULT_TYPES, decode_result, make_error_result, make_result
+from bus_events.results import RESULT_TYPES, Reply, decode_result, make_error_result, make_result
 from bus_events.tensors import Tensor, tensor_from_numpy
 from bus_events.topics import Topics
 
@@ -44,6 +44,7 @@ __all__ = [
     "Event",
     "EventType",
     "PayloadRef",
+    "Reply",
     "Tensor",
     "Topics",
     "decode_envelope",

@@ -166,9 +166,12 @@ class Sample(_Payload):
 # ----------------------------------------------------------------------------- results
 
 
+ErrorCategory = Literal["user", "server", "unknown"]
+
+
 class ErrorInfo(_Payload):
     message: str
-    category: Literal["user", "server", "unknown"] = "server"
+    category: ErrorCategory = "server"
 
 
 class ModelInfo(_Payload):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from bus_events import payloads as p
-from bus_events.envelope import ContractError, Envelope, Event, EventType, make_event
+from bus_events.envelope import ContractError, Envelope, EventType, make_event
 
 # What `Result.result` holds for each request type once it succeeded (docs/events.md, "results").
 RESULT_TYPES: dict[EventType, type[msgspec.Struct]] = {
@@ -25,6 +25,18 @@ RESULT_TYPES: dict[EventType, type[msgspec.Struct]] = {
 UNKNOWN_REQUEST_TYPE = "unknown"
 
 
+class Reply(NamedTuple):
+    """A `result` event: its envelope and its Result payload (what workers publish on the reply topic)."""
+
+    env: Envelope
+    payload: p.Result
+
+
+def _reply(result: p.Result, **envelope: Any) -> Reply:
+    env, _ = make_event(EventType.RESULT, result, **envelope)
+    return Reply(env, result)
+
+
 def decode_result(request_type: EventType | str, body: dict[str, Any] | None) -> Any:
     """The typed result of a successful `request_type` request; ContractError if the body does not fit."""
     cls = RESULT_TYPES.get(request_type)  # type: ignore[call-overload]  # a StrEnum key matches its value
@@ -40,11 +52,10 @@ def make_result(
     request: Envelope,
     result: msgspec.Struct | dict[str, Any] | None = None,
     error: p.ErrorInfo | None = None,
-) -> Event:
+) -> Reply:
     """The reply to `request`: a `result` event with the same request_id, model_id and seq_id."""
     body = msgspec.to_builtins(result, builtin_types=(bytes,)) if isinstance(result, msgspec.Struct) else result
-    return make_event(
-        EventType.RESULT,
+    return _reply(
         p.Result(request_type=request.type.value, result=body if error is None else None, error=error),
         model_id=request.model_id,
         request_id=request.request_id,
@@ -60,15 +71,14 @@ def make_error_result(
     tenant: str,
     message: str,
     *,
-    category: str = "user",
+    category: p.ErrorCategory = "user",
     request_type: str = UNKNOWN_REQUEST_TYPE,
     seq_id: int | None = None,
-) -> Event:
+) -> Reply:
     """A failed `result` for a request known only by its ids (e.g. one whose own event could not be decoded)."""
-    return make_event(
-        EventType.RESULT,
+    return _reply(
         p.Result(request_type=request_type, error=p.ErrorInfo(message=message or "request failed",
-                                                              category=category)),  # type: ignore[arg-type]
+                                                              category=category)),
         model_id=model_id,
         request_id=request_id,
         seq_id=seq_id,

@@ -3,9 +3,9 @@ for every worker (trainer, sampler), below both."""
 
 from __future__ import annotations
 
-from typing import Literal
+from bus_events.payloads import ErrorCategory
 
-Category = Literal["user", "server", "unknown"]
+Category = ErrorCategory
 
 
 class ServiceError(Exception):

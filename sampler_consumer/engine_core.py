@@ -130,7 +130,8 @@ class ModelEngine:
         self._window = _Window()
 
     def _step(self, plan: StepPlan) -> None:
-        prefill_logits, outputs = None, [None] * len(plan.prefills)
+        prefill_logits = None
+        outputs: list[GenOutput | None] = [None] * len(plan.prefills)
         if plan.prefills:
             try:
                 prefill_logits, outputs = self.executor.prefill(plan.prefills)

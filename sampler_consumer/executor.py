@@ -48,12 +48,11 @@ class Executor:
         self.bank = base.lora
         self.bank.current.kernels = kernels
         self.max_rows = bucket_of(max_rows)
-        i32 = dict(device=self.device, dtype=torch.int32)
         self.tokens = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
         self.positions = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
         self.slots = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
-        self.block_table = torch.zeros(self.max_rows, max_pages_per_row, **i32)
-        self.seq_lens = torch.ones(self.max_rows, **i32)
+        self.block_table = torch.zeros(self.max_rows, max_pages_per_row, device=self.device, dtype=torch.int32)
+        self.seq_lens = torch.ones(self.max_rows, device=self.device, dtype=torch.int32)
         self._tiles: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None

@@ -76,6 +76,10 @@ class _Current:
 
 
 class MultiLoraLinear(nn.Module):
+    _current: _Current  # declared for the type checker: set with object.__setattr__ below
+    a_stack: torch.Tensor | None
+    b_stack: torch.Tensor | None
+
     def __init__(self, base: nn.Linear, current: _Current) -> None:
         super().__init__()
         self.base = base
@@ -98,12 +102,13 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         plan = self._current.plan
-        if plan is None or self.a_stack is None:
+        if plan is None or self.a_stack is None or self.b_stack is None:
             return out
         flat_x, flat_out = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
         if self._current.kernels:
             from sampler_consumer.lora_kernels import sgmv_expand, sgmv_shrink
 
+            assert plan.tiles is not None, "the kernels need the plan's tiles"
             sgmv_expand(sgmv_shrink(flat_x, self.a_stack, plan.tiles), self.b_stack, plan.tiles, flat_out)
             return out
         for start, end, slot in plan.segments:
@@ -213,6 +218,7 @@ class LoraBank:
             shape_b = (self.slots, wrapper.out_features, self.max_rank)
             wrapper.a_stack = torch.zeros(shape_a, device=self.device, dtype=self.dtype)
             wrapper.b_stack = torch.zeros(shape_b, device=self.device, dtype=self.dtype)
+        assert wrapper.b_stack is not None
         return wrapper.a_stack, wrapper.b_stack
 
     def allocate_all(self) -> None:
@@ -226,7 +232,7 @@ class LoraBank:
         for name, wrapper in self.wrappers.items():
             module = adapter.modules.get(name)
             if module is None:
-                if wrapper.a_stack is not None:  # a slot's previous adapter must not leak into this one
+                if wrapper.a_stack is not None and wrapper.b_stack is not None:  # no leak from the slot's last adapter
                     wrapper.a_stack[slot].zero_()
                     wrapper.b_stack[slot].zero_()
                 continue

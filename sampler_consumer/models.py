@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -27,7 +28,7 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
 
-    def decode(self, tokens: list[int]) -> str:
+    def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -42,7 +43,7 @@ def load_base_model(name: str, device: torch.device, dtype: torch.dtype, *, adap
     path = resolve_base_model(name)
     log.info("loading base model %s from %s on %s (%s)", name, path, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval().requires_grad_(False)
+    cast(torch.nn.Module, model).to(device).eval().requires_grad_(False)  # transformers' stub types `.to` oddly
     tokenizer = load_tokenizer(name)
     eos = _as_ids(model.config.eos_token_id) | _as_ids(getattr(model.generation_config, "eos_token_id", None))
     if tokenizer.eos_token_id is not None:

@@ -269,7 +269,7 @@ class Scheduler:
                 if output is not None and group.wants_prompt_logprobs:
                     group.output.prompt_logprobs = output.prompt_logprobs if group.request.prompt_logprobs else None
                     k = group.request.topk_prompt_logprobs
-                    if k:
+                    if k and output.topk_ids is not None and output.topk_logprobs is not None:
                         group.output.topk_ids = output.topk_ids[:, :k]
                         group.output.topk_logprobs = output.topk_logprobs[:, :k]
             self.pool.publish(item.pages[:len(item.prompt) // self.page_size],

@@ -8,6 +8,7 @@ session, bad prompt, bad adapter) or a "server" error, whose message is never em
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSession
-from bus_events import Envelope, make_result, tensor_from_numpy
+from bus_events import Envelope, Reply, make_result, tensor_from_numpy
 from bus_events import payloads as p
 from bus_runtime.errors import UserError
 from bus_runtime.settings import BusSettings, open_object_store
@@ -31,7 +32,6 @@ from sampler_consumer.stops import StopSpecError, check_stop_spec
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[Envelope, p.Result]
 
 
 @dataclass
@@ -176,7 +176,7 @@ class SamplerService:
             return
         merge = _Merge(prepared, reply)
         for index, piece in enumerate(prepared.pieces):
-            self.core.submit(prepared.base_model, piece, lambda result, i=index: merge.piece_done(i, result))
+            self.core.submit(prepared.base_model, piece, functools.partial(merge.piece_done, index))
 
     def run_batch(self, jobs: list[SampleJob]) -> list[Reply]:
         """Blocking convenience (tests, tools): one reply per job, in job order."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import EventType
+from bus_events import EventType, Reply
 from bus_events import payloads as p
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
@@ -29,7 +30,7 @@ from bus_runtime.records import Poisoned, decode_record
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.requests import describe
-from sampler_consumer.service import Prepared, Reply, SampleJob, SamplerService
+from sampler_consumer.service import Prepared, SampleJob, SamplerService
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,13 @@ class _SamplerWorker:
                 error = p.ErrorInfo(message=f"sampler failure: {describe(exc)}", category="server")
                 prepared = [Prepared(item.job, error=error) for item in batch]
             for item, ready in zip(batch, prepared, strict=True):
-                self.service.submit(ready, lambda reply, item=item: loop.call_soon_threadsafe(
-                    self.replies.put_nowait, (item, reply)))
+                self.service.submit(ready, functools.partial(self._reply_threadsafe, loop, item))
 
     # ------------------------------------------------------------------ replies
+    def _reply_threadsafe(self, loop: asyncio.AbstractEventLoop, item: _Queued, reply: Reply) -> None:
+        """Called on the engine thread: the reply joins the publish queue on the event loop's thread."""
+        loop.call_soon_threadsafe(self.replies.put_nowait, (item, reply))
+
     async def _publish_forever(self) -> None:
         sending: set[asyncio.Task] = set()
         while True:

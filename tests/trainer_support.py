@@ -14,14 +14,23 @@ import numpy as np
 import torch
 
 from artifact_store import CheckpointStore, MinioObjectStore, ObjectStore, S3Config, TinkerPath
-from bus_events import Envelope, EventType, decode_envelope, decode_payload, encode_event, make_event, tensor_from_numpy
+from bus_events import (
+    Envelope,
+    EventType,
+    Reply,
+    decode_envelope,
+    decode_payload,
+    encode_event,
+    make_event,
+    tensor_from_numpy,
+)
 from bus_events import payloads as p
 from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
-from trainer_consumer.inbound import Inbound, Reply
+from trainer_consumer.inbound import Inbound
 from trainer_consumer.runtime import Runtime, Storage
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bus_events import Reply
 from bus_runtime.errors import Category
-from trainer_consumer.inbound import Inbound, Reply
+from trainer_consumer.inbound import Inbound
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bus_events import make_result
+from bus_events import Reply, make_result
 from bus_events import payloads as p
 from bus_runtime.errors import ServiceError, UserError
 from trainer_consumer.actions import Action, AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Ready, Void
 from trainer_consumer.durability import DurablePoint
 from trainer_consumer.errors import USER_ERRORS, error_info
-from trainer_consumer.inbound import Inbound, Reply
+from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState, lasting_key
 from trainer_consumer.ops import HANDLERS
 from trainer_consumer.recovery import Partition, Recovery

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 import msgspec
 
 from bus_events import Envelope
-from bus_events import payloads as p
-
-Reply = tuple[Envelope, p.Result]
 
 
 @dataclass(frozen=True)

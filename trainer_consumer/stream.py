@@ -21,12 +21,12 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from bus_events import Envelope, EventType, make_event, make_result, new_id
+from bus_events import Envelope, EventType, Reply, make_event, make_result, new_id
 from bus_events import payloads as p
 from bus_runtime.errors import Category
 from trainer_consumer.actions import Action, AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Ready, Void
 from trainer_consumer.durability import Durability, DurablePoint
-from trainer_consumer.inbound import Inbound, Reply
+from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState, WindowFailure, lasting_key
 from trainer_consumer.sequencer import Sequencer
 

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
+from bus_events import Reply
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
@@ -38,7 +39,7 @@ from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
-from trainer_consumer.inbound import BusPosition, Inbound, Reply
+from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
 from trainer_consumer.runtime import Runtime, Storage
 
