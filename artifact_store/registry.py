@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 
 from artifact_store.object_store import ObjectStore
+from bus_events.payloads import LoraSpec
 
 _T = TypeVar("_T")
 
@@ -27,15 +28,24 @@ class TrainingRun:
     model_id: str
     base_model: str
     tenant: str
-    lora_rank: int
-    train_attn: bool = True
-    train_mlp: bool = True
-    train_unembed: bool = True
+    lora: LoraSpec  # the contract's LoRA spec, as create_model asked for it (seed resolved)
     session_id: str | None = None
     user_metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
     unloaded: bool = False
+
+    @property
+    def lora_rank(self) -> int:
+        return self.lora.rank
+
+
+def _upgrade_run(doc: dict[str, Any]) -> dict[str, Any]:
+    """run.json written before the LoRA spec was embedded kept its fields flat."""
+    if "lora" not in doc:
+        flat = {key: doc.pop(key) for key in ("lora_rank", "train_attn", "train_mlp", "train_unembed") if key in doc}
+        doc["lora"] = {"rank": flat.pop("lora_rank", LoraSpec.rank), **flat}
+    return doc
 
 
 @dataclass
@@ -65,11 +75,14 @@ class Registry:
         self.objects = objects
 
     def _put(self, key: str, doc: object) -> None:
-        self.objects.put_bytes(key, json.dumps(asdict(doc)).encode(), "application/json")  # type: ignore[arg-type]
+        self.objects.put_bytes(key, msgspec.json.encode(doc), "application/json")
 
     def _get(self, key: str, cls: type[_T]) -> _T | None:
         data = self.objects.get_bytes_or_none(key)
-        return None if data is None else msgspec.convert(json.loads(data), cls)
+        if data is None:
+            return None
+        doc = json.loads(data)
+        return msgspec.convert(_upgrade_run(doc) if cls is TrainingRun else doc, cls)
 
     def put_run(self, run: TrainingRun) -> None:
         self._put(f"runs/{run.model_id}/run.json", run)

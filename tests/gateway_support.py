@@ -22,6 +22,7 @@ from aiokafka import TopicPartition
 from artifact_store import Registry, Session, TrainingRun
 from bus_events import Envelope, EventType, decode_envelope, decode_payload, make_result
 from bus_events import payloads as p
+from bus_events.payloads import LoraSpec
 from bus_gateway.config import GatewayConfig
 from bus_gateway.server import run_gateway
 from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
@@ -82,7 +83,8 @@ def seed_model(settings: BusSettings, tenant: str, model_id: str | None = None,
     session_id = session_id or f"sess-{tenant}"
     registry.put_session(Session(session_id=session_id, tenant=tenant))
     model_id = model_id or f"{session_id}:train:0"
-    registry.put_run(TrainingRun(model_id=model_id, base_model=settings.base_models[0], tenant=tenant, lora_rank=4,
+    registry.put_run(TrainingRun(model_id=model_id, base_model=settings.base_models[0], tenant=tenant,
+                                 lora=LoraSpec(rank=4),
                                  session_id=session_id))
     return model_id
 

@@ -31,6 +31,7 @@ from artifact_store import (
     TinkerPath,
     TrainingRun,
 )
+from bus_events.payloads import LoraSpec
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "sess-1:train:0"
@@ -343,7 +344,17 @@ def test_registry_documents(store):
                               model_path=f"tinker://{RUN}/sampler_weights/ephemeral-4")
     registry.put_sampling_session(session)
     assert registry.get_sampling_session("s:sample:0") == session
-    registry.put_run(TrainingRun(model_id=RUN, base_model="tiny", tenant="acme", lora_rank=8))
-    registry.put_run(TrainingRun(model_id="other:train:0", base_model="tiny", tenant="zed", lora_rank=4))
+    registry.put_run(TrainingRun(model_id=RUN, base_model="tiny", tenant="acme", lora=LoraSpec(rank=8)))
+    registry.put_run(TrainingRun(model_id="other:train:0", base_model="tiny", tenant="zed", lora=LoraSpec(rank=4)))
     assert [r.model_id for r in registry.list_runs(tenant="acme")] == [RUN]
     assert registry.get_run(RUN).lora_rank == 8
+
+
+def test_a_run_record_written_with_flat_lora_fields_still_reads(store):
+    old = {"model_id": RUN, "base_model": "tiny", "tenant": "acme", "lora_rank": 8, "train_attn": True,
+           "train_mlp": False, "train_unembed": False, "session_id": None, "user_metadata": {"k": 1},
+           "created_at": 1.0, "last_request_time": 2.0, "unloaded": False}
+    store.put_bytes(f"runs/{RUN}/run.json", json.dumps(old).encode())
+    run = Registry(store).get_run(RUN)
+    assert run is not None and run.lora == LoraSpec(rank=8, train_mlp=False, train_unembed=False)
+    assert (run.user_metadata, run.created_at) == ({"k": 1}, 1.0)

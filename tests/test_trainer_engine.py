@@ -290,7 +290,7 @@ async def test_create_model_checks_and_registers(tiny, objects):
         assert info == {"model_id": "s:train:0", "base_model": tiny, "lora_rank": 6, "train_attn": True,
                         "train_mlp": True, "train_unembed": False}
         run = Registry(objects).get_run("s:train:0")
-        assert run is not None and run.lora_rank == 6 and not run.train_unembed and run.tenant == "default"
+        assert run is not None and run.lora.rank == 6 and not run.lora.train_unembed and run.tenant == "default"
         again = await h.call(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), "s:train:0", None)
         assert again.error is not None and "already exists" in again.error.message
         foreign = await h.call(EventType.GET_INFO, p.GetInfo(), "s:train:0", None, tenant="intruder")

@@ -139,7 +139,8 @@ async def weights_info(data: JSONBody[WeightsInfoRequest], gw: GatewayDep, tenan
     info = await owned_checkpoint(gw, tenant, path)
     run = await gw.run(path.run_id, tenant)
     return WeightsInfoResponse(base_model=info.base_model, is_lora=True, lora_rank=run.lora_rank,
-                               train_unembed=run.train_unembed, train_mlp=run.train_mlp, train_attn=run.train_attn)
+                               train_unembed=run.lora.train_unembed, train_mlp=run.lora.train_mlp,
+                               train_attn=run.lora.train_attn)
 
 
 ROUTES = [get_training_run, list_training_runs, list_checkpoints, list_user_checkpoints, delete_checkpoint,

@@ -10,11 +10,8 @@ from trainer_consumer.runtime import Runtime
 
 
 def run_record(state: ModelState) -> TrainingRun:
-    lora = state.spec.lora
     return TrainingRun(model_id=state.model_id, base_model=state.base_model, tenant=state.tenant,
-                       lora_rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-                       train_unembed=lora.train_unembed, session_id=state.session_id,
-                       user_metadata=state.user_metadata)
+                       lora=state.spec.lora, session_id=state.session_id, user_metadata=state.user_metadata)
 
 
 def _create_and_load(backend: TrainingBackend, state: ModelState, checkpoint: Checkpoint | None,
