@@ -1,0 +1,114 @@
+"""LoRA merge: the merged model, loaded by plain transformers, gives base + adapter's logits (fp32 CPU, 1e-5), for
+an adapter from the trainer backend (tied embeddings, lm_head LoRA) and for a PEFT adapter with every variant the
+merge handles (embedding LoRA, rsLoRA, alpha != r, rank/alpha patterns)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bus_events.payloads import LoraSpec
+from bus_runtime.testing import make_tiny_model
+from trainer_consumer.backends.base import AdapterSpec
+from trainer_consumer.backends.hf_peft import HfPeftBackend
+from trainer_consumer.export import MergeError, merge_lora
+
+TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _peft_logits(base: Path, config: dict, weights: dict[str, torch.Tensor], where: Path) -> torch.Tensor:
+    """Logits of base + adapter through PEFT itself, the reference the merge must reproduce."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "adapter_config.json").write_text(json.dumps(config))
+    save_file(weights, str(where / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), where)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _merged_logits(out: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _randomise(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random LoRA matrices; saved base_layer weights (PEFT's embedding layers) stay the base's."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.05 * torch.randn(v.shape, generator=g) if ".lora_" in k else v.clone() for k, v in weights.items()}
+
+
+def test_backend_adapter_with_lm_head_lora_on_tied_embeddings(tiny, tmp_path):
+    backend = HfPeftBackend(device="cpu")
+    backend.create_adapter("m", AdapterSpec(base_model=str(tiny), lora=LoraSpec(rank=4, seed=1, train_unembed=True)))
+    export = backend.export_adapter("m")
+    weights = _randomise(export.weights, seed=2)  # a fresh adapter's B is zero: make every term count
+    assert any("lm_head" in key for key in weights)
+    seen = []
+    out = merge_lora(tiny, export.config, weights, tmp_path / "merged",
+                     progress=lambda what, done, total: seen.append((what, done, total)))
+    expected = _peft_logits(tiny, export.config, weights, tmp_path / "adapter")
+    base_logits = _merged_logits(tiny)
+    got = _merged_logits(out)
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes the logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads((tiny / "config.json").read_text()).get("tie_word_embeddings", True)
+    assert config["tie_word_embeddings"] is False  # lm_head adapted: the output embedding is its own matrix now
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    assert seen and seen[-1][1] == seen[-1][2] and seen[-1][0] == "tensors"
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_with_embedding_lora_rslora_and_patterns(tiny, tmp_path, use_rslora):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, lora_alpha=12, use_rslora=use_rslora, lora_dropout=0.0,
+                      target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj", "lm_head"],
+                      rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), lora)
+    weights = _randomise(get_peft_model_state_dict(model), seed=3)
+    assert any("lora_embedding_A" in key for key in weights)
+    config = json.loads(json.dumps(lora.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    config["base_model_name_or_path"] = str(tiny)
+    out = merge_lora(tiny, config, weights, tmp_path / "merged")
+    expected = _peft_logits(tiny, config, weights, tmp_path / "adapter")
+    torch.testing.assert_close(_merged_logits(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_output_and_refusals(tiny, tmp_path):
+    backend = HfPeftBackend(device="cpu")
+    backend.create_adapter("m", AdapterSpec(base_model=str(tiny), lora=LoraSpec(rank=2, seed=1)))
+    export = backend.export_adapter("m")
+    out = merge_lora(tiny, export.config, export.weights, tmp_path / "bf16", dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    with pytest.raises(MergeError, match="already holds a model"):
+        merge_lora(tiny, export.config, export.weights, out)
+    with pytest.raises(MergeError, match="DoRA"):
+        merge_lora(tiny, {**export.config, "use_dora": True}, export.weights, tmp_path / "x")
+    odd = {**export.weights, "base_model.model.model.norm.weight": torch.ones(64)}
+    with pytest.raises(MergeError, match="is not a LoRA A/B matrix"):
+        merge_lora(tiny, export.config, odd, tmp_path / "y")
+    resized = {**export.weights, "base_model.model.lm_head.base_layer.weight": torch.zeros(256, 64)}
+    with pytest.raises(MergeError, match="differs from the base model's"):
+        merge_lora(tiny, export.config, resized, tmp_path / "w")
+    stray = {k.replace("layers.0.", "layers.99."): v for k, v in export.weights.items()}
+    with pytest.raises(MergeError, match="have no weight in base model"):
+        merge_lora(tiny, export.config, stray, tmp_path / "z")
