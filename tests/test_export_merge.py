@@ -112,3 +112,33 @@ def test_bf16_output_and_refusals(tiny, tmp_path):
     stray = {k.replace("layers.0.", "layers.99."): v for k, v in export.weights.items()}
     with pytest.raises(MergeError, match="have no weight in base model"):
         merge_lora(tiny, export.config, stray, tmp_path / "z")
+
+
+def test_cli_exports_a_sampler_checkpoint_from_s3(tiny, tmp_path, s3_endpoint):
+    """`tinker-bus export` as its own process against S3 (moto): the merged folder loads in plain transformers with
+    base + adapter's logits."""
+    import subprocess
+    import sys
+
+    from artifact_store import Checkpoint, CheckpointStore, MinioObjectStore, S3Config, TinkerPath
+
+    objects = MinioObjectStore(S3Config(s3_endpoint, "testing", "testing", "export-cli"))
+    objects.ensure_bucket()
+    backend = HfPeftBackend(device="cpu")
+    backend.create_adapter("m", AdapterSpec(base_model=str(tiny), lora=LoraSpec(rank=4, seed=5)))
+    export = backend.export_adapter("m")
+    weights = _randomise(export.weights, seed=6)
+    path = TinkerPath("run-1", "sampler_weights", "final")
+    CheckpointStore(objects).save(path, Checkpoint(export.config, weights), base_model=str(tiny))
+    out = tmp_path / "merged"
+    command = [sys.executable, "-m", "tinker_bus", "export", "--model-path", str(path), "--out", str(out),
+               "--s3-endpoint", s3_endpoint, "--s3-access-key", "testing", "--s3-secret-key", "testing",
+               "--bucket", "export-cli"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{path} merged into its base model" in done.stdout and "merging tensors" in done.stderr
+    expected = _peft_logits(tiny, export.config, weights, tmp_path / "adapter")
+    torch.testing.assert_close(_merged_logits(out), expected, rtol=1e-5, atol=1e-5)
+    elsewhere = [*command[:5], "tinker://run-1/sampler_weights/nope", "--out", str(tmp_path / "other"), *command[8:]]
+    missing = subprocess.run(elsewhere, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "export failed" in missing.stderr, missing.stderr
