@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_support import merged_logits, peft_logits, randomise
 
 from bus_events.payloads import LoraSpec
 from bus_runtime.testing import make_tiny_model
@@ -16,54 +17,24 @@ from trainer_consumer.backends.base import AdapterSpec
 from trainer_consumer.backends.hf_peft import HfPeftBackend
 from trainer_consumer.export import MergeError, merge_lora
 
-TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 250, 3]])
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _peft_logits(base: Path, config: dict, weights: dict[str, torch.Tensor], where: Path) -> torch.Tensor:
-    """Logits of base + adapter through PEFT itself, the reference the merge must reproduce."""
-    from peft import PeftModel
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "adapter_config.json").write_text(json.dumps(config))
-    save_file(weights, str(where / "adapter_model.safetensors"))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), where)
-    with torch.no_grad():
-        return model(TOKENS).logits
-
-
-def _merged_logits(out: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-        return model(TOKENS).logits
-
-
-def _randomise(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Random LoRA matrices; saved base_layer weights (PEFT's embedding layers) stay the base's."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: 0.05 * torch.randn(v.shape, generator=g) if ".lora_" in k else v.clone() for k, v in weights.items()}
-
-
 def test_backend_adapter_with_lm_head_lora_on_tied_embeddings(tiny, tmp_path):
     backend = HfPeftBackend(device="cpu")
     backend.create_adapter("m", AdapterSpec(base_model=str(tiny), lora=LoraSpec(rank=4, seed=1, train_unembed=True)))
     export = backend.export_adapter("m")
-    weights = _randomise(export.weights, seed=2)  # a fresh adapter's B is zero: make every term count
+    weights = randomise(export.weights, seed=2)  # a fresh adapter's B is zero: make every term count
     assert any("lm_head" in key for key in weights)
     seen = []
     out = merge_lora(tiny, export.config, weights, tmp_path / "merged",
                      progress=lambda what, done, total: seen.append((what, done, total)))
-    expected = _peft_logits(tiny, export.config, weights, tmp_path / "adapter")
-    base_logits = _merged_logits(tiny)
-    got = _merged_logits(out)
+    expected = peft_logits(tiny, export.config, weights, tmp_path / "adapter")
+    base_logits = merged_logits(tiny)
+    got = merged_logits(out)
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes the logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
@@ -82,13 +53,13 @@ def test_peft_adapter_with_embedding_lora_rslora_and_patterns(tiny, tmp_path, us
                       target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj", "lm_head"],
                       rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, task_type="CAUSAL_LM")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), lora)
-    weights = _randomise(get_peft_model_state_dict(model), seed=3)
+    weights = randomise(get_peft_model_state_dict(model), seed=3)
     assert any("lora_embedding_A" in key for key in weights)
     config = json.loads(json.dumps(lora.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     config["base_model_name_or_path"] = str(tiny)
     out = merge_lora(tiny, config, weights, tmp_path / "merged")
-    expected = _peft_logits(tiny, config, weights, tmp_path / "adapter")
-    torch.testing.assert_close(_merged_logits(out), expected, rtol=1e-5, atol=1e-5)
+    expected = peft_logits(tiny, config, weights, tmp_path / "adapter")
+    torch.testing.assert_close(merged_logits(out), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_output_and_refusals(tiny, tmp_path):
@@ -127,7 +98,7 @@ def test_cli_exports_a_sampler_checkpoint_from_s3(tiny, tmp_path, s3_endpoint):
     backend = HfPeftBackend(device="cpu")
     backend.create_adapter("m", AdapterSpec(base_model=str(tiny), lora=LoraSpec(rank=4, seed=5)))
     export = backend.export_adapter("m")
-    weights = _randomise(export.weights, seed=6)
+    weights = randomise(export.weights, seed=6)
     path = TinkerPath("run-1", "sampler_weights", "final")
     CheckpointStore(objects).save(path, Checkpoint(export.config, weights), base_model=str(tiny))
     out = tmp_path / "merged"
@@ -137,8 +108,8 @@ def test_cli_exports_a_sampler_checkpoint_from_s3(tiny, tmp_path, s3_endpoint):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{path} merged into its base model" in done.stdout and "merging tensors" in done.stderr
-    expected = _peft_logits(tiny, export.config, weights, tmp_path / "adapter")
-    torch.testing.assert_close(_merged_logits(out), expected, rtol=1e-5, atol=1e-5)
+    expected = peft_logits(tiny, export.config, weights, tmp_path / "adapter")
+    torch.testing.assert_close(merged_logits(out), expected, rtol=1e-5, atol=1e-5)
     elsewhere = [*command[:5], "tinker://run-1/sampler_weights/nope", "--out", str(tmp_path / "other"), *command[8:]]
     missing = subprocess.run(elsewhere, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "export failed" in missing.stderr, missing.stderr
