@@ -14,10 +14,10 @@ the chosen completion, then the rejected one, each carrying
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 import tinker
+from example_tinker_client import add_server_args, load_client_tokenizer  # run as a script: examples/ is on the path
 from tinker import types
 
 # (prompt, chosen, rejected): a tiny stand-in for a preference data set such as HH-RLHF.
@@ -27,16 +27,6 @@ PAIRS = [
     ("Q: What colour is a clear daytime sky?\nA:", " Blue.", " Green."),
     ("Q: What is two plus two?\nA:", " Four.", " Five."),
 ]
-
-
-def load_client_tokenizer(training: tinker.TrainingClient, base_model: str):
-    """The SDK asks the Hugging Face hub for the tokenizer; offline, fall back to tinker-bus's local copy."""
-    try:
-        return training.get_tokenizer()
-    except Exception:
-        from bus_runtime.base_models import load_tokenizer
-
-        return load_tokenizer(base_model)
 
 
 def preference_datum(reference: tinker.SamplingClient, prompt: list[int], completion: list[int],
@@ -57,9 +47,7 @@ def preference_datum(reference: tinker.SamplingClient, prompt: list[int], comple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
-    parser.add_argument("--base-model", help="default: the first model the server serves")
+    add_server_args(parser)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
