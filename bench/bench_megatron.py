@@ -7,6 +7,7 @@ table per shape, plus each backend's first-step loss and the largest logprob dif
     pip install --no-deps .whl/megatron_core-0.19.2-*.whl   # the GPU box has no megatron-core
     python -m bench.bench_megatron --shapes llama-1b,llama-8b             # 1 GPU: HF vs Megatron TP=1
     python -m bench.bench_megatron --shapes llama-8b --tp 2 --backends megatron   # 2 GPUs
+    python -m bench.bench_megatron --shapes llama-8b --checkpointing off,on   # activation checkpointing's cost
     python -m bench.bench_megatron --shapes tiny --steps 2                # CPU smoke run
 """
 
@@ -30,20 +31,21 @@ from trainer_consumer.backends.base import AdapterSpec
 ADAM = p.AdamParams(learning_rate=1e-5)
 
 
-def make_backend(name: str, tp: int):
+def make_backend(name: str, tp: int, checkpointing: bool):
     if name == "hf":
         from trainer_consumer.backends.hf_peft import HfPeftBackend
 
-        return HfPeftBackend()
+        return HfPeftBackend(gradient_checkpointing=checkpointing)
     from trainer_consumer.backends.megatron.backend import MegatronBackend
 
-    return MegatronBackend(tp_size=tp)
+    return MegatronBackend(tp_size=tp, gradient_checkpointing=checkpointing)
 
 
-def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, args: argparse.Namespace):
+def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, args: argparse.Namespace,
+                  checkpointing: bool = False):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reset_peak(device)
-    backend = make_backend(name, tp)
+    backend = make_backend(name, tp, checkpointing)
     started = time.perf_counter()
     info = backend.base_model_info(str(model_dir))
     load_s = time.perf_counter() - started
@@ -57,7 +59,9 @@ def bench_backend(name: str, tp: int, model_dir: Path, batch: int, length: int, 
         backend.optim_step("bench", ADAM)
 
     times = timed_steps(step, args.steps, args.warmup, device)
-    row = Row(f"{name} (TP={tp})" if name == "megatron" else name, batch * length, times, peak_gib(device))
+    label = (f"{name} (TP={tp})" if name == "megatron" else name) + (" + act. ckpt" if checkpointing else "")
+    row = Row(label, batch * length, times, peak_gib(device))
+    print(f"  measured {label}: median step {row.median_s:.3f} s, peak {row.peak_gib:.2f} GiB", flush=True)
     if hasattr(backend, "close"):
         backend.close()
     return row, load_s, first
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=str, default="", help="BxT overriding the shape's default, e.g. 4x1024")
+    parser.add_argument("--checkpointing", default="off", help="activation checkpointing per backend: off, on "
+                        "or off,on (each setting loads the backend anew)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tinker-bus-bench"))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
@@ -80,8 +86,10 @@ def main() -> None:
         batch, length = (map(int, args.batch.split("x")) if args.batch else DEFAULT_BATCH[shape])
         model_dir = build_model_dir(shape, args.workdir / shape)
         rows, notes, reference = [], [], None
-        for name in args.backends.split(","):
-            row, load_s, first = bench_backend(name, args.tp, model_dir, batch, length, args)
+        settings = [setting == "on" for setting in args.checkpointing.split(",")]
+        runs = [(name, checkpointing) for name in args.backends.split(",") for checkpointing in settings]
+        for name, checkpointing in runs:
+            row, load_s, first = bench_backend(name, args.tp, model_dir, batch, length, args, checkpointing)
             gc.collect()  # the backend (and its model) went out of scope: free it before the next one loads
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

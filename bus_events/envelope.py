@@ -26,6 +26,7 @@ class EventType(enum.StrEnum):
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
     GET_INFO = "get_info"
     UNLOAD_MODEL = "unload_model"
+    EXPORT_MODEL = "export_model"
     SEQ_VOID = "seq_void"
     SAMPLE = "sample"
     RESULT = "result"
@@ -41,6 +42,7 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.SaveWeightsForSampler,
     EventType.GET_INFO: p.GetInfo,
     EventType.UNLOAD_MODEL: p.UnloadModel,
+    EventType.EXPORT_MODEL: p.ExportModel,
     EventType.SEQ_VOID: p.SeqVoid,
     EventType.SAMPLE: p.Sample,
     EventType.RESULT: p.Result,
@@ -70,6 +72,7 @@ TRAINING_EVENTS = frozenset(
         EventType.SAVE_WEIGHTS_FOR_SAMPLER,
         EventType.GET_INFO,
         EventType.UNLOAD_MODEL,
+        EventType.EXPORT_MODEL,
         EventType.SEQ_VOID,
     }
 )

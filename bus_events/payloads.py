@@ -112,6 +112,15 @@ class SaveWeightsForSampler(_Payload):
     user_metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class ExportModel(_Payload):
+    """Merge a checkpoint's LoRA (tinker://<model_id>/{weights,sampler_weights}/<name>) into its base model and
+    store the full model under runs/<model_id>/exports/<kind>-<name>/. No seq_id: it reads S3, not the live adapter."""
+
+    path: str
+    dtype: str | None = None  # bfloat16, float16 or float32; default: the base model's
+    url_ttl_seconds: int = 86400  # lifetime of the presigned download URLs in the result
+
+
 class GetInfo(_Payload):
     pass
 
@@ -197,6 +206,13 @@ class PathResult(_Payload):
     path: str | None = None
     sampling_session_id: str | None = None
     model_id: str | None = None
+
+
+class ExportResult(_Payload):
+    path: str  # the exported checkpoint
+    prefix: str  # the S3 prefix holding the merged model's files
+    urls: dict[str, str]  # file name -> presigned GET URL
+    size_bytes: int
 
 
 class SampledSequence(_Payload):

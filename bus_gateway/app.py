@@ -21,13 +21,13 @@ from bus_gateway.deps import DEPENDENCIES
 from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
-from bus_gateway.tinker_api import checkpoints, futures_api, sampling, sessions, training
+from bus_gateway.tinker_api import checkpoints, exports, futures_api, sampling, sessions, training
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-          *futures_api.ROUTES, *json_api.ROUTES]
+          *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES]
 
 
 async def capture_idempotency_key(request: Request) -> None:

@@ -29,6 +29,13 @@ def load_client_tokenizer(training: tinker.TrainingClient, base_model: str):
         return load_tokenizer(base_model)
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """--base-url, --api-key, --base-model: the flags every example shares."""
+    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
+    parser.add_argument("--base-model", help="default: the first model the server serves")
+
+
 def datum(tokens: list[int]) -> types.Datum:
     """Next-token prediction on every position: input tokens[:-1], targets tokens[1:]."""
     return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
@@ -37,9 +44,7 @@ def datum(tokens: list[int]) -> types.Datum:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
-    parser.add_argument("--base-model", help="default: the first model the server serves")
+    add_server_args(parser)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args()

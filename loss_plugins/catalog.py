@@ -1,5 +1,6 @@
-"""The built-in losses as descriptions (name, inputs, defaults), torch-free: the gateway validates loss names and
-config against them without loading torch. Each one's function (builtin.py) is imported on its first call."""
+"""The built-in losses (Tinker's five, plus dpo) as descriptions (name, inputs, defaults), torch-free: the gateway
+validates loss names and config against them without loading torch. Each one's function (builtin.py, dpo.py) is
+imported on its first call."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ CLIP_HIGH = "clip_high_threshold"
 
 @dataclass(frozen=True)
 class _Builtin:
-    """A built-in loss function by name, resolved in loss_plugins.builtin when first called."""
+    """A built-in loss function by name, resolved in its module (loss_plugins.builtin by default) when first called."""
 
     name: str
+    module: str = "loss_plugins.builtin"
 
     def __call__(self, target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
                  config: Mapping[str, float | str]) -> LossOutput:
-        fn = getattr(importlib.import_module("loss_plugins.builtin"), self.name)
+        fn = getattr(importlib.import_module(self.module), self.name)
         return fn(target_logprobs, inputs, config)
 
 
@@ -46,4 +48,11 @@ BUILTIN_LOSSES: tuple[LossSpec, ...] = (
     LossSpec("dro", _Builtin("dro"),
              "DRO −Σ (ℓ·A − ½β(ℓ − s)²), quadratic penalty on drift from the sampler (β = 0.05).",
              required_inputs=_POLICY_INPUTS, config_defaults={"beta": 0.05}),
+    # Not a Tinker built-in: the datum layout (pairs marked by dpo_pair) is documented in loss_plugins/dpo.py.
+    # β = 0.1 is the DPO paper's and the cookbook's default.
+    LossSpec("dpo", _Builtin("dpo", "loss_plugins.dpo"),
+             "DPO Σ_pairs −log σ(β·(Δ⁺ − Δ⁻)), Δ = Σ w·(ℓ − ref_logprobs) over a datum; dpo_pair = +k on the chosen "
+             "datum's tokens, −k on the rejected one's (β = 0.1).",
+             required_inputs=("ref_logprobs", "dpo_pair"), config_defaults={"beta": 0.1},
+             input_defaults={"weights": 1.0}),
 )

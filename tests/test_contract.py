@@ -46,6 +46,7 @@ SAMPLES: dict[EventType, object] = {
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.SaveWeightsForSampler(sampling_session_id="s:sample:0"),
     EventType.GET_INFO: p.GetInfo(),
     EventType.UNLOAD_MODEL: p.UnloadModel(),
+    EventType.EXPORT_MODEL: p.ExportModel(path="tinker://m/sampler_weights/final", dtype="bfloat16"),
     EventType.SEQ_VOID: p.SeqVoid(reason="rejected at the gateway"),
     EventType.SAMPLE: p.Sample(sampling_session_id="s:sample:0", prompt=_tok(3), num_samples=2,
                                sampling_params=p.SamplingParams(max_tokens=5, stop=["\n", 7], seed=1)),

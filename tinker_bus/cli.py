@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tinker_bus.log_tools import add_log_commands  # replay and export-log: reading the log back
 
     add_log_commands(sub, common)
+    from tinker_bus.export_model import add_export_command  # export: a checkpoint merged into its base model
+
+    add_export_command(sub, common)
     return parser
 
 

@@ -1,5 +1,6 @@
 """The op handlers: one per training event type, each `(runtime, stream, inbound, payload) -> result struct`, with
-the event's payload passed typed. training.py: lifecycle and training; checkpoints.py: adapters to and from S3."""
+the event's payload passed typed. training.py: lifecycle and training; checkpoints.py: adapters to and from S3;
+export.py: merged models to S3."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import msgspec
 
 from bus_events import EventType
 from trainer_consumer.inbound import Inbound
-from trainer_consumer.ops import checkpoints, training
+from trainer_consumer.ops import checkpoints, export, training
 from trainer_consumer.runtime import Runtime
 from trainer_consumer.stream import ModelStream
 
@@ -27,4 +28,5 @@ HANDLERS: dict[EventType, Handler] = {
     EventType.LOAD_WEIGHTS: checkpoints.load_weights,
     EventType.SAVE_WEIGHTS: checkpoints.save_weights,
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: checkpoints.save_weights_for_sampler,
+    EventType.EXPORT_MODEL: export.export_model,
 }
