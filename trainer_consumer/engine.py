@@ -206,34 +206,58 @@ class TrainerEngine:
         lane.task = self._spawn(self._drain(stream, lane), f"trainer-model-{stream.model_id}")
 
     async def _drain(self, stream: ModelStream, lane: _Lane) -> None:
+        # The previous event's reply is published while the next event computes: the compute thread does not wait
+        # for a broker round trip between two steps of a model (docs/benchmarks.md, issue 14). At most one reply is
+        # in flight, and it is settled before the next event is reported applied and before any snapshot or marker,
+        # so every state transition happens in the order it did when each reply was awaited at once.
+        publishing: asyncio.Task[None] | None = None
         try:
             while stream.phase is Phase.ACTIVE:
                 if lane.ready:
                     action = lane.ready.popleft()
                     lane.current = action.inbound
                     try:
-                        await self._apply(stream, action)
+                        publishing = await self._apply(stream, action, publishing)
                     finally:
                         lane.current = None
+                if publishing is not None and (not lane.ready or self.recovery.due(stream)):
+                    await publishing  # its finish may queue late actions: the loop looks at the lane again
+                    publishing = None
                 await self.recovery.persist_if_due(stream)
-                if not lane.ready:
+                if not lane.ready and publishing is None:
                     break
         except Exception as exc:  # the sink failed (Kafka down...): the worker must stop, not lose replies
             log.exception("model %s stopped", stream.model_id)
             self.failure = exc
         finally:
+            if publishing is not None:  # only when stopping on a failure or a cancel: no reply may be left behind
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await publishing
             lane.draining = False
 
-    async def _apply(self, stream: ModelStream, action: Ready) -> None:
+    async def _apply(self, stream: ModelStream, action: Ready,
+                     publishing: asyncio.Task[None] | None) -> asyncio.Task[None] | None:
+        """Apply `action` (its compute overlapping the previous reply's publish); returns its own reply's publish,
+        still in flight."""
         inbound = action.inbound
         if isinstance(action, Void):
+            if publishing is not None:
+                await publishing
             late = stream.void(action)
             await self._finish(stream, inbound, [], applied=True)
-        else:
-            before = lasting_key(stream.state)
-            reply = make_result(inbound.env, *await self._run_op(stream, inbound))
-            late = stream.applied(inbound, reply, before)
-            await self._finish(stream, inbound, [reply], applied=True)
+            await self._carry_out(stream, late)
+            return None
+        before = lasting_key(stream.state)
+        outcome = await self._run_op(stream, inbound)
+        if publishing is not None:
+            await publishing
+        reply = make_result(inbound.env, *outcome)
+        late = stream.applied(inbound, reply, before)
+        return asyncio.create_task(self._finish_applied(stream, inbound, reply, late),
+                                   name=f"trainer-reply-{inbound.env.request_id}")
+
+    async def _finish_applied(self, stream: ModelStream, inbound: Inbound, reply: Reply, late: list[Action]) -> None:
+        await self._finish(stream, inbound, [reply], applied=True)
         await self._carry_out(stream, late)
 
     async def _run_op(self, stream: ModelStream, inbound: Inbound) -> tuple[msgspec.Struct | None,
