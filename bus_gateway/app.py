@@ -21,6 +21,7 @@ from bus_gateway.deps import DEPENDENCIES
 from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
+from bus_gateway.rejections import void_refused_request
 from bus_gateway.tinker_api import checkpoints, futures_api, sampling, sessions, training
 from bus_runtime.settings import BusSettings
 
@@ -36,7 +37,7 @@ async def capture_idempotency_key(request: Request) -> None:
 
 async def log_unexpected(exc: Exception, scope: Scope) -> None:
     """A 500 is a bug: keep its traceback (client errors are answered and not logged)."""
-    if not isinstance(exc, HTTPException | FieldError | NotFound):
+    if not isinstance(exc, HTTPException | FieldError | NotFound | RecursionError):
         log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
 
 
@@ -62,7 +63,7 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         dependencies=DEPENDENCIES,
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        after_exception=[log_unexpected],
+        after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from litestar.exceptions import ClientException
 
 from artifact_store import CheckpointStore, Registry, SamplingSession, Session, TrainingRun
-from bus_events import TRAINING_EVENTS, EventType, event_type_of, make_event
+from bus_events import MAX_SEQ_AHEAD, TRAINING_EVENTS, EventType, event_type_of, make_event
 from bus_events import payloads as p
 from bus_events.ids import is_model_id
 from bus_gateway.adapter_names import AdapterName, AdapterNames, InvalidAdapterName, check_adapter_name
@@ -25,6 +25,7 @@ from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound
+from bus_gateway.validation import check_model_id
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
@@ -111,6 +112,9 @@ class Gateway:
         event_type = event_type_of(kind)
         if (first := self.first_request(model_id, seq_id, event_type, tenant)) is not None:
             return first
+        sequenced = seq_id is not None and event_type in TRAINING_EVENTS
+        if sequenced:
+            self.check_seq_id(model_id, seq_id)  # type: ignore[arg-type]
         try:
             built = build()
             payload = await built if inspect.isawaitable(built) else built
@@ -118,8 +122,9 @@ class Gateway:
             if inspect.isawaitable(checked):
                 await checked
         except FieldError as exc:
-            if seq_id is not None and event_type in TRAINING_EVENTS:
-                await self.void_seq(model_id, seq_id, str(exc), tenant, event_type)
+            if sequenced:
+                await self.void_seq(model_id, seq_id, str(exc), tenant, event_type)  # type: ignore[arg-type]
+                exc.voided = True
             raise
         return await self._publish(event_type, payload, model_id=model_id, seq_id=seq_id, tenant=tenant,
                                    context=context)
@@ -144,6 +149,27 @@ class Gateway:
             self.futures.discard(fut)
             raise
         return fut
+
+    def check_seq_id(self, model_id: str, seq_id: int) -> None:
+        """Refuse a seq_id more than MAX_SEQ_AHEAD past the highest one this gateway saw for the model (from any
+        gateway, through the bus listener). A model nobody used within the result TTL is not checked here; the
+        trainer refuses such a jump against the model's real position all the same."""
+        highest = self.futures.highest_seq(model_id)
+        if highest is not None and seq_id > highest + MAX_SEQ_AHEAD:
+            raise FieldError("seq_id", f"{seq_id} is more than {MAX_SEQ_AHEAD} ahead of seq_id {highest}, the "
+                                       f"highest model {model_id!r} has used; seq_ids count the model's requests "
+                                       "one by one")
+
+    async def void_refused(self, model_ref: str, seq_id: int, reason: str, tenant: str,
+                           request_type: EventType) -> None:
+        """Void the seq_id of a training request refused before `submit` (its body did not parse): only for the
+        caller's own live model, a seq_id no request was published with, within the jump bound. Raises NotFound /
+        FieldError when it may not."""
+        model_id, _ = await self.live_model(model_ref, tenant)
+        if self.futures.first_for((model_id, seq_id)) is not None:
+            return  # a retry of a request that went through: its seq_id is not burnt
+        self.check_seq_id(model_id, seq_id)
+        await self.void_seq(model_id, seq_id, reason, tenant, request_type)
 
     async def void_seq(self, model_id: str, seq_id: int, reason: str, tenant: str,
                        request_type: EventType | None = None) -> None:
@@ -182,6 +208,7 @@ class Gateway:
         self._sessions[session.session_id] = session
 
     async def run(self, model_id: str, tenant: str, *, fresh: bool = False) -> TrainingRun:
+        check_model_id(model_id)  # it becomes part of an object key: never `../`
         cached = self._runs.get(model_id)
         if cached is not None and not fresh and time.monotonic() - cached[0] < self.config.run_cache_s:
             run = cached[1]

@@ -110,7 +110,7 @@ async def test_malformed_and_oversized_bodies(gw_settings):
         assert typed.status_code == 400 and "learning_rate" in typed.text
         negative = await client.post("/api/v1/optim_step", headers=HEADERS_A,
                                      json={"model_id": model_id, "seq_id": 2, "adam_params": {"beta1": 1.5}})
-        assert negative.status_code == 400 and negative.json()["field"] == "adam_params"
+        assert negative.status_code == 400 and negative.json()["field"] == "adam_params.beta1"
         assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 3),
                                   headers=PROTO)).status_code == 200
 
@@ -136,7 +136,7 @@ async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
         topk = await sample(topk_sample_logprobs=2)
         assert topk.status_code == 400 and topk.json()["field"] == "topk_sample_logprobs"
         bad_top_p = await sample(sampling_params={"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 0.0})
-        assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params"
+        assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params.top_p"
         assert (await sample()).status_code == 200
 
 

@@ -14,7 +14,7 @@ import torch
 from aiokafka import TopicPartition
 from trainer_support import BlockingBackend, BusHarness, adam, bus_settings, datum, fb, random_data
 
-from bus_events import EventType, Topics
+from bus_events import MAX_SEQ_AHEAD, EventType, Topics
 from bus_events import payloads as p
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.settings import open_object_store
@@ -203,3 +203,24 @@ async def test_claim_checked_requests_and_results_travel_through_s3(settings, ti
         lost = await bus.reply(env.request_id)
         assert lost.error is not None and "payload unreadable" in lost.error.message
         assert (await bus.reply(await bus.publish(EventType.GET_INFO, p.GetInfo(), "m", 3), timeout=20)).error is None
+
+
+async def test_a_huge_seq_id_jump_costs_one_void_and_never_stalls_other_models(settings, tiny, caplog):
+    """Issue 20 item 7: a tenant's absurd seq_id (2**62) must not kill the gap timer that every model relies on,
+    a big gap is voided as one range, and another tenant's model with a gap of one is answered meanwhile."""
+    config = TrainerConfig(gap_timeout_s=0.5)
+    caplog.set_level(logging.ERROR, logger="trainer_consumer.stream")
+    async with BusHarness(bus_settings(settings, tiny), config) as bus:
+        await bus.ok(await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), "abuser", 0))
+        await bus.ok(await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), "victim", 0))
+        absurd = await bus.publish(EventType.OPTIM_STEP, adam(), "abuser", 2**62)
+        far = await bus.publish(EventType.GET_INFO, p.GetInfo(), "abuser", MAX_SEQ_AHEAD)
+        victim = await bus.publish(EventType.GET_INFO, p.GetInfo(), "victim", 2)  # seq 1 never comes
+        assert (await bus.reply(victim, timeout=30)).error is None
+        assert (await bus.reply(far, timeout=30)).error is None
+        refused = await bus.reply(absurd)
+        assert refused.error is not None and f"more than {MAX_SEQ_AHEAD} ahead" in refused.error.message
+        voids = [r.getMessage() for r in caplog.records if "never arrived" in r.getMessage()]
+        assert len(voids) == 2 and any(f"seq_ids 1..{MAX_SEQ_AHEAD - 1}" in v for v in voids)
+        after = await bus.publish(EventType.GET_INFO, p.GetInfo(), "abuser", MAX_SEQ_AHEAD + 1)
+        assert (await bus.reply(after, timeout=30)).error is None

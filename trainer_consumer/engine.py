@@ -73,10 +73,25 @@ class TrainerEngine:
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self.failure: BaseException | None = None
+        # Why the gap timer / maintenance last failed (None: its last round was clean), and how often its task had
+        # to be restarted: the worker's heartbeat reports both, so /healthz shows a trainer whose timers are sick.
+        self.maintenance_error: str | None = None
+        self.maintenance_restarts = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="trainer-gap-timer")
+        self._ticker.add_done_callback(self._ticker_ended)
+
+    def _ticker_ended(self, task: asyncio.Task) -> None:
+        """Supervision: gap timeouts and idle snapshots of every model depend on this task, so it never stays
+        dead (a round that raises is already caught in `_tick_forever`; this covers what escapes it)."""
+        if task.cancelled() or task is not self._ticker:
+            return
+        self.maintenance_restarts += 1
+        self.maintenance_error = f"the gap-timer task died: {task.exception()!r}"
+        log.error("%s; restarting it (restart %d)", self.maintenance_error, self.maintenance_restarts)
+        self.start()
 
     async def stop(self) -> None:
         """Cancel everything at once (a graceful stop calls `release()` first), then close the backend."""
@@ -177,15 +192,28 @@ class TrainerEngine:
         period = min(1.0, max(0.01, config.gap_timeout_s / 4), max(0.05, config.marker_interval_s / 2))
         while True:
             await asyncio.sleep(period)
-            await self.expire_gaps()
-            self.maintain()
+            try:
+                errors = await self.expire_gaps()
+                self.maintain()
+            except Exception as exc:  # never let one bad round stop the timers of every model
+                log.exception("gap timer / maintenance round failed")
+                errors = [f"{exc!r}"]
+            self.maintenance_error = "; ".join(errors)[:500] or None
 
-    async def expire_gaps(self, *, now: bool = False) -> None:
-        """Void seq_ids missing for longer than the gap timeout (`now`: all of them); the voids take their place."""
+    async def expire_gaps(self, *, now: bool = False) -> list[str]:
+        """Void seq_ids missing for longer than the gap timeout (`now`: all of them); the voids take their place.
+        One model's failure is logged and returned, never allowed to keep the others waiting."""
+        errors = []
         for stream in list(self.streams.values()):
-            actions = stream.expire_gaps(now=now)
+            try:
+                actions = stream.expire_gaps(now=now)
+            except Exception as exc:
+                log.exception("gap timeout of model %s failed", stream.model_id)
+                errors.append(f"model {stream.model_id}: {exc!r}")
+                continue
             if actions:
                 await self._carry_out(stream, actions)
+        return errors
 
     async def end_of_log(self) -> None:
         """A replay read its whole log: what is still missing never comes, so void it as the gap timeout would."""

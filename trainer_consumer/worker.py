@@ -81,7 +81,11 @@ class TrainerWorker:
         self._last_commit = 0.0
 
     def health(self) -> dict:
-        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(self.engine.streams)}
+        engine = self.engine
+        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(engine.streams),
+                "healthy": engine.maintenance_error is None and engine.failure is None,
+                "problem": engine.maintenance_error or (repr(engine.failure) if engine.failure else None),
+                "maintenance_restarts": engine.maintenance_restarts}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()

@@ -110,7 +110,9 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
     }
     for role in ("trainer", "sampler"):
         alive = [w for w in workers if w.role == role and w.alive]
-        components[role] = {"healthy": bool(alive), "instances": len(alive),
+        # A live worker may still report itself sick (its timers failing): then the stack is not healthy.
+        components[role] = {"healthy": bool(alive) and all(w.detail.get("healthy", True) for w in alive),
+                            "instances": len(alive),
                             "detail": [dataclasses.asdict(w)["detail"] for w in alive]}
     healthy = all(c["healthy"] for c in components.values())
     return {"status": "ok" if healthy else "degraded", "components": components}
