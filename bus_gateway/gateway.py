@@ -25,8 +25,8 @@ from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound
-from bus_gateway.validation import check_model_id
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from artifact_store import InvalidPath, TinkerPath, check_name
 from bus_events import Tensor
-from bus_events.ids import is_model_id
 from bus_events import payloads as p
+from bus_events.ids import is_model_id
 from bus_gateway.errors import FieldError
 from bus_gateway.tinker_api.schemas import ID_PATTERN
 from loss_plugins import UnknownLoss, get_loss
