@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
           *futures_api.ROUTES, *json_api.ROUTES]
+# The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
+DATA_ROUTES = [*forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -57,7 +59,8 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
             await gateway.stop()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*(r for r in ROUTES if r not in DATA_ROUTES),
+                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
         lifespan=[lifespan],
         state=State({"gateway": gateway, "api_keys": api_keys}),
         dependencies=DEPENDENCIES,
@@ -65,7 +68,7 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,
-        request_max_body_size=config.max_body_bytes,
+        request_max_body_size=config.max_request_bytes,
         openapi_config=OpenAPIConfig(
             title="tinker-bus gateway", version="0.1.0",
             description="Tinker API (the official SDK's wire protocol) plus the original JSON API, on Kafka.",

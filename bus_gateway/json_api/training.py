@@ -61,7 +61,8 @@ async def submit_json_forward_backward(data: JsonForwardBackward, gw: Gateway, t
 async def json_forward_backward(request: Request, gw: Gateway, tenant: str) -> JsonPromise:
     """JSON bodies POSTed to /api/v1/forward_backward (the route reads the SDK's protobuf too)."""
     try:
-        data = msgspec.json.decode(await request.body(), type=JsonForwardBackward)
+        # up to max_body_bytes: parsed off the event loop
+        data = await asyncio.to_thread(msgspec.json.decode, await request.body(), type=JsonForwardBackward)
     except msgspec.DecodeError as exc:  # ValidationError included: its message names the field ($.data[0]...)
         raise FieldError("body", str(exc)) from exc
     return json_promise(await submit_json_forward_backward(data, gw, tenant))
