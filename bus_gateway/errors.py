@@ -22,6 +22,11 @@ class FieldError(ValueError):
         self.voided = False  # its training seq_id was voided on the bus already (Gateway.submit)
 
 
+class NotYetKnown(LookupError):
+    """A well-formed request id this gateway has not read yet while its bus listener is still catching up: any
+    gateway may have promised it, so the answer is "try again", never "unknown"."""
+
+
 class NotFound(LookupError):
     """A thing that does not exist, or belongs to another tenant (indistinguishable on purpose)."""
 

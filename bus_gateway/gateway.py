@@ -24,7 +24,7 @@ from bus_gateway.adapter_names import AdapterName, AdapterNames, InvalidAdapterN
 from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
-from bus_gateway.errors import FieldError, NotFound
+from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
 from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
@@ -262,6 +262,8 @@ class Gateway:
                                       detail=f"request {request_id!r} expired: results are kept for {ttl:g} s")
             if issued_at is not None:  # well-formed: another gateway may have issued it a moment ago
                 fut = await self.futures.wait_for_id(request_id, self.config.unknown_request_grace_s)
+                if fut is None and not self.listener.caught_up:
+                    raise NotYetKnown(f"request {request_id!r} not read from the bus yet; try again")
         if fut is None or fut.tenant != tenant:
             raise NotFound(f"unknown request_id {request_id!r}")
         return fut

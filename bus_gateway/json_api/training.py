@@ -17,7 +17,7 @@ from bus_events import EventType
 from bus_events import payloads as p
 from bus_gateway import submit
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import FieldError
+from bus_gateway.errors import FieldError, NotYetKnown
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.datums import conversation_datums
@@ -119,7 +119,10 @@ def json_result(fut: Future) -> JsonResult:
       summary="Wait up to `timeout` s; 202 while pending, then the result (with loss and metrics for fwdbwd)")
 async def json_retrieve_future(data: JSONBody[JsonRetrieve], gw: GatewayDep,
                                tenant: TenantDep) -> Response[JsonResult]:
-    fut = await gw.future(data.request_id, tenant)
+    try:
+        fut = await gw.future(data.request_id, tenant)
+    except NotYetKnown:  # this gateway (just restarted) is still reading the bus: pending, not unknown
+        return Response(JsonResult(status="pending", request_id=data.request_id), status_code=202)
     await fut.wait(min(data.timeout, gw.config.long_poll_s))
     result = json_result(fut)
     return Response(result, status_code=202 if result.status == "pending" else 200)

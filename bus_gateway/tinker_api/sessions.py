@@ -102,7 +102,9 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
     s3_ok = await asyncio.to_thread(gw.objects.ping)
     workers = await asyncio.to_thread(read_health, gw.objects) if s3_ok else []
     components: dict[str, Any] = {
-        "gateway": {"healthy": gw.listener.running, "futures": len(gw.futures),
+        # Not ready while the bus listener catches up: it could not yet answer every future any gateway promised.
+        "gateway": {"healthy": gw.listener.running and gw.listener.caught_up, "caught_up": gw.listener.caught_up,
+                    "futures": len(gw.futures),
                     "pending_samples": gw.futures.local_pending_samples},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
