@@ -17,9 +17,7 @@ from bus_runtime.net import free_port
 
 pytest_plugins = ["gateway_support"]
 
-# Replies of other requests published while the gateway is down, each claim-checked (the listener fetches each
-# from S3), so the new process needs a while to read them all.
-FILLER = 1500
+FILLER = 6000
 
 
 async def _serving(url: str, gateway: PartProcess) -> None:
@@ -44,6 +42,14 @@ async def test_a_restarted_gateway_answers_futures_promised_before_the_kill(gw_s
                           unknown_request_grace_s=0.1, long_poll_s=1.0)
     try:
         async with BusProbe(gw_settings) as bus, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            # Records ahead of the request in its partition, each claim-checked (a listener fetches each payload
+            # from S3): a new gateway process needs a while before it reads the request itself.
+            other, _ = make_event(EventType.GET_INFO, p.GetInfo(), model_id=model_id, seq_id=0)
+            raw = encode_event(*make_result(other, error=p.ErrorInfo(message="filler", category="user")),
+                               blob_store=bus.blobs, claim_check_bytes=1)
+            sends = [await bus.producer.send(gw_settings.topics.train, raw, key=model_id.encode())
+                     for _ in range(FILLER)]
+            await asyncio.gather(*sends)
             gateway.start()
             await _serving(url, gateway)
             promised = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 1), headers=PROTO)
@@ -51,13 +57,6 @@ async def test_a_restarted_gateway_answers_futures_promised_before_the_kill(gw_s
             request_id = promised.json()["request_id"]
             request, _ = await bus.next_event(EventType.FORWARD_BACKWARD)
             gateway.kill()
-
-            other, _ = make_event(EventType.GET_INFO, p.GetInfo(), model_id="filler:train:0", seq_id=0)
-            raw = encode_event(*make_result(other, error=p.ErrorInfo(message="filler", category="user")),
-                               blob_store=bus.blobs, claim_check_bytes=1)
-            sends = [await bus.producer.send(gw_settings.topics.replies, raw, key=f"k{i}".encode())
-                     for i in range(FILLER)]
-            await asyncio.gather(*sends)
             await bus.reply(request, error=p.ErrorInfo(message="the answer", category="user"))
 
             gateway.start()

@@ -117,7 +117,12 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
                             "instances": len(alive),
                             "detail": [dataclasses.asdict(w)["detail"] for w in alive]}
     healthy = all(c["healthy"] for c in components.values())
-    return {"status": "ok" if healthy else "degraded", "components": components}
+    report: dict[str, Any] = {"status": "ok" if healthy else "degraded", "components": components}
+    # Parts `tinker-bus up` restarted after they died (tinker_bus/launcher.py): healthy again, but worth knowing.
+    restarts = [w.detail.get("restarts", {}) for w in workers if w.role == "supervisor" and w.alive]
+    if restarts:
+        report["restarts"] = {part: count for found in restarts for part, count in found.items()}
+    return report
 
 
 @get(["/api/v1/healthz", "/healthz"], tags=["session"], summary="Liveness of the gateway, S3, Kafka and workers")
