@@ -120,8 +120,8 @@ def tiny_model(tmp_path_factory) -> Path:
 class Stack:
     """`tinker-bus up` as a subprocess, its output in a file; remembers every process it started."""
 
-    def __init__(self, data_dir: Path, model: Path, *extra: str):
-        self.port, self.broker_port, self.s3_port = free_port(), free_port(), free_port()
+    def __init__(self, data_dir: Path, model: Path, *extra: str, ports: tuple[int, int, int] | None = None):
+        self.port, self.broker_port, self.s3_port = ports or (free_port(), free_port(), free_port())
         self.output = data_dir.parent / f"up-{uuid.uuid4().hex[:6]}.out"
         argv = [sys.executable, "-m", "tinker_bus", "up", "--data-dir", str(data_dir), "--port", str(self.port),
                 "--broker-port", str(self.broker_port), "--s3-port", str(self.s3_port), "--base-model", str(model),
@@ -179,8 +179,9 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(data_dir: Path, model: Path, *extra: str) -> Iterator[Stack]:
-    stack = Stack(data_dir, model, *extra)
+def running_stack(data_dir: Path, model: Path, *extra: str,
+                  ports: tuple[int, int, int] | None = None) -> Iterator[Stack]:
+    stack = Stack(data_dir, model, *extra, ports=ports)
     try:
         yield stack
     finally:
@@ -212,6 +213,35 @@ def test_up_gets_healthy_serves_the_sdk_and_leaves_no_process_behind(tmp_path, t
         assert stack.stop(signal.SIGTERM) == 0, stack.text()
         assert stack.survivors() == [], f"left behind: {stack.survivors()}\n{stack.text()}"
         assert "stopped" in stack.text()
+
+
+def test_up_restarts_a_dead_part_and_a_new_up_can_take_its_ports_at_once(tmp_path, tiny_model):
+    """Issue 20 item 2: SIGKILL of the trainer and of the broker does not tear the stack down; the parts come back
+    (printed, and in /healthz). Then `up` stopped and started again on the same ports starts at once."""
+    with running_stack(tmp_path / "data", tiny_model, "--ephemeral") as stack:
+        stack.wait_ready()
+        for role, name in (("trainer", "trainer"), ("broker", "tansu")):
+            victim = next(p for p in psutil.Process(stack.proc.pid).children(recursive=True)
+                          if (role == "trainer" and p.cmdline()[-1:] == ["trainer"]) or p.name() == name)
+            victim.kill()
+            deadline = time.monotonic() + 120
+            while f"{role} restarted" not in stack.text():
+                assert stack.proc.poll() is None, f"up stopped:\n{stack.text()}"
+                assert time.monotonic() < deadline, stack.text()
+                time.sleep(0.5)
+            assert f"{role} exited with code -9; restarting it in 1 s" in stack.text()
+        deadline = time.monotonic() + 180
+        while True:
+            report = httpx.get(f"{stack.url}/healthz", timeout=10).json()
+            if report["status"] == "ok" and report.get("restarts") == {"trainer": 1, "broker": 1}:
+                break
+            assert time.monotonic() < deadline, report
+            time.sleep(1)
+        assert stack.stop(signal.SIGTERM) == 0, stack.text()
+        ports = (stack.port, stack.broker_port, stack.s3_port)
+    with running_stack(tmp_path / "data2", tiny_model, "--ephemeral", ports=ports) as again:
+        assert again.wait_ready()["status"] == "ok"  # no "port ... is in use" from connections in TIME-WAIT
+        assert again.stop(signal.SIGTERM) == 0, again.text()
 
 
 def test_up_is_durable_across_a_restart(tmp_path, tiny_model):

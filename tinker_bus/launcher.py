@@ -255,9 +255,15 @@ class Stack:
     def _parts(self) -> Iterator[tuple[str, int | None, Callable[[], object], Path | None]]:
         for child in self.children:
             yield child.name, child.proc.poll(), functools.partial(self._launch, child), child.log
-        for name, infra in (("S3", self.s3), ("broker", self.broker)):
-            if infra is not None and infra.proc is not None:
-                yield name, infra.proc.poll(), infra.start, infra.log_file
+        if self.s3 is not None and self.s3.proc is not None:
+            yield "S3", self.s3.proc.poll(), self.s3.start, self.s3.log_file
+        if self.broker is not None and self.broker.proc is not None:
+            yield "broker", self.broker.proc.poll(), self._restart_broker, self.broker.log_file
+
+    def _restart_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.start()
+        asyncio.run(prepare_bus(self.settings, timeout_s=60))  # an ephemeral broker comes back without topics
 
     def report_restarts(self) -> None:
         """What /healthz shows as "restarts": a heartbeat document of this supervisor (best effort: S3 may be the

@@ -85,7 +85,7 @@ class TrainerWorker:
         return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(engine.streams),
                 "healthy": engine.maintenance_error is None and engine.failure is None,
                 "problem": engine.maintenance_error or (repr(engine.failure) if engine.failure else None),
-                "maintenance_restarts": engine.maintenance_restarts}
+                "maintenance_restarts": engine.maintenance_restarts, "offloaded": engine.residency.offloads}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()
