@@ -68,8 +68,8 @@ def http_error_response(request: Request, exc: HTTPException) -> Response:
     """Litestar's own errors, with `detail` always a non-empty string (an empty 400 makes the SDK retry), naming
     the field when the parser could not."""
     if exc.status_code == 400 and "out of range" in (exc.detail or ""):
-        body = ScopeState.from_scope(request.scope).body
-        field = out_of_range_field(body) if isinstance(body, bytes) else None
+        raw = ScopeState.from_scope(request.scope).body
+        field = out_of_range_field(raw) if isinstance(raw, bytes) else None
         if field is not None:
             return Response({"detail": f"{field}: number out of range (must fit a 64-bit float)", "field": field,
                              "status_code": 400}, status_code=400)

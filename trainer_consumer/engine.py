@@ -244,7 +244,10 @@ class TrainerEngine:
         for model_id in self.residency.due(session_of_model):
             if model_id not in self._offloading and model_id in self.streams:
                 self._offloading.add(model_id)
-                self._spawn(self.offload(model_id), f"trainer-offload-{model_id}")
+                self._spawn(self._offload(model_id), f"trainer-offload-{model_id}")
+
+    async def _offload(self, model_id: str) -> None:
+        await self.offload(model_id)
 
     async def _check_sessions(self) -> None:
         registry = self.runtime.storage.registry
