@@ -42,6 +42,7 @@ class Gateway:
         self.config = config
         self.api_keys = api_keys
         self.objects = open_object_store(settings)
+        self.tenant_keys = settings.tenant_keys  # requests are signed as their tenant (bus_events/signing.py)
         self.registry = Registry(self.objects)
         self.adapter_names = AdapterNames(self.objects)
         self.checkpoints = CheckpointStore(self.objects)
@@ -140,7 +141,7 @@ class Gateway:
                            tenant=tenant)
         try:
             await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
         except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
             self.futures.discard(fut)
             raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "
@@ -179,7 +180,7 @@ class Gateway:
         event = make_event(EventType.SEQ_VOID, void, model_id=model_id, seq_id=seq_id, tenant=tenant)
         try:
             await publish(self._producer(), self.settings.topics.train, event.env, event.payload,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
         except Exception:  # the trainer's gap timeout still covers it; the client gets its 400 regardless
             log.exception("could not publish seq_void for %s seq %s", model_id, seq_id)
 

@@ -19,6 +19,7 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from bus_events import EventType
+from bus_events.signing import SIGNATURE_HEADER, signed_by
 from bus_gateway.config import GatewayConfig
 from bus_runtime.base_models import read_base_model_info
 
@@ -232,3 +233,22 @@ async def test_a_request_refused_before_parsing_still_voids_its_seq_id_at_once(g
         assert ok.status_code == 200
         env, _ = await bus.next_event()  # the next event on the bus is that one: bob's seq_id was left alone
         assert (env.type, env.model_id, env.seq_id) == (EventType.FORWARD_BACKWARD, model_id, 12)
+
+
+async def test_with_tenant_keys_the_gateway_signs_requests_as_the_callers_tenant(gw_settings):
+    """Issue 20 item 8: what the gateway publishes proves its tenant (bus_events/signing.py)."""
+    settings = replace(gw_settings, event_keys="alice=alice-secret,bob=bob-secret")
+    model_id = seed_model(settings, "alice")
+    async with BusProbe(settings) as bus, gateway_client(settings, API_KEYS) as client:
+        assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 1),
+                                  headers=PROTO)).status_code == 200
+        assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 2, loss_fn="warp"),
+                                  headers=PROTO)).status_code == 400  # its seq_void is signed too
+        records = []
+        while len(records) < 2:
+            for batch in (await bus.consumer.getmany(timeout_ms=500)).values():
+                records.extend(r for r in batch if r.topic == settings.topics.train)
+        for record in records:
+            signature = dict(record.headers).get(SIGNATURE_HEADER)
+            assert signed_by(b"alice-secret", record.value, signature)
+            assert not signed_by(b"bob-secret", record.value, signature)

@@ -14,8 +14,9 @@ import torch
 from aiokafka import TopicPartition
 from trainer_support import BlockingBackend, BusHarness, adam, bus_settings, datum, fb, random_data
 
-from bus_events import MAX_SEQ_AHEAD, EventType, Topics
+from bus_events import MAX_SEQ_AHEAD, EventType, Topics, encode_event, make_event
 from bus_events import payloads as p
+from bus_events.signing import SIGNATURE_HEADER, sign
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.settings import open_object_store
 from bus_runtime.testing import make_tiny_model
@@ -224,3 +225,28 @@ async def test_a_huge_seq_id_jump_costs_one_void_and_never_stalls_other_models(s
         assert len(voids) == 2 and any(f"seq_ids 1..{MAX_SEQ_AHEAD - 1}" in v for v in voids)
         after = await bus.publish(EventType.GET_INFO, p.GetInfo(), "abuser", MAX_SEQ_AHEAD + 1)
         assert (await bus.reply(after, timeout=30)).error is None
+
+
+async def test_with_tenant_keys_only_events_signed_by_their_tenant_are_applied(settings, tiny):
+    """Issue 20 item 8: a producer that can reach the broker cannot act as another tenant. Forged and unsigned
+    events are dead-lettered; they neither get answered nor void the tenant's seq_ids."""
+    keys = "alice=alice-secret,bob=bob-secret"
+    signed = bus_settings(settings, tiny, event_keys=keys)
+    async with BusHarness(signed) as bus:
+
+        async def send(kind, payload, seq, tenant, key: bytes | None) -> str:
+            env, body = make_event(kind, payload, model_id="alice:train:0", seq_id=seq, tenant=tenant)
+            raw = encode_event(env, body, claim_check_bytes=signed.claim_check_bytes)
+            headers = [(SIGNATURE_HEADER, sign(key, raw))] if key else None
+            await bus.producer.send_and_wait(signed.topics.train, raw, key=b"alice:train:0", headers=headers)
+            return env.request_id
+
+        create = await send(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), 0, "alice", b"alice-secret")
+        await bus.ok(create)
+        forged = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", b"bob-secret")  # bob's key, alice's name
+        unsigned = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", None)
+        genuine = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", b"alice-secret")
+        assert (await bus.ok(genuine))["model_id"] == "alice:train:0"  # seq 1 was not voided by the forgeries
+        await bus.wait_for(lambda: len(bus.dead_letters) >= 2)
+        assert all("claims tenant 'alice'" in dl.reason for _, dl in bus.dead_letters)
+        assert forged not in bus.replies and unsigned not in bus.replies
