@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from bus_runtime.net import free_port
 from bus_runtime.settings import BusSettings
 from bus_runtime.testing import make_tiny_model
 from tinker_bus.cli import UsageError, build_parser, gateway_port, settings_from_args, trainer_backend_env
+from tinker_bus.launcher import S3_CREDENTIALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -255,14 +257,16 @@ def test_up_is_durable_across_a_restart(tmp_path, tiny_model):
         producer = Producer({"bootstrap.servers": f"127.0.0.1:{first.broker_port}", "acks": "all"})
         producer.produce(topic, key=b"probe", value=marker)
         assert producer.flush(30) == 0
-        s3 = Minio(f"127.0.0.1:{first.s3_port}", "minioadmin", "minioadmin", secure=False)
+        keys = json.loads((data_dir / S3_CREDENTIALS_FILE).read_text())  # random, never the documented default
+        assert "minioadmin" not in keys.values() and (data_dir / S3_CREDENTIALS_FILE).stat().st_mode & 0o077 == 0
+        s3 = Minio(f"127.0.0.1:{first.s3_port}", keys["access_key"], keys["secret_key"], secure=False)
         s3.put_object("tinker-bus", "probe/object", io.BytesIO(marker), len(marker))
         assert first.stop(signal.SIGINT) == 0, first.text()
         assert first.survivors() == []
 
     with running_stack(data_dir, tiny_model) as second:
         second.wait_ready()
-        s3 = Minio(f"127.0.0.1:{second.s3_port}", "minioadmin", "minioadmin", secure=False)
+        s3 = Minio(f"127.0.0.1:{second.s3_port}", keys["access_key"], keys["secret_key"], secure=False)
         assert s3.get_object("tinker-bus", "probe/object").read() == marker
         consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{second.broker_port}", "group.id": "probe",
                              "enable.auto.commit": False})

@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -146,6 +148,7 @@ class Stack:
         if self.options.external_s3:
             out.done("S3", f"existing {self.settings.s3_endpoint}")
             return
+        self.settings = local_s3_credentials(self.settings, self.options.data_dir)
         port = _port_or_free(self.options.s3_port, "--s3-port")
         data = self.options.data_dir / "s3"
         self.s3 = SeaweedS3(data, buckets=(self.settings.bucket, TANSU_BUCKET), port=port,
@@ -156,7 +159,9 @@ class Stack:
                 endpoint = self.s3.start()
             except (RuntimeError, TimeoutError) as exc:
                 raise StartupError(f"SeaweedFS did not start: {exc}", self.s3.log_file) from exc
-            line["where"] = f"SeaweedFS http://{endpoint.endpoint} [dim]data {out.short_path(data)}[/]"
+            keys = self.options.data_dir / S3_CREDENTIALS_FILE
+            where = f"keys in {out.short_path(keys)}" if keys.exists() else "keys as configured"
+            line["where"] = f"SeaweedFS http://{endpoint.endpoint} [dim]data {out.short_path(data)}, {where}[/]"
         self.settings = replace(self.settings, s3_endpoint=endpoint.endpoint, s3_secure=False)
 
     def _start_broker(self) -> None:
@@ -331,6 +336,25 @@ def unhealthy_parts(report: dict[str, Any]) -> list[str]:
 
 def _object_store(settings: BusSettings, bucket: str) -> ObjectStore:
     return open_object_store(replace(settings, bucket=bucket))
+
+
+S3_CREDENTIALS_FILE = "s3-credentials.json"
+
+
+def local_s3_credentials(settings: BusSettings, data_dir: Path) -> BusSettings:
+    """The local SeaweedFS never runs with the documented default keys: unless the operator chose keys, `up`
+    generates random ones once per data directory and keeps them in `<data-dir>/s3-credentials.json` (mode 0600),
+    so a restart reuses them."""
+    defaults = BusSettings()
+    if (settings.s3_access_key, settings.s3_secret_key) != (defaults.s3_access_key, defaults.s3_secret_key):
+        return settings
+    path = data_dir / S3_CREDENTIALS_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"access_key": f"tb{secrets.token_hex(8)}", "secret_key": secrets.token_urlsafe(30)}, fh)
+    found = json.loads(path.read_text())
+    return replace(settings, s3_access_key=found["access_key"], s3_secret_key=found["secret_key"])
 
 
 def _popen(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
