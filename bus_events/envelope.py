@@ -62,6 +62,12 @@ def event_type_of(payload: msgspec.Struct | type[msgspec.Struct]) -> EventType:
         raise TypeError(f"{cls.__name__} is not the payload of any event type") from None
 
 
+# How far past a model's next expected seq_id an event may be (docs/events.md "Ids, seq_id and ordering"). The
+# SDK runs at most a few dozen requests ahead (chunked forward_backwards, pipelining); a bigger jump is a bug or
+# abuse that would only open a gap nobody fills. The gateway refuses it with a 400 on `seq_id`, the trainer answers
+# it with an error without letting it consume anything.
+MAX_SEQ_AHEAD = 1 << 16
+
 TRAINING_EVENTS = frozenset(
     {
         EventType.CREATE_MODEL,

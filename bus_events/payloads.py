@@ -157,6 +157,8 @@ class SamplingParams(_Payload):
             raise msgspec.ValidationError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise msgspec.ValidationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise msgspec.ValidationError(f"top_k must be -1 (no limit) or at least 1, got {self.top_k}")
 
 
 class Sample(_Payload):

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
@@ -21,6 +21,7 @@ from bus_gateway.deps import DEPENDENCIES
 from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
+from bus_gateway.rejections import void_refused_request
 from bus_gateway.tinker_api import checkpoints, exports, futures_api, sampling, sessions, training
 from bus_runtime.settings import BusSettings
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
           *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES]
+# The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
+DATA_ROUTES = [*forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -36,7 +39,7 @@ async def capture_idempotency_key(request: Request) -> None:
 
 async def log_unexpected(exc: Exception, scope: Scope) -> None:
     """A 500 is a bug: keep its traceback (client errors are answered and not logged)."""
-    if not isinstance(exc, HTTPException | FieldError | NotFound):
+    if not isinstance(exc, HTTPException | FieldError | NotFound | RecursionError):
         log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
 
 
@@ -56,15 +59,16 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
             await gateway.stop()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*(r for r in ROUTES if r not in DATA_ROUTES),
+                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
         lifespan=[lifespan],
         state=State({"gateway": gateway, "api_keys": api_keys}),
         dependencies=DEPENDENCIES,
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        after_exception=[log_unexpected],
+        after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,
-        request_max_body_size=config.max_body_bytes,
+        request_max_body_size=config.max_request_bytes,
         openapi_config=OpenAPIConfig(
             title="tinker-bus gateway", version="0.1.0",
             description="Tinker API (the official SDK's wire protocol) plus the original JSON API, on Kafka.",

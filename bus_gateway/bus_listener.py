@@ -4,6 +4,10 @@ future table, without a consumer group, so every gateway instance sees everythin
 Start position: offsets_for_times(now - result TTL), never `latest` / end offsets (local-infra.md 2.1: Tansu
 answers ListOffsets(LATEST) wrongly). Tansu also answers offsets_for_times with offset 0 when no record is
 that new, so records older than the window are skipped by their timestamp as well.
+
+Catching up: until every partition's position has reached the fetch high-watermark (what was on the bus when
+this gateway started, at least), a request id the table lacks may still be on its way: `caught_up` is False,
+retrieve_future answers try_again instead of "unknown", and /healthz says the gateway is not ready yet.
 """
 
 from __future__ import annotations
@@ -36,10 +40,26 @@ class BusListener:
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.records_seen = 0
+        self._behind: set[TopicPartition] = set()  # partitions not yet read up to their high-watermark
+        self._caught_up = asyncio.Event()
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    async def _check_caught_up(self) -> None:
+        assert self.consumer is not None
+        for tp in list(self._behind):
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and await self.consumer.position(tp) >= highwater:
+                self._behind.discard(tp)
+        if not self._behind and not self._caught_up.is_set():
+            log.info("bus listener caught up (%d records read)", self.records_seen)
+            self._caught_up.set()
 
     def _partitions(self, topic: str) -> list[TopicPartition]:
         assert self.consumer is not None
@@ -58,6 +78,7 @@ class BusListener:
         for tp in tps:
             found = offsets.get(tp)
             self.consumer.seek(tp, found.offset if found is not None else 0)
+        self._behind = set(tps)
         self._task = asyncio.create_task(self._run(), name="gateway-bus-listener")
 
     async def stop(self) -> None:
@@ -82,6 +103,8 @@ class BusListener:
             for records in batches.values():
                 for record in records:
                     await self.handle(record)
+            if self._behind:
+                await self._check_caught_up()
 
     async def handle(self, record: ConsumerRecord) -> None:
         self.records_seen += 1

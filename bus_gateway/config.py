@@ -14,8 +14,12 @@ class GatewayConfig:
     # retrieve_future holds a pending request this long before answering try_again: well under the SDK's 45 s
     # read timeout, and long enough that the SDK's instant re-poll does not hot-loop (tinker-protocol.md 2.4).
     long_poll_s: float = 25.0
-    # Bodies above this get 413 (after zstd decompression too). The SDK chunks forward_backward at ~5 MB.
+    # Bodies above this get 413 (after zstd decompression too) on the routes that carry data (forward_backward,
+    # fwdbwd, asample, sample; app.DATA_ROUTES). The SDK chunks forward_backward at ~5 MB.
     max_body_bytes: int = 64 << 20
+    # ... and above this on every other route (sessions, create_model, optim_step, saves, add_lora...): their
+    # bodies are a few hundred bytes, and a 50 MB `tags` list must not be parsed on the event loop, let alone kept.
+    max_request_bytes: int = 1 << 20
     # asample answers 429 (the SDK backs off and resends the same seq_id) beyond this many pending samples.
     max_inflight_samples: int = 4096
     # An id this gateway has not seen may still be in flight on the bus from another instance: wait this long

@@ -82,6 +82,9 @@ class FutureTable:
         self._by_seq: dict[DedupeKey, str] = {}
         self._by_idempotency: dict[IdempotencyKey, str] = {}
         self._id_waiters: dict[str, asyncio.Event] = {}
+        # Per model (or sampling session): the highest seq_id any request for it carried, and when it was seen,
+        # so the gateway can refuse absurd seq_id jumps (Gateway.check_seq_id). Swept like the futures.
+        self._highest_seq: dict[str, tuple[int, float]] = {}
         self.local_pending_samples = 0
 
     def __len__(self) -> int:
@@ -99,6 +102,11 @@ class FutureTable:
         request_id = self._by_seq.get(key)
         return self.get(request_id) if request_id is not None else None
 
+    def highest_seq(self, key: str) -> int | None:
+        """The highest seq_id a live request for `key` carried (None: none seen within the TTL)."""
+        found = self._highest_seq.get(key)
+        return found[0] if found is not None else None
+
     def first_for_idempotency(self, key: IdempotencyKey) -> Future | None:
         request_id = self._by_idempotency.get(key)
         return self.get(request_id) if request_id is not None else None
@@ -114,6 +122,8 @@ class FutureTable:
         key = fut.dedupe_key
         if key is not None:
             self._by_seq.setdefault(key, fut.request_id)
+            highest = self._highest_seq.get(key[0])
+            self._highest_seq[key[0]] = (max(key[1], highest[0] if highest else key[1]), fut.created_at)
         if fut.idempotency_key is not None:
             self._by_idempotency.setdefault(fut.idempotency_key, fut.request_id)
         if fut.local and fut.request_type == EventType.SAMPLE:
@@ -145,6 +155,8 @@ class FutureTable:
         expired = [f for f in self._futures.values() if f.expires_at(self.ttl_s) < now]
         for fut in expired:
             self._drop(fut)
+        for key in [k for k, (_, seen) in self._highest_seq.items() if seen + self.ttl_s < now]:
+            del self._highest_seq[key]
         return len(expired)
 
     def _drop(self, fut: Future) -> None:

@@ -17,15 +17,16 @@ from aiokafka import AIOKafkaProducer
 from litestar.exceptions import ClientException
 
 from artifact_store import CheckpointStore, Registry, SamplingSession, Session, TrainingRun
-from bus_events import TRAINING_EVENTS, EventType, event_type_of, make_event
+from bus_events import MAX_SEQ_AHEAD, TRAINING_EVENTS, EventType, event_type_of, make_event
 from bus_events import payloads as p
 from bus_events.ids import is_model_id
 from bus_gateway.adapter_names import AdapterName, AdapterNames, InvalidAdapterName, check_adapter_name
 from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
-from bus_gateway.errors import FieldError, NotFound
+from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
 
@@ -41,6 +42,7 @@ class Gateway:
         self.config = config
         self.api_keys = api_keys
         self.objects = open_object_store(settings)
+        self.tenant_keys = settings.tenant_keys  # requests are signed as their tenant (bus_events/signing.py)
         self.registry = Registry(self.objects)
         self.adapter_names = AdapterNames(self.objects)
         self.checkpoints = CheckpointStore(self.objects)
@@ -111,6 +113,9 @@ class Gateway:
         event_type = event_type_of(kind)
         if (first := self.first_request(model_id, seq_id, event_type, tenant)) is not None:
             return first
+        sequenced = seq_id is not None and event_type in TRAINING_EVENTS
+        if sequenced:
+            self.check_seq_id(model_id, seq_id)  # type: ignore[arg-type]
         try:
             built = build()
             payload = await built if inspect.isawaitable(built) else built
@@ -118,8 +123,9 @@ class Gateway:
             if inspect.isawaitable(checked):
                 await checked
         except FieldError as exc:
-            if seq_id is not None and event_type in TRAINING_EVENTS:
-                await self.void_seq(model_id, seq_id, str(exc), tenant, event_type)
+            if sequenced:
+                await self.void_seq(model_id, seq_id, str(exc), tenant, event_type)  # type: ignore[arg-type]
+                exc.voided = True
             raise
         return await self._publish(event_type, payload, model_id=model_id, seq_id=seq_id, tenant=tenant,
                                    context=context)
@@ -135,7 +141,7 @@ class Gateway:
                            tenant=tenant)
         try:
             await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
         except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
             self.futures.discard(fut)
             raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "
@@ -145,6 +151,27 @@ class Gateway:
             raise
         return fut
 
+    def check_seq_id(self, model_id: str, seq_id: int) -> None:
+        """Refuse a seq_id more than MAX_SEQ_AHEAD past the highest one this gateway saw for the model (from any
+        gateway, through the bus listener). A model nobody used within the result TTL is not checked here; the
+        trainer refuses such a jump against the model's real position all the same."""
+        highest = self.futures.highest_seq(model_id)
+        if highest is not None and seq_id > highest + MAX_SEQ_AHEAD:
+            raise FieldError("seq_id", f"{seq_id} is more than {MAX_SEQ_AHEAD} ahead of seq_id {highest}, the "
+                                       f"highest model {model_id!r} has used; seq_ids count the model's requests "
+                                       "one by one")
+
+    async def void_refused(self, model_ref: str, seq_id: int, reason: str, tenant: str,
+                           request_type: EventType) -> None:
+        """Void the seq_id of a training request refused before `submit` (its body did not parse): only for the
+        caller's own live model, a seq_id no request was published with, within the jump bound. Raises NotFound /
+        FieldError when it may not."""
+        model_id, _ = await self.live_model(model_ref, tenant)
+        if self.futures.first_for((model_id, seq_id)) is not None:
+            return  # a retry of a request that went through: its seq_id is not burnt
+        self.check_seq_id(model_id, seq_id)
+        await self.void_seq(model_id, seq_id, reason, tenant, request_type)
+
     async def void_seq(self, model_id: str, seq_id: int, reason: str, tenant: str,
                        request_type: EventType | None = None) -> None:
         """Tell the trainer that `seq_id` was rejected here, so its reorder buffer does not wait for it. The
@@ -153,7 +180,7 @@ class Gateway:
         event = make_event(EventType.SEQ_VOID, void, model_id=model_id, seq_id=seq_id, tenant=tenant)
         try:
             await publish(self._producer(), self.settings.topics.train, event.env, event.payload,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
         except Exception:  # the trainer's gap timeout still covers it; the client gets its 400 regardless
             log.exception("could not publish seq_void for %s seq %s", model_id, seq_id)
 
@@ -182,6 +209,7 @@ class Gateway:
         self._sessions[session.session_id] = session
 
     async def run(self, model_id: str, tenant: str, *, fresh: bool = False) -> TrainingRun:
+        check_model_id(model_id)  # it becomes part of an object key: never `../`
         cached = self._runs.get(model_id)
         if cached is not None and not fresh and time.monotonic() - cached[0] < self.config.run_cache_s:
             run = cached[1]
@@ -235,6 +263,8 @@ class Gateway:
                                       detail=f"request {request_id!r} expired: results are kept for {ttl:g} s")
             if issued_at is not None:  # well-formed: another gateway may have issued it a moment ago
                 fut = await self.futures.wait_for_id(request_id, self.config.unknown_request_grace_s)
+                if fut is None and not self.listener.caught_up:
+                    raise NotYetKnown(f"request {request_id!r} not read from the bus yet; try again")
         if fut is None or fut.tenant != tenant:
             raise NotFound(f"unknown request_id {request_id!r}")
         return fut

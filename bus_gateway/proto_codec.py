@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from bus_events import Tensor, tensor_from_numpy
 from bus_events import payloads as p
 from bus_gateway import proto_schema as pb
 from bus_gateway.errors import FieldError
+from bus_gateway.validation import check_model_id
 
 # Request-side dtypes (tinker-protocol.md 3.2: float32 or int64, int32 tolerated).
 _PROTO_TO_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
@@ -93,15 +95,23 @@ def _loss_fn_config(msg: Any) -> dict[str, float | str]:
     return config
 
 
-def decode_forward_backward(body: bytes) -> tuple[str, int | None, p.ForwardBackward]:
-    """(model_id, seq_id, payload) from a ForwardBackwardRequest; seq_id 0 means "not given" on this wire."""
+def decode_forward_backward(body: bytes) -> tuple[str, int | None, Callable[[], p.ForwardBackward]]:
+    """(model_id, seq_id, build) from a ForwardBackwardRequest; seq_id 0 means "not given" on this wire. `build`
+    decodes the tensors: it runs inside the submission layer, so a bad tensor still voids the seq_id."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
-    except (DecodeError, RuntimeError, ValueError) as exc:
+    except (DecodeError, RuntimeError, ValueError, RecursionError) as exc:
         raise FieldError("body", f"not a valid ForwardBackwardRequest protobuf: {exc}") from exc
     if not msg.model_id:
         raise FieldError("model_id", "required")
+    check_model_id(msg.model_id)
+    if msg.seq_id < 0:
+        raise FieldError("seq_id", f"must be >= 0, got {msg.seq_id}")
+    return msg.model_id, (msg.seq_id or None), lambda: _forward_backward(msg)
+
+
+def _forward_backward(msg: Any) -> p.ForwardBackward:
     data = []
     for i, datum in enumerate(msg.data):
         where = f"data[{i}]"
@@ -113,9 +123,8 @@ def decode_forward_backward(body: bytes) -> tuple[str, int | None, p.ForwardBack
             # target_tokens are token ids (int64 on the bus); every other input is a per-token float.
             inputs[name] = tensor_from_numpy(arr, "int64" if name == "target_tokens" else "float32")
         data.append(p.Datum(tokens=tensor_from_numpy(_tokens(datum, where), "int32"), loss_fn_inputs=inputs))
-    payload = p.ForwardBackward(data=data, loss_fn=msg.loss_fn or "cross_entropy",
-                                loss_fn_config=_loss_fn_config(msg), forward_only=msg.forward_only)
-    return msg.model_id, (msg.seq_id or None), payload
+    return p.ForwardBackward(data=data, loss_fn=msg.loss_fn or "cross_entropy",
+                             loss_fn_config=_loss_fn_config(msg), forward_only=msg.forward_only)
 
 
 # ---------------------------------------------------------------------------------------------- responses

@@ -15,6 +15,7 @@ import numpy as np
 from artifact_store import InvalidPath, TinkerPath, check_name
 from bus_events import Tensor
 from bus_events import payloads as p
+from bus_events.ids import is_model_id
 from bus_gateway.errors import FieldError
 from bus_gateway.tinker_api.schemas import ID_PATTERN
 from loss_plugins import UnknownLoss, get_loss
@@ -25,11 +26,22 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 
 def build(cls: type[S], field: str, **values: Any) -> S:
-    """Construct a bus payload struct; its own checks (__post_init__) become a FieldError on `field`."""
+    """Construct a bus payload struct; its own checks (__post_init__) become a FieldError on `field`, or on
+    `field.<name>` when the check's message starts with one of the struct's field names (e.g. `top_k must ...`)."""
     try:
         return cls(**values)
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
-        raise FieldError(field, str(exc)) from exc
+        message = str(exc)
+        named = message.split(" ", 1)[0].rsplit(".", 1)[-1]  # "adam_params.beta1 must ..." names beta1 too
+        raise FieldError(f"{field}.{named}" if named in cls.__struct_fields__ else field, message) from exc
+
+
+def check_model_id(model_id: str, field: str = "model_id") -> str:
+    """A `<session_id>:train:<n>` id whose every character may appear in an object-store key segment."""
+    if not (re.match(ID_PATTERN, model_id) and is_model_id(model_id)):
+        raise FieldError(field, f"{model_id[:300]!r} is not a model id (<session_id>:train:<n>, session ids use "
+                                "letters, digits and . _ : -)")
+    return model_id
 
 
 def checkpoint_name(name: str | None, field: str = "path") -> str:
@@ -114,9 +126,10 @@ def validate_forward_backward(fb: p.ForwardBackward, vocab_size: int) -> None:
         if tokens.ndim != 1 or tokens.size == 0:
             raise FieldError(f"{where}.model_input", "needs at least one token")
         check_token_ids(tokens, vocab_size, f"{where}.model_input")
-        for name in required:
-            if name not in datum.loss_fn_inputs:
-                raise FieldError(f"{where}.loss_fn_inputs.{name}", f"required by loss_fn {fb.loss_fn!r}")
+        missing = [name for name in required if name not in datum.loss_fn_inputs]
+        if missing:  # name them all, so a client fixes its request once
+            raise FieldError(f"{where}.loss_fn_inputs.{missing[0]}",
+                             f"required by loss_fn {fb.loss_fn!r}; missing: {', '.join(missing)}")
         if "target_tokens" not in datum.loss_fn_inputs:
             raise FieldError(f"{where}.loss_fn_inputs.target_tokens", "required (the tokens model_input predicts)")
         target = datum.loss_fn_inputs["target_tokens"]

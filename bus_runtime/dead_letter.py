@@ -10,6 +10,7 @@ from aiokafka.structs import ConsumerRecord
 from bus_events import DEFAULT_TENANT, ContractError, EventType, make_error_result, make_event, new_id
 from bus_events import payloads as p
 from bus_runtime.kafka_io import publish
+from bus_runtime.records import UnverifiedEvent
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -48,4 +49,7 @@ async def send_to_dead_letter(
 async def dead_letter_contract_error(
     producer: AIOKafkaProducer, settings: BusSettings, record: ConsumerRecord, exc: ContractError, stage: str
 ) -> None:
-    await send_to_dead_letter(producer, settings, record, str(exc), stage, exc.request_id, exc.model_id)
+    # An event not proven to be its tenant's must not answer that tenant's request either (a forger could fail a
+    # pending future by reusing its request_id).
+    request_id = None if isinstance(exc, UnverifiedEvent) else exc.request_id
+    await send_to_dead_letter(producer, settings, record, str(exc), stage, request_id, exc.model_id)

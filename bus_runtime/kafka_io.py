@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bus_events import BlobStore, Envelope, encode_event
+from bus_events.signing import TenantKeys, signature_headers
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,18 @@ async def publish(
     *,
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
+    signing_keys: TenantKeys | None = None,
 ) -> None:
-    """Encode (claim-checking big payloads off the event loop) and send keyed by model_id."""
+    """Encode (claim-checking big payloads off the event loop) and send keyed by model_id; signed as the
+    envelope's tenant when `signing_keys` has its key (bus_events.signing)."""
     if blob_store is not None:
         raw = await asyncio.to_thread(
             encode_event, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes
         )
     else:
         raw = encode_event(env, payload, claim_check_bytes=claim_check_bytes)
-    await producer.send_and_wait(topic, raw, key=env.model_id.encode())
+    headers = signature_headers(signing_keys, env.tenant, raw) if signing_keys else None
+    await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers)
 
 
 async def publish_with_retry(

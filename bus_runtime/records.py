@@ -13,13 +13,14 @@ A reader that only needs the envelope of some types (the gateway's listener, for
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
 from bus_events import BlobStore, ContractError, Envelope, EventType, decode_envelope, decode_payload
+from bus_events.signing import SIGNATURE_HEADER, TenantKeys, signed_by
 
 Stage = Literal["decode", "validate"]
 
@@ -35,6 +36,31 @@ class Poisoned:
     error: ContractError  # carries request_id and model_id when the envelope named them
     stage: Stage  # "decode": unreadable bytes or claim check; "validate": readable but breaks the contract
     env: Envelope | None  # the envelope, when it could be read (to answer or void the request)
+
+
+class SignatureCheck:
+    """Consumers' side of bus_events.signing: with tenant keys configured, a request must be signed with the key of
+    the tenant its envelope names. Build one per record (it needs the raw value and headers) and pass it as
+    `decode_record(..., check=...)`; without keys it accepts everything (development mode)."""
+
+    def __init__(self, keys: TenantKeys, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None):
+        self.keys, self.value = keys, value or b""
+        self.signature = next((v for k, v in headers or () if k == SIGNATURE_HEADER), None)
+
+    def __call__(self, env: Envelope) -> None:
+        if not self.keys:
+            return
+        key = self.keys.get(env.tenant)
+        if key is None or not signed_by(key, self.value, self.signature):
+            why = "unsigned" if self.signature is None else "signed with a key that is not tenant's"
+            raise UnverifiedEvent(f"event claims tenant {env.tenant!r} but is {why} (header {SIGNATURE_HEADER}: "
+                                  "HMAC-SHA256 of the record value under the tenant's key)", env.request_id,
+                                  env.model_id)
+
+
+class UnverifiedEvent(ContractError):
+    """Not proven to come from the tenant it names: dead-lettered, and never allowed to affect that tenant's models
+    (its seq_id is not voided either)."""
 
 
 async def decode_record(raw: bytes | None, blobs: BlobStore | None, allowed_types: Collection[EventType], *,

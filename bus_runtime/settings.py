@@ -8,6 +8,7 @@ from typing import Any
 
 from artifact_store.object_store import MinioObjectStore, S3Config
 from bus_events import DEFAULT_CLAIM_CHECK_BYTES, Topics
+from bus_events.signing import parse_tenant_keys
 from bus_runtime.env_config import env_config, env_of
 
 ENV_PREFIX = "TINKER_BUS_"
@@ -33,6 +34,13 @@ class BusSettings:
     replication_factor: int = 1
     trainer_group: str = "tinker-bus-trainers"
     sampler_group: str = "tinker-bus-samplers"
+    # Per-tenant event signing keys, `tenant=secret,...` (bus_events/signing.py, docs/events.md "Event identity").
+    # Empty: requests are not signed nor checked (development mode, like a gateway without API keys).
+    event_keys: str = ""
+
+    @property
+    def tenant_keys(self) -> dict[str, bytes]:
+        return parse_tenant_keys(self.event_keys)
 
     @property
     def s3(self) -> S3Config:

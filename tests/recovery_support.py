@@ -193,13 +193,16 @@ async def trainers(settings: BusSettings, count: int = 1, config: TrainerConfig 
         torch.set_num_threads(threads)
 
 
-class TrainerProcess:
-    """`python -m tinker_bus trainer` with the settings in its environment; SIGKILL-able."""
+class PartProcess:
+    """`python -m tinker_bus <role> [args]` with the settings in its environment and `config` as
+    TINKER_BUS_<ROLE>_<NAME> variables; SIGKILL-able."""
 
-    def __init__(self, settings: BusSettings, log_file: Path, **trainer_config: object):
+    def __init__(self, role: str, settings: BusSettings, log_file: Path, args: Sequence[str] = (),
+                 **config: object):
+        prefix = f"TINKER_BUS_{role.upper()}_"
         self.env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "OMP_NUM_THREADS": "1", "TINKER_BUS_TRAINER_TORCH_THREADS": "1",
-                    **{f"TINKER_BUS_TRAINER_{k.upper()}": str(v) for k, v in trainer_config.items()}}
+                    "OMP_NUM_THREADS": "1", **{f"{prefix}{k.upper()}": str(v) for k, v in config.items()}}
+        self.command = [sys.executable, "-m", "tinker_bus", role, *args]
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -208,8 +211,8 @@ class TrainerProcess:
         self.starts += 1
         with self.log_file.open("ab") as out:
             out.write(f"\n===== start {self.starts}\n".encode())
-            self.proc = subprocess.Popen([sys.executable, "-m", "tinker_bus", "trainer"], cwd=REPO, env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -222,3 +225,10 @@ class TrainerProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class TrainerProcess(PartProcess):
+    """`python -m tinker_bus trainer` on one torch thread."""
+
+    def __init__(self, settings: BusSettings, log_file: Path, **trainer_config: object):
+        super().__init__("trainer", settings, log_file, torch_threads=1, **trainer_config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from bus_runtime.net import free_port
 from bus_runtime.settings import BusSettings
 from bus_runtime.testing import make_tiny_model
 from tinker_bus.cli import UsageError, build_parser, gateway_port, settings_from_args, trainer_backend_env
+from tinker_bus.launcher import S3_CREDENTIALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -120,8 +122,8 @@ def tiny_model(tmp_path_factory) -> Path:
 class Stack:
     """`tinker-bus up` as a subprocess, its output in a file; remembers every process it started."""
 
-    def __init__(self, data_dir: Path, model: Path, *extra: str):
-        self.port, self.broker_port, self.s3_port = free_port(), free_port(), free_port()
+    def __init__(self, data_dir: Path, model: Path, *extra: str, ports: tuple[int, int, int] | None = None):
+        self.port, self.broker_port, self.s3_port = ports or (free_port(), free_port(), free_port())
         self.output = data_dir.parent / f"up-{uuid.uuid4().hex[:6]}.out"
         argv = [sys.executable, "-m", "tinker_bus", "up", "--data-dir", str(data_dir), "--port", str(self.port),
                 "--broker-port", str(self.broker_port), "--s3-port", str(self.s3_port), "--base-model", str(model),
@@ -179,8 +181,9 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(data_dir: Path, model: Path, *extra: str) -> Iterator[Stack]:
-    stack = Stack(data_dir, model, *extra)
+def running_stack(data_dir: Path, model: Path, *extra: str,
+                  ports: tuple[int, int, int] | None = None) -> Iterator[Stack]:
+    stack = Stack(data_dir, model, *extra, ports=ports)
     try:
         yield stack
     finally:
@@ -214,6 +217,35 @@ def test_up_gets_healthy_serves_the_sdk_and_leaves_no_process_behind(tmp_path, t
         assert "stopped" in stack.text()
 
 
+def test_up_restarts_a_dead_part_and_a_new_up_can_take_its_ports_at_once(tmp_path, tiny_model):
+    """Issue 20 item 2: SIGKILL of the trainer and of the broker does not tear the stack down; the parts come back
+    (printed, and in /healthz). Then `up` stopped and started again on the same ports starts at once."""
+    with running_stack(tmp_path / "data", tiny_model, "--ephemeral") as stack:
+        stack.wait_ready()
+        for role, name in (("trainer", "trainer"), ("broker", "tansu")):
+            victim = next(p for p in psutil.Process(stack.proc.pid).children(recursive=True)
+                          if (role == "trainer" and p.cmdline()[-1:] == ["trainer"]) or p.name() == name)
+            victim.kill()
+            deadline = time.monotonic() + 120
+            while f"{role} restarted" not in stack.text():
+                assert stack.proc.poll() is None, f"up stopped:\n{stack.text()}"
+                assert time.monotonic() < deadline, stack.text()
+                time.sleep(0.5)
+            assert f"{role} exited with code -9; restarting it in 1 s" in stack.text()
+        deadline = time.monotonic() + 180
+        while True:
+            report = httpx.get(f"{stack.url}/healthz", timeout=10).json()
+            if report["status"] == "ok" and report.get("restarts") == {"trainer": 1, "broker": 1}:
+                break
+            assert time.monotonic() < deadline, report
+            time.sleep(1)
+        assert stack.stop(signal.SIGTERM) == 0, stack.text()
+        ports = (stack.port, stack.broker_port, stack.s3_port)
+    with running_stack(tmp_path / "data2", tiny_model, "--ephemeral", ports=ports) as again:
+        assert again.wait_ready()["status"] == "ok"  # no "port ... is in use" from connections in TIME-WAIT
+        assert again.stop(signal.SIGTERM) == 0, again.text()
+
+
 def test_up_is_durable_across_a_restart(tmp_path, tiny_model):
     from confluent_kafka import Consumer, Producer, TopicPartition
     from minio import Minio
@@ -225,14 +257,16 @@ def test_up_is_durable_across_a_restart(tmp_path, tiny_model):
         producer = Producer({"bootstrap.servers": f"127.0.0.1:{first.broker_port}", "acks": "all"})
         producer.produce(topic, key=b"probe", value=marker)
         assert producer.flush(30) == 0
-        s3 = Minio(f"127.0.0.1:{first.s3_port}", "minioadmin", "minioadmin", secure=False)
+        keys = json.loads((data_dir / S3_CREDENTIALS_FILE).read_text())  # random, never the documented default
+        assert "minioadmin" not in keys.values() and (data_dir / S3_CREDENTIALS_FILE).stat().st_mode & 0o077 == 0
+        s3 = Minio(f"127.0.0.1:{first.s3_port}", keys["access_key"], keys["secret_key"], secure=False)
         s3.put_object("tinker-bus", "probe/object", io.BytesIO(marker), len(marker))
         assert first.stop(signal.SIGINT) == 0, first.text()
         assert first.survivors() == []
 
     with running_stack(data_dir, tiny_model) as second:
         second.wait_ready()
-        s3 = Minio(f"127.0.0.1:{second.s3_port}", "minioadmin", "minioadmin", secure=False)
+        s3 = Minio(f"127.0.0.1:{second.s3_port}", keys["access_key"], keys["secret_key"], secure=False)
         assert s3.get_object("tinker-bus", "probe/object").read() == marker
         consumer = Consumer({"bootstrap.servers": f"127.0.0.1:{second.broker_port}", "group.id": "probe",
                              "enable.auto.commit": False})

@@ -64,7 +64,8 @@ def _sdk_request(**overrides) -> bytes:
 
 
 def test_sdk_forward_backward_request_decodes():
-    model_id, seq_id, fb = decode_forward_backward(_sdk_request())
+    model_id, seq_id, build = decode_forward_backward(_sdk_request())
+    fb = build()
     assert (model_id, seq_id, fb.loss_fn, fb.forward_only) == ("sess-x:train:0", 3, "ppo", False)
     assert fb.loss_fn_config == {"clip_low_threshold": 0.7, "note": "text"}
     assert len(fb.data) == 2
@@ -82,7 +83,7 @@ def test_seq_id_zero_means_not_given_and_zstd_bodies_decode():
 
 
 def test_sparse_csr_targets_are_densified():
-    msg = sdk_pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy")
+    msg = sdk_pb.ForwardBackwardRequest(model_id="m:train:0", seq_id=1, loss_fn="cross_entropy")
     datum = msg.data.add()
     datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], dtype="<i4").tobytes()
     target = datum.loss_fn_inputs["target_tokens"]
@@ -90,13 +91,15 @@ def test_sparse_csr_targets_are_densified():
     target.sparse_csr.values = np.array([4, 5, 6], dtype="<i8").tobytes()
     target.sparse_csr.crow_indices = np.array([0, 1, 1, 3], dtype="<i8").tobytes()
     target.sparse_csr.col_indices = np.array([1, 0, 1], dtype="<i8").tobytes()
-    _, _, fb = decode_forward_backward(msg.SerializeToString())
+    fb = decode_forward_backward(msg.SerializeToString())[2]()
     assert fb.data[0].loss_fn_inputs["target_tokens"].numpy().tolist() == [[0, 4], [0, 0], [5, 6]]
 
 
 @pytest.mark.parametrize(("body", "field"), [
     (b"\xff\xff\xff\xff", "body"),
     (sdk_pb.ForwardBackwardRequest(seq_id=1).SerializeToString(), "model_id"),
+    (sdk_pb.ForwardBackwardRequest(model_id="../../x:train:0", seq_id=1).SerializeToString(), "model_id"),
+    (sdk_pb.ForwardBackwardRequest(model_id="s:train:0", seq_id=-1).SerializeToString(), "seq_id"),
 ])
 def test_malformed_bodies_name_the_field(body, field):
     with pytest.raises(FieldError) as info:

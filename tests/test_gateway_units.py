@@ -106,7 +106,7 @@ def test_adam_params_are_the_wire_struct_and_its_checks():
     assert err.value.field == "optimizer_params.type"
     with pytest.raises(FieldError) as err:
         submit.adam_params(AdamParamsIn(beta1=1.0))
-    assert err.value.field == "adam_params" and "beta1" in err.value.message
+    assert err.value.field == "adam_params.beta1" and "beta1" in err.value.message
 
 
 def test_sampling_params_fold_seed_default_length_and_check_stop_ids():

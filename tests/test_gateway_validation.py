@@ -19,6 +19,7 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from bus_events import EventType
+from bus_events.signing import SIGNATURE_HEADER, signed_by
 from bus_gateway.config import GatewayConfig
 from bus_runtime.base_models import read_base_model_info
 
@@ -110,7 +111,7 @@ async def test_malformed_and_oversized_bodies(gw_settings):
         assert typed.status_code == 400 and "learning_rate" in typed.text
         negative = await client.post("/api/v1/optim_step", headers=HEADERS_A,
                                      json={"model_id": model_id, "seq_id": 2, "adam_params": {"beta1": 1.5}})
-        assert negative.status_code == 400 and negative.json()["field"] == "adam_params"
+        assert negative.status_code == 400 and negative.json()["field"] == "adam_params.beta1"
         assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 3),
                                   headers=PROTO)).status_code == 200
 
@@ -136,7 +137,7 @@ async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
         topk = await sample(topk_sample_logprobs=2)
         assert topk.status_code == 400 and topk.json()["field"] == "topk_sample_logprobs"
         bad_top_p = await sample(sampling_params={"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 0.0})
-        assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params"
+        assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params.top_p"
         assert (await sample()).status_code == 200
 
 
@@ -152,3 +153,102 @@ async def test_big_requests_travel_by_claim_check(gw_settings):
         env, payload = await bus.next_event(EventType.FORWARD_BACKWARD)
         assert env.payload is None and env.payload_ref is not None and env.payload_ref.size > 4096
         assert payload.data[0].tokens.numel == 2000
+
+
+DEEP = "[" * 20_000 + "]" * 20_000
+
+
+def _raw(fields: str) -> bytes:
+    """A JSON object written by hand: what json.dumps cannot write (1e999, 20,000 levels)."""
+    return ("{" + fields + "}").encode()
+
+
+async def test_hostile_bodies_get_a_4xx_that_names_the_field(gw_settings):
+    """Issue 20 items 3-5 and 7: never a 500, never accepted, always the field."""
+    model_id = seed_model(gw_settings, "alice")
+    json_headers = {**HEADERS_A, "Content-Type": "application/json"}
+    async with gateway_client(gw_settings, API_KEYS) as client:
+        for route, body in (("/api/v1/create_session", _raw(f'"tags": [], "user_metadata": {{"a": {DEEP}}}')),
+                            ("/add_lora", _raw(f'"model_id": "deep", "user_metadata": {{"a": {DEEP}}}'))):
+            deep = await client.post(route, content=body, headers=json_headers)
+            assert deep.status_code == 400 and deep.json()["field"] == "body", (route, deep.text)
+        escape = await client.post("/api/v1/forward_backward", content=_fb_body("../../x:train:0", 1), headers=PROTO)
+        assert escape.status_code == 400 and escape.json()["field"] == "model_id"
+        negative = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, -1), headers=PROTO)
+        assert negative.status_code == 400 and negative.json()["field"] == "seq_id"
+        huge_lr = await client.post("/api/v1/optim_step", headers=json_headers, content=_raw(
+            f'"model_id": "{model_id}", "seq_id": 3, "adam_params": {{"learning_rate": 1e999}}'))
+        assert huge_lr.status_code == 400 and huge_lr.json()["field"] == "adam_params.learning_rate"
+        ppo = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 4, loss_fn="ppo"), headers=PROTO)
+        assert ppo.status_code == 400 and "logprobs" in ppo.text and "advantages" in ppo.text
+        tags = await client.post("/api/v1/create_session", headers=HEADERS_A, json={"tags": ["t"] * 1000})
+        assert tags.status_code == 400 and "tags" in tags.text
+        big = await client.post("/api/v1/create_session", headers=HEADERS_A, json={"tags": ["x" * 200] * 10_000})
+        assert big.status_code == 413  # 2 MB on a route of small bodies: refused before it is parsed
+        assert (await client.post("/api/v1/optim_step", headers=HEADERS_A,
+                                  json={"model_id": model_id, "seq_id": 5, "adam_params": {}})).status_code == 200
+        jump = await client.post("/api/v1/optim_step", headers=HEADERS_A,
+                                 json={"model_id": model_id, "seq_id": 2**62, "adam_params": {}})
+        assert jump.status_code == 400 and jump.json()["field"] == "seq_id" and "65536 ahead" in jump.text
+        assert (await client.get("/healthz")).status_code == 200
+        session = (await client.post("/api/v1/create_session", json={}, headers=HEADERS_A)).json()["session_id"]
+        sampler = (await client.post("/api/v1/create_sampling_session", headers=HEADERS_A, json={
+            "session_id": session, "sampling_session_seq_id": 0,
+            "base_model": gw_settings.base_models[0]})).json()["sampling_session_id"]
+        top_k = await client.post("/api/v1/asample", headers=HEADERS_A, json={
+            "sampling_session_id": sampler, "seq_id": 0, "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+            "sampling_params": {"max_tokens": 4, "temperature": 1.0, "top_k": -7, "top_p": 1.0}})
+        assert top_k.status_code == 400 and top_k.json()["field"] == "sampling_params.top_k"
+
+
+async def test_a_request_refused_before_parsing_still_voids_its_seq_id_at_once(gw_settings):
+    """Issue 20 item 6: whenever the gateway can read (model_id, seq_id), the burnt seq_id is voided, whatever part
+    of the body failed; never for another tenant's model."""
+    model_id = seed_model(gw_settings, "alice")
+    bobs = seed_model(gw_settings, "bob")
+    json_headers = {**HEADERS_A, "Content-Type": "application/json"}
+    async with BusProbe(gw_settings) as bus, gateway_client(gw_settings, API_KEYS) as client:
+        cases = [
+            (7, "optim_step", client.post("/api/v1/optim_step", headers=HEADERS_A, json={
+                "model_id": model_id, "seq_id": 7, "adam_params": {"learning_rate": "fast"}})),
+            (8, "optim_step", client.post("/api/v1/optim_step", headers=json_headers, content=_raw(
+                f'"model_id": "{model_id}", "seq_id": 8, "adam_params": {{"learning_rate": 1e999}}'))),
+            (9, "save_weights", client.post("/api/v1/save_weights", headers=json_headers, content=_raw(
+                f'"model_id": "{model_id}", "seq_id": 9, "user_metadata": {{"a": {DEEP}}}'))),
+            (10, "forward_backward", client.post("/api/v1/forward_backward", headers=json_headers, content=_raw(
+                f'"model_id": "{model_id}", "seq_id": 10, "data": "not conversations"'))),
+            (11, "forward_backward", client.post("/api/v1/forward_backward", headers=PROTO,
+                                                 content=_fb_body(model_id, 11, extra={"advantages": [1.0]}))),
+        ]
+        for seq_id, kind, request in cases:
+            resp = await request
+            assert resp.status_code == 400, (seq_id, resp.text)
+            env, void = await bus.next_event(EventType.SEQ_VOID)
+            assert (env.model_id, env.seq_id, env.tenant, void.request_type) == (model_id, seq_id, "alice", kind)
+        foreign = await client.post("/api/v1/optim_step", headers=HEADERS_A, json={
+            "model_id": bobs, "seq_id": 3, "adam_params": {"learning_rate": "fast"}})
+        assert foreign.status_code == 400
+        ok = await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 12), headers=PROTO)
+        assert ok.status_code == 200
+        env, _ = await bus.next_event()  # the next event on the bus is that one: bob's seq_id was left alone
+        assert (env.type, env.model_id, env.seq_id) == (EventType.FORWARD_BACKWARD, model_id, 12)
+
+
+async def test_with_tenant_keys_the_gateway_signs_requests_as_the_callers_tenant(gw_settings):
+    """Issue 20 item 8: what the gateway publishes proves its tenant (bus_events/signing.py)."""
+    settings = replace(gw_settings, event_keys="alice=alice-secret,bob=bob-secret")
+    model_id = seed_model(settings, "alice")
+    async with BusProbe(settings) as bus, gateway_client(settings, API_KEYS) as client:
+        assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 1),
+                                  headers=PROTO)).status_code == 200
+        assert (await client.post("/api/v1/forward_backward", content=_fb_body(model_id, 2, loss_fn="warp"),
+                                  headers=PROTO)).status_code == 400  # its seq_void is signed too
+        records = []
+        while len(records) < 2:
+            for batch in (await bus.consumer.getmany(timeout_ms=500)).values():
+                records.extend(r for r in batch if r.topic == settings.topics.train)
+        for record in records:
+            signature = dict(record.headers).get(SIGNATURE_HEADER)
+            assert signed_by(b"alice-secret", record.value, signature)
+            assert not signed_by(b"bob-secret", record.value, signature)

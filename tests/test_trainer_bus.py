@@ -14,8 +14,9 @@ import torch
 from aiokafka import TopicPartition
 from trainer_support import BlockingBackend, BusHarness, adam, bus_settings, datum, fb, random_data
 
-from bus_events import EventType, Topics
+from bus_events import MAX_SEQ_AHEAD, EventType, Topics, encode_event, make_event
 from bus_events import payloads as p
+from bus_events.signing import SIGNATURE_HEADER, sign
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.settings import open_object_store
 from bus_runtime.testing import make_tiny_model
@@ -203,3 +204,49 @@ async def test_claim_checked_requests_and_results_travel_through_s3(settings, ti
         lost = await bus.reply(env.request_id)
         assert lost.error is not None and "payload unreadable" in lost.error.message
         assert (await bus.reply(await bus.publish(EventType.GET_INFO, p.GetInfo(), "m", 3), timeout=20)).error is None
+
+
+async def test_a_huge_seq_id_jump_costs_one_void_and_never_stalls_other_models(settings, tiny, caplog):
+    """Issue 20 item 7: a tenant's absurd seq_id (2**62) must not kill the gap timer that every model relies on,
+    a big gap is voided as one range, and another tenant's model with a gap of one is answered meanwhile."""
+    config = TrainerConfig(gap_timeout_s=0.5)
+    caplog.set_level(logging.ERROR, logger="trainer_consumer.stream")
+    async with BusHarness(bus_settings(settings, tiny), config) as bus:
+        await bus.ok(await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), "abuser", 0))
+        await bus.ok(await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), "victim", 0))
+        absurd = await bus.publish(EventType.OPTIM_STEP, adam(), "abuser", 2**62)
+        far = await bus.publish(EventType.GET_INFO, p.GetInfo(), "abuser", MAX_SEQ_AHEAD)
+        victim = await bus.publish(EventType.GET_INFO, p.GetInfo(), "victim", 2)  # seq 1 never comes
+        assert (await bus.reply(victim, timeout=30)).error is None
+        assert (await bus.reply(far, timeout=30)).error is None
+        refused = await bus.reply(absurd)
+        assert refused.error is not None and f"more than {MAX_SEQ_AHEAD} ahead" in refused.error.message
+        voids = [r.getMessage() for r in caplog.records if "never arrived" in r.getMessage()]
+        assert len(voids) == 2 and any(f"seq_ids 1..{MAX_SEQ_AHEAD - 1}" in v for v in voids)
+        after = await bus.publish(EventType.GET_INFO, p.GetInfo(), "abuser", MAX_SEQ_AHEAD + 1)
+        assert (await bus.reply(after, timeout=30)).error is None
+
+
+async def test_with_tenant_keys_only_events_signed_by_their_tenant_are_applied(settings, tiny):
+    """Issue 20 item 8: a producer that can reach the broker cannot act as another tenant. Forged and unsigned
+    events are dead-lettered; they neither get answered nor void the tenant's seq_ids."""
+    keys = "alice=alice-secret,bob=bob-secret"
+    signed = bus_settings(settings, tiny, event_keys=keys)
+    async with BusHarness(signed) as bus:
+
+        async def send(kind, payload, seq, tenant, key: bytes | None) -> str:
+            env, body = make_event(kind, payload, model_id="alice:train:0", seq_id=seq, tenant=tenant)
+            raw = encode_event(env, body, claim_check_bytes=signed.claim_check_bytes)
+            headers = [(SIGNATURE_HEADER, sign(key, raw))] if key else None
+            await bus.producer.send_and_wait(signed.topics.train, raw, key=b"alice:train:0", headers=headers)
+            return env.request_id
+
+        create = await send(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny), 0, "alice", b"alice-secret")
+        await bus.ok(create)
+        forged = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", b"bob-secret")  # bob's key, alice's name
+        unsigned = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", None)
+        genuine = await send(EventType.GET_INFO, p.GetInfo(), 1, "alice", b"alice-secret")
+        assert (await bus.ok(genuine))["model_id"] == "alice:train:0"  # seq 1 was not voided by the forgeries
+        await bus.wait_for(lambda: len(bus.dead_letters) >= 2)
+        assert all("claims tenant 'alice'" in dl.reason for _, dl in bus.dead_letters)
+        assert forged not in bus.replies and unsigned not in bus.replies

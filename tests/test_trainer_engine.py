@@ -400,3 +400,26 @@ async def test_sampler_weights_named_and_ephemeral_load_into_peft(tiny, objects,
                           "s:train:0", 6)
         np.testing.assert_allclose(logprobs_of(ours)[0], expected.numpy(), rtol=1e-4, atol=1e-5)
         assert not Path(tiny, "adapter_config.json").exists()
+
+
+async def test_a_failing_gap_round_of_one_model_is_reported_and_never_stops_the_others(tiny, objects, monkeypatch):
+    """Issue 20 item 7: the gap timer is supervised. One model whose gap handling raises (as a MemoryError did for a
+    gap of 2**62) is reported in the engine's health and the other models' gaps still expire."""
+    async with EngineHarness(tiny, objects, TrainerConfig(gap_timeout_s=0.2)) as h:
+        await h.create("sick")
+        await h.create("well")
+        await h.send(EventType.GET_INFO, p.GetInfo(), "sick", 2)
+
+        def boom(**_):
+            raise MemoryError("gap too big")
+
+        monkeypatch.setattr(h.engine.streams["sick"], "expire_gaps", boom)
+        waiting = await h.send(EventType.GET_INFO, p.GetInfo(), "well", 2)  # seq 1 never comes
+        assert (await h.reply(waiting, timeout=30)).error is None
+        assert "gap too big" in (h.engine.maintenance_error or "")
+        monkeypatch.undo()  # healthy again: the next clean round clears the report, and sick's gap expires
+        sick = await h.send(EventType.GET_INFO, p.GetInfo(), "sick", 3)
+        assert (await h.reply(sick, timeout=30)).error is None
+        async with asyncio.timeout(10):
+            while h.engine.maintenance_error is not None:
+                await asyncio.sleep(0.05)

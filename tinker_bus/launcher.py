@@ -5,6 +5,10 @@ base models (converted once, in this process, so the spinner shows it) -> gatewa
 (one process each, `python -m tinker_bus <role>`, configured by TINKER_BUS_* variables) -> wait for
 /healthz. Every child runs in its own process group, so a terminal's Ctrl-C reaches only this process,
 which then stops the children in reverse order and reaps each one (infra.stop_process).
+
+Once healthy, a part that dies (a SIGKILLed trainer, an OOM-killed broker) is restarted with backoff
+(RESTART_BACKOFF_S) instead of tearing the stack down: the trainer replays from its snapshots, the gateway answers
+the futures promised before (docs/recovery.md). Restarts are printed and reported in /healthz ("restarts").
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import json
 import os
+import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,14 +33,19 @@ from typing import Any
 import httpx
 
 from artifact_store.object_store import ObjectStore
+from bus_runtime.health import instance_id, write_heartbeat
 from bus_runtime.kafka_io import ensure_topics
-from bus_runtime.net import free_port
+from bus_runtime.net import bindable, free_port
 from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus import console as out
 from tinker_bus.infra import S3Endpoint, SeaweedS3, TansuBroker, stop_process
 
 TANSU_BUCKET = "tansu"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Delay before restarting a part that died, by how many times it died in a row (a part that ran STABLE_AFTER_S
+# since its last start starts the series again). Never gives up: the operator sees the restarts and the log.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+STABLE_AFTER_S = 60.0
 
 
 class StartupError(RuntimeError):
@@ -69,6 +80,31 @@ class Child:
     name: str
     proc: subprocess.Popen
     log: Path
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Restarts:
+    """Backoff bookkeeping of one supervised part."""
+
+    count: int = 0  # restarts so far
+    streak: int = 0  # deaths in a row (reset once it ran STABLE_AFTER_S)
+    due: float | None = None  # when the pending restart happens
+    started: float = field(default_factory=time.monotonic)
+
+    def died(self, now: float) -> float:
+        """Schedule the restart; returns its delay."""
+        if now - self.started >= STABLE_AFTER_S:
+            self.streak = 0
+        delay = RESTART_BACKOFF_S[min(self.streak, len(RESTART_BACKOFF_S) - 1)]
+        self.streak += 1
+        self.due = now + delay
+        return delay
+
+    def restarted(self, now: float) -> None:
+        self.count += 1
+        self.due, self.started = None, now
 
 
 @dataclass
@@ -78,6 +114,8 @@ class Stack:
     s3: SeaweedS3 | None = None
     broker: TansuBroker | None = None
     children: list[Child] = field(default_factory=list)
+    restarts: dict[str, Restarts] = field(default_factory=dict)
+    instance: str = field(default_factory=lambda: instance_id("supervisor"))
 
     @property
     def logs(self) -> Path:
@@ -110,6 +148,7 @@ class Stack:
         if self.options.external_s3:
             out.done("S3", f"existing {self.settings.s3_endpoint}")
             return
+        self.settings = local_s3_credentials(self.settings, self.options.data_dir)
         port = _port_or_free(self.options.s3_port, "--s3-port")
         data = self.options.data_dir / "s3"
         self.s3 = SeaweedS3(data, buckets=(self.settings.bucket, TANSU_BUCKET), port=port,
@@ -120,7 +159,9 @@ class Stack:
                 endpoint = self.s3.start()
             except (RuntimeError, TimeoutError) as exc:
                 raise StartupError(f"SeaweedFS did not start: {exc}", self.s3.log_file) from exc
-            line["where"] = f"SeaweedFS http://{endpoint.endpoint} [dim]data {out.short_path(data)}[/]"
+            keys = self.options.data_dir / S3_CREDENTIALS_FILE
+            where = f"keys in {out.short_path(keys)}" if keys.exists() else "keys as configured"
+            line["where"] = f"SeaweedFS http://{endpoint.endpoint} [dim]data {out.short_path(data)}, {where}[/]"
         self.settings = replace(self.settings, s3_endpoint=endpoint.endpoint, s3_secure=False)
 
     def _start_broker(self) -> None:
@@ -159,12 +200,13 @@ class Stack:
                "TINKER_BUS_LOG_LEVEL": self.options.log_level, **(extra_env or {})}
         env.pop("PORT", None)  # the gateway gets its port as --port; PORT must not leak into anything else
         env["TINKER_BUS_API_KEYS"] = format_api_keys(self.options.api_keys or {})
-        log = self.logs / f"{role}.log"
-        with open(log, "ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "tinker_bus", role, *args], env=env, stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.children.append(Child(role, proc, log))
-        out.started_process(role, where, proc.pid, log)
+        command, log = [sys.executable, "-m", "tinker_bus", role, *args], self.logs / f"{role}.log"
+        child = Child(role, _popen(command, env, log), log, command, env)
+        self.children.append(child)
+        out.started_process(role, where, child.proc.pid, child.log)
+
+    def _launch(self, child: Child) -> None:
+        child.proc = _popen(child.command, child.env, child.log)
 
     # ------------------------------------------------------------------ run
 
@@ -195,6 +237,46 @@ class Stack:
             if infra is not None and infra.proc is not None and infra.proc.poll() is not None:
                 raise StartupError(f"{name} exited with code {infra.proc.returncode}", infra.log_file)
 
+    def supervise(self) -> None:
+        """Once running: restart every part that died, after its backoff; never stop the stack for it."""
+        now = time.monotonic()
+        for name, code, restart, log in self._parts():
+            if code is None:
+                continue
+            state = self.restarts.setdefault(name, Restarts())
+            if state.due is None:
+                delay = state.died(now)
+                out.console.print(f"[yellow]{name} exited with code {code}; restarting it in {delay:g} s[/] "
+                                  f"[dim](restart {state.count + 1}, log {out.short_path(log) if log else '-'})[/]")
+            elif now >= state.due:
+                try:
+                    restart()
+                except (RuntimeError, TimeoutError, OSError) as exc:  # its next death check schedules another try
+                    out.console.print(f"[red]{name} did not restart: {exc}[/]")
+                state.restarted(time.monotonic())
+                out.console.print(f"[green]{name} restarted[/] [dim]({state.count} restart(s) so far)[/]")
+                self.report_restarts()
+
+    def _parts(self) -> Iterator[tuple[str, int | None, Callable[[], object], Path | None]]:
+        for child in self.children:
+            yield child.name, child.proc.poll(), functools.partial(self._launch, child), child.log
+        if self.s3 is not None and self.s3.proc is not None:
+            yield "S3", self.s3.proc.poll(), self.s3.start, self.s3.log_file
+        if self.broker is not None and self.broker.proc is not None:
+            yield "broker", self.broker.proc.poll(), self._restart_broker, self.broker.log_file
+
+    def _restart_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.start()
+        asyncio.run(prepare_bus(self.settings, timeout_s=60))  # an ephemeral broker comes back without topics
+
+    def report_restarts(self) -> None:
+        """What /healthz shows as "restarts": a heartbeat document of this supervisor (best effort: S3 may be the
+        part that is down)."""
+        detail = {"restarts": {name: r.count for name, r in self.restarts.items() if r.count}}
+        with contextlib.suppress(Exception):
+            write_heartbeat(open_object_store(self.settings), "supervisor", self.instance, detail)
+
     def _log_of(self, part: str) -> Path | None:
         return next((c.log for c in self.children if c.name == part), None)
 
@@ -204,6 +286,9 @@ class Stack:
         """Children first (all at once: each stops on its own), then the broker, then S3 (slowest)."""
         with ThreadPoolExecutor(max_workers=max(1, len(self.children))) as pool:
             list(pool.map(lambda c: stop_process(c.proc, timeout=20), reversed(self.children)))
+        if self.restarts:
+            with contextlib.suppress(Exception):
+                open_object_store(self.settings).delete(f"health/supervisor/{self.instance}.json")
         if self.broker is not None:
             self.broker.stop()
         if self.s3 is not None:
@@ -253,15 +338,39 @@ def _object_store(settings: BusSettings, bucket: str) -> ObjectStore:
     return open_object_store(replace(settings, bucket=bucket))
 
 
+S3_CREDENTIALS_FILE = "s3-credentials.json"
+
+
+def local_s3_credentials(settings: BusSettings, data_dir: Path) -> BusSettings:
+    """The local SeaweedFS never runs with the documented default keys: unless the operator chose keys, `up`
+    generates random ones once per data directory and keeps them in `<data-dir>/s3-credentials.json` (mode 0600),
+    so a restart reuses them."""
+    defaults = BusSettings()
+    if (settings.s3_access_key, settings.s3_secret_key) != (defaults.s3_access_key, defaults.s3_secret_key):
+        return settings
+    path = data_dir / S3_CREDENTIALS_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"access_key": f"tb{secrets.token_hex(8)}", "secret_key": secrets.token_urlsafe(30)}, fh)
+    found = json.loads(path.read_text())
+    return replace(settings, s3_access_key=found["access_key"], s3_secret_key=found["secret_key"])
+
+
+def _popen(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as log_file:
+        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 def _port_or_free(port: int, option: str) -> int:
     if port == 0:
         return free_port()
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise StartupError(f"port {port} is in use ({exc.strerror}); pass {option} 0 for any free port, "
-                               f"or another number") from exc
+    try:
+        bindable(port).close()
+    except OSError as exc:
+        raise StartupError(f"port {port} is in use ({exc.strerror}); pass {option} 0 for any free port, "
+                           f"or another number") from exc
     return port
 
 
@@ -310,8 +419,12 @@ def run_stack(settings: BusSettings, options: StackOptions) -> int:
                     stack.start()
                     report = stack.wait_healthy()
                     _print_ready(stack, report)
+                    last_report = time.monotonic()
                     while True:
-                        stack.check_alive()
+                        stack.supervise()
+                        if stack.restarts and time.monotonic() - last_report > 5:  # keep /healthz's view fresh
+                            stack.report_restarts()
+                            last_report = time.monotonic()
                         time.sleep(0.5)
                 except StopRequested as stop:
                     out.console.print(f"[yellow]{stop}: stopping[/]")
@@ -343,5 +456,6 @@ def _print_ready(stack: Stack, report: dict[str, Any]) -> None:
         f"  export TINKER_BASE_URL={stack.gateway_url} TINKER_API_KEY={key}\n"
         f"  events: Kafka {stack.settings.kafka_bootstrap}, topics {stack.settings.topics.prefix}.* "
         f"(docs/events.md)\n"
-        "[dim]Ctrl-C stops everything.[/]"
+        "[dim]A part that dies is restarted (backoff 1 s .. 30 s; shown here and in /healthz). "
+        "Ctrl-C stops everything.[/]"
     )

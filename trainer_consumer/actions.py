@@ -27,11 +27,13 @@ class Apply:
 
 @dataclass(frozen=True)
 class Void:
-    """The seq_id takes its place without an op: poison the gradient window, answer late copies as stale."""
+    """The seq_id takes its place without an op: poison the gradient window, answer late copies as stale. A gap's
+    void stands for the whole `span` of missing seq_ids (its inbound carries the span's last one)."""
 
     inbound: Inbound
     reason: str
     category: Category
+    span: range | None = None
 
 
 @dataclass(frozen=True)

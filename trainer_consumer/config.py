@@ -48,6 +48,12 @@ class TrainerConfig:
     release_timeout_s: float = 30.0
     # How long publishing a reply is retried (broker restart...) before the trainer gives up and stops.
     publish_retry_s: float = 300.0
+    # Idle lifecycle (residency.py): offload a model (adapter + AdamW moments, durable in its snapshot) idle this
+    # long (0: never), or whose session missed heartbeats this long (0: never), or beyond this many resident
+    # models per trainer, least recently used first (0: no bound). Its next event reloads it from the snapshot.
+    idle_offload_s: float = 1800.0
+    session_expiry_s: float = 300.0
+    max_resident_adapters: int = 256
     # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
     torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"

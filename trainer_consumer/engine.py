@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import msgspec
 
 from bus_events import Reply, make_result
 from bus_events import payloads as p
+from bus_events.ids import session_of_model
 from bus_runtime.errors import ServiceError, UserError
 from trainer_consumer.actions import Action, AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Ready, Void
 from trainer_consumer.durability import DurablePoint
@@ -35,6 +37,7 @@ from trainer_consumer.inbound import Inbound
 from trainer_consumer.model_state import ModelState, lasting_key
 from trainer_consumer.ops import HANDLERS
 from trainer_consumer.recovery import Partition, Recovery
+from trainer_consumer.residency import SESSION_CHECK_S, Residency, durable, quiet
 from trainer_consumer.runtime import Runtime
 from trainer_consumer.sequencer import Sequencer
 from trainer_consumer.snapshots import SnapshotStore
@@ -73,10 +76,29 @@ class TrainerEngine:
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self.failure: BaseException | None = None
+        # Why the gap timer / maintenance last failed (None: its last round was clean), and how often its task had
+        # to be restarted: the worker's heartbeat reports both, so /healthz shows a trainer whose timers are sick.
+        self.maintenance_error: str | None = None
+        self.maintenance_restarts = 0
+        config = runtime.config
+        self.residency = Residency(config.idle_offload_s, config.max_resident_adapters, config.session_expiry_s)
+        self._offloading: set[str] = set()
+        self._sessions_checked = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever(), name="trainer-gap-timer")
+        self._ticker.add_done_callback(self._ticker_ended)
+
+    def _ticker_ended(self, task: asyncio.Task) -> None:
+        """Supervision: gap timeouts and idle snapshots of every model depend on this task, so it never stays
+        dead (a round that raises is already caught in `_tick_forever`; this covers what escapes it)."""
+        if task.cancelled() or task is not self._ticker:
+            return
+        self.maintenance_restarts += 1
+        self.maintenance_error = f"the gap-timer task died: {task.exception()!r}"
+        log.error("%s; restarting it (restart %d)", self.maintenance_error, self.maintenance_restarts)
+        self.start()
 
     async def stop(self) -> None:
         """Cancel everything at once (a graceful stop calls `release()` first), then close the backend."""
@@ -124,6 +146,7 @@ class TrainerEngine:
         stream = self.streams.get(model_id)
         if stream is None:
             stream = self._open(model_id)
+        self.residency.touch(model_id)
         await self._carry_out(stream, stream.accept(inbound))
 
     def _open(self, model_id: str) -> ModelStream:
@@ -177,15 +200,29 @@ class TrainerEngine:
         period = min(1.0, max(0.01, config.gap_timeout_s / 4), max(0.05, config.marker_interval_s / 2))
         while True:
             await asyncio.sleep(period)
-            await self.expire_gaps()
-            self.maintain()
+            try:
+                errors = await self.expire_gaps()
+                self.maintain()
+                self._offload_due()
+            except Exception as exc:  # never let one bad round stop the timers of every model
+                log.exception("gap timer / maintenance round failed")
+                errors = [f"{exc!r}"]
+            self.maintenance_error = "; ".join(errors)[:500] or None
 
-    async def expire_gaps(self, *, now: bool = False) -> None:
-        """Void seq_ids missing for longer than the gap timeout (`now`: all of them); the voids take their place."""
+    async def expire_gaps(self, *, now: bool = False) -> list[str]:
+        """Void seq_ids missing for longer than the gap timeout (`now`: all of them); the voids take their place.
+        One model's failure is logged and returned, never allowed to keep the others waiting."""
+        errors = []
         for stream in list(self.streams.values()):
-            actions = stream.expire_gaps(now=now)
+            try:
+                actions = stream.expire_gaps(now=now)
+            except Exception as exc:
+                log.exception("gap timeout of model %s failed", stream.model_id)
+                errors.append(f"model {stream.model_id}: {exc!r}")
+                continue
             if actions:
                 await self._carry_out(stream, actions)
+        return errors
 
     async def end_of_log(self) -> None:
         """A replay read its whole log: what is still missing never comes, so void it as the gap timeout would."""
@@ -196,6 +233,53 @@ class TrainerEngine:
         for model_id, stream in self.streams.items():
             if not self._lanes[model_id].draining and self.recovery.due(stream):
                 self._schedule(stream, maintenance=True)
+
+    # ------------------------------------------------------------------ idle lifecycle (residency.py)
+    def _offload_due(self) -> None:
+        if not self.recovery.persist:  # a replay keeps everything: it writes no snapshots to reload from
+            return
+        if self.residency.session_expiry_s and time.monotonic() - self._sessions_checked > SESSION_CHECK_S:
+            self._sessions_checked = time.monotonic()
+            self._spawn(self._check_sessions(), "trainer-session-expiry")
+        for model_id in self.residency.due(session_of_model):
+            if model_id not in self._offloading and model_id in self.streams:
+                self._offloading.add(model_id)
+                self._spawn(self._offload(model_id), f"trainer-offload-{model_id}")
+
+    async def _offload(self, model_id: str) -> None:
+        await self.offload(model_id)
+
+    async def _check_sessions(self) -> None:
+        registry = self.runtime.storage.registry
+        sessions = self.residency.sessions_to_check(session_of_model)
+        found = await self.runtime.io(lambda: [(s, getattr(registry.get_session(s), "last_heartbeat", None))
+                                               for s in sessions])
+        self.residency.sessions_seen(found, time.time())
+
+    async def offload(self, model_id: str) -> bool:
+        """Drop a quiet model from memory once S3 holds all of it (its last snapshot or marker is written first);
+        its next event restores it. False (and it stays) when it is busy, or got an event meanwhile."""
+        try:
+            stream, lane = self.streams.get(model_id), self._lanes.get(model_id)
+            if stream is None or lane is None or not quiet(stream, lane.scheduled(), lane.draining):
+                return False
+            lane.draining = True  # events arriving while its last state is written wait on the lane
+            try:
+                await self.recovery.final_persist(stream)
+                await self.recovery.wait_writes([model_id], self.runtime.config.release_timeout_s)
+            finally:
+                lane.draining = False
+            if self.streams.get(model_id) is not stream or not quiet(stream, lane.scheduled(), False) \
+                    or not durable(stream):
+                self._schedule(stream)
+                return False
+            await self._forget(model_id)
+            self.residency.offloads += 1
+            log.info("offloaded idle model %s (step %s); its next event reloads it from its snapshot", model_id,
+                     stream.state.step if stream.state else None)
+            return True
+        finally:
+            self._offloading.discard(model_id)
 
     # ------------------------------------------------------------------ apply
     def _schedule(self, stream: ModelStream, maintenance: bool = False) -> None:
@@ -303,16 +387,19 @@ class TrainerEngine:
                         await self.recovery.final_persist(stream)
         await self.recovery.wait_writes([s.model_id for s in streams], timeout)
 
+    async def _forget(self, model_id: str) -> None:
+        lane = self._lanes.pop(model_id)
+        if lane.task is not None and not lane.task.done():
+            lane.task.cancel()
+        self.recovery.cancel_write(model_id)
+        del self.streams[model_id]
+        self.residency.forget(model_id)
+        # No-op for a model without adapter; queued behind any step of it still on the compute thread.
+        await self.runtime.compute(self.runtime.backend.remove_adapter, model_id)
+
     async def drop(self, partitions: set[Partition] | None = None) -> None:
         """Forget the models on `partitions` (after `release()` and the commit): their next owner restores them."""
         for model_id, stream in list(self.streams.items()):
-            if partitions is not None and stream.partition not in partitions:
-                continue
-            lane = self._lanes.pop(model_id)
-            if lane.task is not None and not lane.task.done():
-                lane.task.cancel()
-            self.recovery.cancel_write(model_id)
-            del self.streams[model_id]
-            # No-op for a model without adapter; queued behind any step of it still on the compute thread.
-            await self.runtime.compute(self.runtime.backend.remove_adapter, model_id)
+            if partitions is None or stream.partition in partitions:
+                await self._forget(model_id)
         log.info("released models on %s", "all partitions" if partitions is None else sorted(partitions))

@@ -7,12 +7,13 @@ is the seq_void that takes its place in the model's order (so the model does not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bus_events import TRAINING_EVENTS, BlobStore, ContractError, Envelope, EventType, make_event
 from bus_events import payloads as p
 from bus_runtime.records import Poisoned as PoisonedRecord
-from bus_runtime.records import Stage, decode_record
+from bus_runtime.records import Stage, UnverifiedEvent, decode_record
 from trainer_consumer.inbound import BusPosition, Inbound
 
 
@@ -28,10 +29,19 @@ def _check_seq_id(env: Envelope) -> None:
         raise ContractError(f"seq_id must be >= 0, got {env.seq_id}", env.request_id, env.model_id)
 
 
-async def decode_training_record(raw: bytes, position: BusPosition, blobs: BlobStore | None) -> Inbound | Poisoned:
-    decoded = await decode_record(raw, blobs, TRAINING_EVENTS, check=_check_seq_id)
+async def decode_training_record(raw: bytes, position: BusPosition, blobs: BlobStore | None,
+                                 verify: Callable[[Envelope], None] | None = None) -> Inbound | Poisoned:
+    """`verify`: the tenant check of the record (records.SignatureCheck), before anything else is read."""
+    def check(env: Envelope) -> None:
+        if verify is not None:
+            verify(env)
+        _check_seq_id(env)
+
+    decoded = await decode_record(raw, blobs, TRAINING_EVENTS, check=check)
     if isinstance(decoded, PoisonedRecord):
-        return Poisoned(decoded.error, decoded.stage, _void_for(decoded.env, decoded.error, position))
+        # An event not proven to be its tenant's must not touch that tenant's model, not even void a seq_id.
+        void = None if isinstance(decoded.error, UnverifiedEvent) else _void_for(decoded.env, decoded.error, position)
+        return Poisoned(decoded.error, decoded.stage, void)
     assert decoded.payload is not None  # no type is envelope-only here
     return Inbound(decoded.env, decoded.payload, position)
 

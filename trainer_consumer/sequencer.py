@@ -1,7 +1,8 @@
 """Per-model ordering: release a model's events strictly in seq_id order, whatever order they arrive in.
 
 Out-of-order events wait in a reorder buffer. If the next seq_id has not arrived `gap_timeout_s` after a later
-one did, `expire()` skips the missing ids and reports them, so the engine can void them loudly. (Voids announced
+one did, `expire()` skips the missing ids and reports them as one `range`, so the engine can void them loudly; its
+cost does not depend on the size of the gap (a client may skip 2**62 seq_ids). (Voids announced
 by a `seq_void` event are ordinary items here: they take their place in the order like any event.)
 """
 
@@ -33,15 +34,15 @@ class Sequencer(Generic[T]):
         self._buffer[seq_id] = item
         return self._release()
 
-    def expire(self, *, now: bool = False) -> tuple[list[int], list[T]]:
-        """After the gap timeout (`now`: at once): skip the missing seq_ids before the first buffered one, release
-        what follows."""
+    def expire(self, *, now: bool = False) -> tuple[range, list[T]]:
+        """After the gap timeout (`now`: at once): skip the missing seq_ids before the first buffered one (an
+        empty range: nothing expired), release what follows."""
         if not self._buffer or self._waiting_since is None:
-            return [], []
+            return range(0), []
         if not now and self._clock() - self._waiting_since < self.gap_timeout_s:
-            return [], []
+            return range(0), []
         first = min(self._buffer)
-        missing = list(range(self.next_seq, first))
+        missing = range(self.next_seq, first)
         self.next_seq = first
         return missing, self._release()
 

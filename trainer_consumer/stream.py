@@ -4,9 +4,11 @@ actions out and reports back (`applied`, `void`, `finished`).
 
 Per model (never across models):
 - ORDER: events are released strictly in seq_id order. Early arrivals wait in the sequencer (the SDK posts chunk 1
-  of a chunked forward_backward last); a `seq_void` consumes a seq_id; a seq_id still missing `gap_timeout_s` after
-  a later one arrived is declared void (`expire_gaps`), which poisons the gradient window (see ops/training.py for
-  the window-failure rule). Events without seq_id are released in arrival order.
+  of a chunked forward_backward last); a `seq_void` consumes a seq_id; the seq_ids still missing `gap_timeout_s`
+  after a later one arrived are declared void together (`expire_gaps`: one Void for the whole range, so a gap of
+  2**62 costs what a gap of 1 costs), which poisons the gradient window (see ops/training.py for the
+  window-failure rule). A seq_id more than `MAX_SEQ_AHEAD` past the model's next one is refused outright (it would
+  only open a gap nobody fills). Events without seq_id are released in arrival order.
 - IDEMPOTENCY: a duplicate (model_id, seq_id) is never applied twice. It is answered with the first reply (plus a
   copy under the duplicate's request_id if that differs), at once if the first is done, else as soon as it is.
   Duplicates of seq_ids too old for the result cache get a clear error.
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from bus_events import Envelope, EventType, Reply, make_event, make_result, new_id
+from bus_events import MAX_SEQ_AHEAD, Envelope, EventType, Reply, make_event, make_result, new_id
 from bus_events import payloads as p
 from bus_runtime.errors import Category
 from trainer_consumer.actions import Action, AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Ready, Void
@@ -40,6 +42,13 @@ class Phase(enum.Enum):
     RESTORING = "restoring"  # its snapshot is being read: arrivals are held, in arrival order
     ACTIVE = "active"  # events are accepted and applied in order
     STOPPING = "stopping"  # its partition is being handed over: events are still sorted, nothing more is applied
+
+
+def describe_seq_ids(seq_ids: range) -> str:
+    """`seq_id 7`, or `seq_ids 7..9 (3)` for a range (never a list: a range may hold 2**62 ids)."""
+    if len(seq_ids) == 1:
+        return f"seq_id {seq_ids[0]}"
+    return f"seq_ids {seq_ids[0]}..{seq_ids[-1]} ({len(seq_ids)})"
 
 
 def replies_for_duplicate(first: Reply, duplicate: Envelope) -> list[Reply]:
@@ -64,7 +73,8 @@ class ModelStream:
     # seq_ids accepted but not yet answered (buffered, queued or running), with duplicates waiting on them.
     pending: dict[int, list[Inbound]] = field(default_factory=dict)
     results: OrderedDict[int, Reply] = field(default_factory=OrderedDict)
-    void_reasons: OrderedDict[int, tuple[str, Category]] = field(default_factory=OrderedDict)
+    # The last `max_results` voided seq_id ranges and why, newest last (to explain late events).
+    voided: deque[tuple[range, str, Category]] = field(default_factory=deque)
     # The (topic, partition) its events come from (all of a model's events share its key's partition).
     partition: tuple[str, int] | None = None
     held: list[Inbound] = field(default_factory=list)  # arrivals while RESTORING
@@ -100,12 +110,17 @@ class ModelStream:
             log.info("duplicate %s seq %d of %s waits for the first one", env.type, seq_id, env.model_id)
             self.pending[seq_id].append(inbound)
             return []
+        if seq_id - self.sequencer.next_seq > MAX_SEQ_AHEAD:
+            if is_void:
+                return [Finish(inbound)]
+            return [AnswerStale(inbound, f"seq_id {seq_id} is more than {MAX_SEQ_AHEAD} ahead of model "
+                                         f"{env.model_id}'s next seq_id {self.sequencer.next_seq}; not applied")]
         released = self.sequencer.offer(seq_id, inbound)
         if released is None:
             return [Finish(inbound)] if is_void else [self._stale(inbound)]
         if is_void:
             reason = getattr(inbound.payload, "reason", "") or "rejected before reaching the trainer"
-            self._remember_void(seq_id, f"seq_id {seq_id} was voided: {reason}", "user")
+            self._remember_void(range(seq_id, seq_id + 1), f"seq_id {seq_id} was voided: {reason}", "user")
         self.pending[seq_id] = []
         return list(self._ready(released))
 
@@ -116,23 +131,23 @@ class ModelStream:
         if not missing:
             return []
         timeout = self.sequencer.gap_timeout_s
-        log.error("model %s: seq_id(s) %s never arrived within %.1f s; declared void, %d waiting event(s) go on",
-                  self.model_id, missing, timeout, len(released))
-        voids = []
-        for seq_id in missing:
-            why = "before the end of the log" if now else f"within the {timeout:g} s gap timeout"
-            self._remember_void(seq_id, f"seq_id {seq_id} never arrived {why} and was declared void", "server")
-            env, payload = make_event(EventType.SEQ_VOID, p.SeqVoid(reason="gap timeout"), model_id=self.model_id,
-                                      seq_id=seq_id, request_id=new_id("gap"))
-            voids.append(Inbound(env, payload))
-        return list(self._ready([*voids, *released]))
+        what = describe_seq_ids(missing)
+        log.error("model %s: %s never arrived within %.1f s; declared void, %d waiting event(s) go on",
+                  self.model_id, what, timeout, len(released))
+        why = "before the end of the log" if now else f"within the {timeout:g} s gap timeout"
+        reason = f"{what} never arrived {why} and {'was' if len(missing) == 1 else 'were'} declared void"
+        self._remember_void(missing, reason, "server")
+        # One void stands for the whole range: it carries the range's last seq_id, the one the model is at after it.
+        env, payload = make_event(EventType.SEQ_VOID, p.SeqVoid(reason="gap timeout"), model_id=self.model_id,
+                                  seq_id=missing[-1], request_id=new_id("gap"))
+        return [Void(Inbound(env, payload), reason, "server", span=missing), *self._ready(released)]
 
     def _ready(self, items: list[Inbound]) -> list[Ready]:
         out: list[Ready] = []
         for item in items:
             seq_id = item.env.seq_id
             if item.env.type == EventType.SEQ_VOID and seq_id is not None:
-                reason, category = self.void_reasons.get(seq_id, (f"seq_id {seq_id} was voided", "user"))
+                reason, category = self.void_reason(seq_id) or (f"seq_id {seq_id} was voided", "user")
                 out.append(Void(item, reason, category))
             else:
                 out.append(Apply(item))
@@ -140,7 +155,7 @@ class ModelStream:
 
     def _stale(self, inbound: Inbound) -> AnswerStale:
         env = inbound.env
-        void = self.void_reasons.get(env.seq_id) if env.seq_id is not None else None
+        void = self.void_reason(env.seq_id) if env.seq_id is not None else None
         if void is not None:
             message = f"{void[0]}; this late {env.type.value} was not applied"
         else:
@@ -148,10 +163,17 @@ class ModelStream:
                        f"longer cached (the last {self.max_results} are); it was not applied again")
         return AnswerStale(inbound, message)
 
-    def _remember_void(self, seq_id: int, reason: str, category: Category) -> None:
-        self.void_reasons[seq_id] = (reason, category)
-        while len(self.void_reasons) > self.max_results:
-            self.void_reasons.popitem(last=False)
+    def _remember_void(self, seq_ids: range, reason: str, category: Category) -> None:
+        self.voided.append((seq_ids, reason, category))
+        while len(self.voided) > self.max_results:
+            self.voided.popleft()
+
+    def void_reason(self, seq_id: int) -> tuple[str, Category] | None:
+        """Why `seq_id` was voided, if it is among the remembered voids (the newest that covers it)."""
+        for seq_ids, reason, category in reversed(self.voided):
+            if seq_id in seq_ids:
+                return reason, category
+        return None
 
     # ------------------------------------------------------------------ outcomes reported by the engine
     def applied(self, inbound: Inbound, reply: Reply, before: tuple) -> list[Action]:
@@ -182,7 +204,8 @@ class ModelStream:
         if state is not None:
             before = lasting_key(state)
             if voided_type in (None, "", EventType.FORWARD_BACKWARD.value):
-                state.poison_window(WindowFailure(f"seq_id {seq_id}", action.reason, action.category))
+                what = describe_seq_ids(action.span or range(seq_id, seq_id + 1))
+                state.poison_window(WindowFailure(what, action.reason, action.category))
             state.last_applied_seq_id = seq_id
             if lasting_key(state) != before:
                 self.durability.lasting_effect()

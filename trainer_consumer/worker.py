@@ -34,6 +34,7 @@ from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
 from bus_runtime.offsets import OffsetTracker
+from bus_runtime.records import SignatureCheck
 from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
@@ -79,10 +80,15 @@ class TrainerWorker:
         # Partitions this worker may feed to the engine. A revoke removes them before anything else, so a record
         # still being decoded when its partition goes away is dropped (its next owner reads it again).
         self.owned: set[TopicPartition] = set()
+        self.tenant_keys = settings.tenant_keys  # requests must prove their tenant (bus_events/signing.py)
         self._last_commit = 0.0
 
     def health(self) -> dict:
-        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(self.engine.streams)}
+        engine = self.engine
+        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(engine.streams),
+                "healthy": engine.maintenance_error is None and engine.failure is None,
+                "problem": engine.maintenance_error or (repr(engine.failure) if engine.failure else None),
+                "maintenance_restarts": engine.maintenance_restarts, "offloaded": engine.residency.offloads}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()
@@ -145,7 +151,8 @@ class TrainerWorker:
             return
         self.offsets.received(tp, record.offset)
         position = BusPosition(record.topic, record.partition, record.offset)
-        decoded = await decode_training_record(record.value or b"", position, self.objects)
+        verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
+        decoded = await decode_training_record(record.value or b"", position, self.objects, verify)
         if tp not in self.owned:  # revoked while the claim check was fetched
             return
         if isinstance(decoded, Poisoned):

@@ -17,7 +17,7 @@ from bus_events import EventType
 from bus_events import payloads as p
 from bus_gateway import submit
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import FieldError
+from bus_gateway.errors import FieldError, NotYetKnown
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.datums import conversation_datums
@@ -61,7 +61,8 @@ async def submit_json_forward_backward(data: JsonForwardBackward, gw: Gateway, t
 async def json_forward_backward(request: Request, gw: Gateway, tenant: str) -> JsonPromise:
     """JSON bodies POSTed to /api/v1/forward_backward (the route reads the SDK's protobuf too)."""
     try:
-        data = msgspec.json.decode(await request.body(), type=JsonForwardBackward)
+        # up to max_body_bytes: parsed off the event loop
+        data = await asyncio.to_thread(msgspec.json.decode, await request.body(), type=JsonForwardBackward)
     except msgspec.DecodeError as exc:  # ValidationError included: its message names the field ($.data[0]...)
         raise FieldError("body", str(exc)) from exc
     return json_promise(await submit_json_forward_backward(data, gw, tenant))
@@ -118,7 +119,10 @@ def json_result(fut: Future) -> JsonResult:
       summary="Wait up to `timeout` s; 202 while pending, then the result (with loss and metrics for fwdbwd)")
 async def json_retrieve_future(data: JSONBody[JsonRetrieve], gw: GatewayDep,
                                tenant: TenantDep) -> Response[JsonResult]:
-    fut = await gw.future(data.request_id, tenant)
+    try:
+        fut = await gw.future(data.request_id, tenant)
+    except NotYetKnown:  # this gateway (just restarted) is still reading the bus: pending, not unknown
+        return Response(JsonResult(status="pending", request_id=data.request_id), status_code=202)
     await fut.wait(min(data.timeout, gw.config.long_poll_s))
     result = json_result(fut)
     return Response(result, status_code=202 if result.status == "pending" else 200)

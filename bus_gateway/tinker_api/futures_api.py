@@ -7,6 +7,7 @@ from litestar.params import JSONBody
 
 from bus_events import EventType
 from bus_gateway.deps import GatewayDep, TenantDep
+from bus_gateway.errors import NotYetKnown
 from bus_gateway.futures import Future
 from bus_gateway.results import PROTO_MEDIA_TYPE, MalformedResult, failure, json_body, proto_body
 from bus_gateway.tinker_api.schemas import RequestFailed, RetrieveFutureRequest, TryAgain, UntypedFuture
@@ -36,7 +37,10 @@ def render_result(fut: Future, accept_proto: bool) -> Response:
       summary="Long-poll a promise: the result, {type: try_again}, or {error, category}")
 async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Request, gw: GatewayDep,
                           tenant: TenantDep) -> Response:
-    fut = await gw.future(data.request_id, tenant)
+    try:
+        fut = await gw.future(data.request_id, tenant)
+    except NotYetKnown:  # this gateway (just restarted) is still reading the bus: never a final 404
+        return Response(TryAgain(request_id=data.request_id))
     if not await fut.wait(gw.config.long_poll_s):
         return Response(TryAgain(request_id=fut.request_id))
     return render_result(fut, PROTO_MEDIA_TYPE in request.headers.get("accept", ""))

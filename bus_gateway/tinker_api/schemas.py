@@ -41,8 +41,13 @@ class ClientConfigResponse(msgspec.Struct, kw_only=True):
     sample_join_sampling_session: bool = False
 
 
+# A session's tags are stored with it and kept in the gateway's session cache: bounded (the SDK sends a few).
+MAX_TAGS, MAX_TAG_CHARS = 64, 256
+Tags = Annotated[list[Annotated[str, msgspec.Meta(max_length=MAX_TAG_CHARS)]], msgspec.Meta(max_length=MAX_TAGS)]
+
+
 class CreateSessionRequest(Body):
-    tags: list[str] = []
+    tags: Tags = []
     user_metadata: dict[str, Any] | None = None
     sdk_version: str | None = None
     project_id: str | None = None

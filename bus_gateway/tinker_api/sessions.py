@@ -102,7 +102,9 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
     s3_ok = await asyncio.to_thread(gw.objects.ping)
     workers = await asyncio.to_thread(read_health, gw.objects) if s3_ok else []
     components: dict[str, Any] = {
-        "gateway": {"healthy": gw.listener.running, "futures": len(gw.futures),
+        # Not ready while the bus listener catches up: it could not yet answer every future any gateway promised.
+        "gateway": {"healthy": gw.listener.running and gw.listener.caught_up, "caught_up": gw.listener.caught_up,
+                    "futures": len(gw.futures),
                     "pending_samples": gw.futures.local_pending_samples},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
@@ -110,10 +112,17 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
     }
     for role in ("trainer", "sampler"):
         alive = [w for w in workers if w.role == role and w.alive]
-        components[role] = {"healthy": bool(alive), "instances": len(alive),
+        # A live worker may still report itself sick (its timers failing): then the stack is not healthy.
+        components[role] = {"healthy": bool(alive) and all(w.detail.get("healthy", True) for w in alive),
+                            "instances": len(alive),
                             "detail": [dataclasses.asdict(w)["detail"] for w in alive]}
     healthy = all(c["healthy"] for c in components.values())
-    return {"status": "ok" if healthy else "degraded", "components": components}
+    report: dict[str, Any] = {"status": "ok" if healthy else "degraded", "components": components}
+    # Parts `tinker-bus up` restarted after they died (tinker_bus/launcher.py): healthy again, but worth knowing.
+    restarts = [w.detail.get("restarts", {}) for w in workers if w.role == "supervisor" and w.alive]
+    if restarts:
+        report["restarts"] = {part: count for found in restarts for part, count in found.items()}
+    return report
 
 
 @get(["/api/v1/healthz", "/healthz"], tags=["session"], summary="Liveness of the gateway, S3, Kafka and workers")

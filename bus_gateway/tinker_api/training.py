@@ -73,10 +73,12 @@ async def proto_forward_backward(request: Request, gw: Gateway, tenant: str) -> 
     """The SDK's forward_backward / forward: a protobuf ForwardBackwardRequest, optionally zstd-compressed."""
     body = await request.body()
     if "zstd" in request.headers.get("content-encoding", "").lower():
-        body = decompress_zstd(body, gw.config.max_body_bytes)
-    model_id, seq_id, payload = decode_forward_backward(body)
+        body = await asyncio.to_thread(decompress_zstd, body, gw.config.max_body_bytes)
+    # Bodies of up to max_body_bytes: parsed off the event loop, so /healthz and other requests never wait on them.
+    model_id, seq_id, build = await asyncio.to_thread(decode_forward_backward, body)
     run = await gw.live_run(model_id, tenant)
-    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model, lambda: payload))
+    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model,
+                                                 lambda: asyncio.to_thread(build)))
 
 
 @post("/api/v1/optim_step", status_code=200, tags=["training"],

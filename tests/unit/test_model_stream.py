@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bus_events import EventType, make_event, make_result
+from bus_events import MAX_SEQ_AHEAD, EventType, make_event, make_result
 from bus_events import payloads as p
 from trainer_consumer.actions import AnswerDuplicate, AnswerStale, Apply, Finish, Hold, Void
 from trainer_consumer.backends.base import AdapterSpec
@@ -118,9 +118,25 @@ def test_expired_gaps_become_server_voids_ahead_of_what_waited():
     e2 = event(2)
     assert s.accept(e2) == []
     actions = s.expire_gaps()
-    assert [type(a) for a in actions] == [Void, Void, Apply]
-    assert [a.inbound.env.seq_id for a in actions] == [0, 1, 2]
-    assert all(a.category == "server" and "gap timeout" in a.reason for a in actions if isinstance(a, Void))
+    assert [type(a) for a in actions] == [Void, Apply]  # one void for the whole gap, at the gap's last seq_id
+    assert [a.inbound.env.seq_id for a in actions] == [1, 2]
+    assert actions[0].span == range(0, 2) and actions[0].category == "server"
+    assert "seq_ids 0..1 (2)" in actions[0].reason and "gap timeout" in actions[0].reason
+
+
+def test_a_huge_gap_costs_one_void_and_a_jump_past_the_bound_is_refused():
+    s = stream(gap_timeout_s=0.0)
+    s.state = state()
+    far = event(MAX_SEQ_AHEAD)
+    assert s.accept(far) == []  # at the bound: it waits for the gap
+    [refused] = s.accept(event(MAX_SEQ_AHEAD + 1_000_000))
+    assert isinstance(refused, AnswerStale) and f"more than {MAX_SEQ_AHEAD} ahead" in refused.message
+    [gap, applied] = s.expire_gaps()
+    assert isinstance(gap, Void) and gap.span == range(0, MAX_SEQ_AHEAD) and applied == Apply(far)
+    s.void(gap)
+    assert s.state.last_applied_seq_id == MAX_SEQ_AHEAD - 1 and s.state.window_failure is not None
+    [late] = s.accept(event(12345))
+    assert isinstance(late, AnswerStale) and f"seq_ids 0..{MAX_SEQ_AHEAD - 1}" in late.message
 
 
 def test_a_void_poisons_the_gradient_window_and_counts_as_a_lasting_change():
