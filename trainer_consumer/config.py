@@ -48,6 +48,8 @@ class TrainerConfig:
     release_timeout_s: float = 30.0
     # How long publishing a reply is retried (broker restart...) before the trainer gives up and stops.
     publish_retry_s: float = 300.0
+    # Prometheus /metrics on 127.0.0.1:PORT (0 = any free port; /healthz lists the URL).
+    metrics_port: int = 0
     # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
     torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"
