@@ -14,7 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import Scope
 
-from bus_gateway import forward_backward_route, json_api
+from bus_gateway import forward_backward_route, json_api, observability
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
 from bus_gateway.config import GatewayConfig
 from bus_gateway.deps import DEPENDENCIES
@@ -27,7 +27,7 @@ from bus_runtime.settings import BusSettings
 log = logging.getLogger(__name__)
 
 ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-          *futures_api.ROUTES, *json_api.ROUTES]
+          *futures_api.ROUTES, *json_api.ROUTES, *observability.ROUTES]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -47,9 +47,10 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
     gateway = Gateway(settings, config, api_keys)
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_development_mode(api_keys)
         await gateway.start()
+        observability.instrument(app.state, gateway)
         try:
             yield
         finally:
@@ -58,9 +59,10 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
     return Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
-        state=State({"gateway": gateway, "api_keys": api_keys}),
+        state=State({"gateway": gateway, "api_keys": api_keys, **observability.state(gateway.objects)}),
         dependencies=DEPENDENCIES,
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
+        middleware=[observability.metrics_middleware,
+                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected],
         before_request=capture_idempotency_key,

@@ -84,7 +84,10 @@ class TrainerWorker:
         self.metrics = TrainerMetrics()
 
     def health(self) -> dict:
-        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(self.engine.streams)}
+        # queued / paused_partitions: the gateway's try_again queue state and the dashboard read them
+        return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(self.engine.streams),
+                "queued": sum(self.engine.scheduled().values()),
+                "paused_partitions": sorted(tp.partition for tp in self.consumer.paused())}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()

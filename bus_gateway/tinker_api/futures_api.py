@@ -6,6 +6,7 @@ from litestar import Request, Response, post
 from litestar.params import JSONBody
 
 from bus_events import EventType
+from bus_gateway import observability
 from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.futures import Future
 from bus_gateway.results import PROTO_MEDIA_TYPE, MalformedResult, failure, json_body, proto_body
@@ -38,7 +39,9 @@ async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Reques
                           tenant: TenantDep) -> Response:
     fut = await gw.future(data.request_id, tenant)
     if not await fut.wait(gw.config.long_poll_s):
-        return Response(TryAgain(request_id=fut.request_id))
+        queue = await observability.queue_state(request.app.state, fut.request_type)
+        return Response(TryAgain(request_id=fut.request_id, queue_state=queue.queue_state,  # type: ignore[arg-type]
+                                 queue_state_reason=queue.queue_state_reason))
     return render_result(fut, PROTO_MEDIA_TYPE in request.headers.get("accept", ""))
 
 

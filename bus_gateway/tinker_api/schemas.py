@@ -109,9 +109,10 @@ class RetrieveFutureRequest(Body):
     allow_metadata_only: bool = False
 
 
-class TryAgain(msgspec.Struct):
+class TryAgain(msgspec.Struct, omit_defaults=True):
     request_id: str
     queue_state: Literal["active", "paused_capacity", "paused_rate_limit"] = "active"
+    queue_state_reason: str | None = None  # why it waits (the SDK logs it with the state)
     type: Literal["try_again"] = "try_again"
 
 
