@@ -18,7 +18,7 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             return
         metrics: GatewayMetrics = scope["app"].state[METRICS_STATE_KEY]
         start = time.perf_counter()
-        status = 500  # an exception that escapes every handler
+        status = 500
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -28,6 +28,9 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, capture)
+        except Exception as exc:  # answered outside this middleware (Litestar's exception handlers): 401, 404...
+            status = getattr(exc, "status_code", 500)
+            raise
         finally:
             route = scope.get("path_template") or UNMATCHED_ROUTE  # type: ignore[typeddict-item]
             metrics.observe_request(scope["method"], route, status, time.perf_counter() - start)

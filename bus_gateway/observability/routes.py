@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 from litestar import Request, Response, get
 from litestar.exceptions import NotFoundException
+from litestar.params import QueryParameter
 from litestar.static_files import create_static_files_router
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -96,7 +97,8 @@ async def overview(request: Request, gw: GatewayDep, tenant: TenantDep) -> dict[
 
 
 @get("/dashboard/api/models/{model_id:str}", tags=["observability"], summary="A model's curves (points after x)")
-async def model_curves(request: Request, model_id: PathId, tenant: TenantDep, since: float = -1.0) -> Any:
+async def model_curves(request: Request, model_id: PathId, tenant: TenantDep,
+                       since: Annotated[float, QueryParameter()] = -1.0) -> Any:
     status, body = await _ask_stream(await _queue_view(request).workers(), f"/v1/models/{model_id}",
                                      {"tenant": tenant, "since": since})
     if status == 404:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar import Request, Response, post
 from litestar.params import JSONBody
 
@@ -40,8 +41,9 @@ async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Reques
     fut = await gw.future(data.request_id, tenant)
     if not await fut.wait(gw.config.long_poll_s):
         queue = await observability.queue_state(request.app.state, fut.request_type)
+        reason = queue.queue_state_reason if queue.queue_state_reason is not None else msgspec.UNSET
         return Response(TryAgain(request_id=fut.request_id, queue_state=queue.queue_state,  # type: ignore[arg-type]
-                                 queue_state_reason=queue.queue_state_reason))
+                                 queue_state_reason=reason))
     return render_result(fut, PROTO_MEDIA_TYPE in request.headers.get("accept", ""))
 
 

@@ -109,10 +109,10 @@ class RetrieveFutureRequest(Body):
     allow_metadata_only: bool = False
 
 
-class TryAgain(msgspec.Struct, omit_defaults=True):
+class TryAgain(msgspec.Struct):
     request_id: str
     queue_state: Literal["active", "paused_capacity", "paused_rate_limit"] = "active"
-    queue_state_reason: str | None = None  # why it waits (the SDK logs it with the state)
+    queue_state_reason: str | msgspec.UnsetType = msgspec.UNSET  # why it waits (the SDK logs it); left out if unset
     type: Literal["try_again"] = "try_again"
 
 

@@ -24,10 +24,14 @@ function fmt(value) {
   return Number.isInteger(value) ? String(value) : value.toFixed(3);
 }
 
+// `k=v, ...`; a list of dicts (one per worker instance) becomes one [k=v, ...] group per instance
 function pairs(detail) {
-  return Object.entries(detail || {}).filter(([k]) => k !== "healthy").map(([k, v]) =>
-    Array.isArray(v) ? v.map((item) => typeof item === "object" ? `[${pairs(item)}]` : String(item)).join(" ")
-      : `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+  return Object.entries(detail || {}).filter(([k]) => k !== "healthy").map(([k, v]) => {
+    if (Array.isArray(v) && v.every((item) => item && typeof item === "object")) {
+      return v.map((item) => `[${pairs(item)}]`).join(" ");
+    }
+    return `${k}=${Array.isArray(v) ? `[${v.join(",")}]` : typeof v === "object" ? JSON.stringify(v) : v}`;
+  }).join(", ");
 }
 
 function fillRows(tableId, rows) {
