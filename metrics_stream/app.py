@@ -62,12 +62,12 @@ def make_faust_app(settings: BusSettings, config: MetricsStreamConfig, instance:
         records.labels(kind, outcome).inc()
 
     @app.agent(requests)
-    async def fold_requests(stream: faust.Stream) -> None:
+    async def fold_requests(stream: faust.StreamT) -> None:
         async for value in stream:
             await fold("requests", ingest_request, value)
 
     @app.agent(replies)
-    async def fold_replies(stream: faust.Stream) -> None:
+    async def fold_replies(stream: faust.StreamT) -> None:
         async for value in stream:
             await fold("replies", ingest_reply, value)
 

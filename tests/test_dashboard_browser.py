@@ -55,7 +55,7 @@ async def browser_page() -> AsyncIterator[Page]:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            page = await browser.new_page(viewport={"width": 1000, "height": 860})
             yield page
         finally:
             await browser.close()
@@ -94,7 +94,7 @@ async def test_dashboard_curve_grows_live_in_chromium(stack_settings: BusSetting
         assert trainer.training.model_id in body
         assert re.search(r"trainer\s+healthy", body) and re.search(r"metrics\s+healthy", body), body
         shot = Path(os.environ.get("TINKER_BUS_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
-        await page.screenshot(path=str(shot), full_page=True)
+        await page.screenshot(path=str(shot))  # the viewport: services, queues, models, the first curves
         assert shot.stat().st_size > 10_000
 
         # tenant scope: bob's key sees neither alice's model nor its curves

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import numpy as np
 import pytest
+from gateway_support import serving
 
 from bus_events import EventType, make_error_result, make_event, make_result, tensor_from_numpy
 from bus_events import payloads as p
@@ -54,20 +55,10 @@ async def publish_steps(settings: BusSettings, steps: int, *, start_seq: int = 0
 
 @contextlib.asynccontextmanager
 async def metrics_part(settings: BusSettings) -> AsyncIterator[str]:
-    port = free_port()
-    ready = asyncio.Event()
-    task = asyncio.create_task(run_metrics(settings, ready=ready, config=MetricsStreamConfig(port=port,
-                                                                                              session_timeout_s=3)))
-    done, _ = await asyncio.wait({task, asyncio.create_task(ready.wait())}, timeout=60,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
+    port, ready = free_port(), asyncio.Event()
+    async with serving(run_metrics(settings, ready=ready, config=MetricsStreamConfig(port=port, session_timeout_s=3)),
+                       ready):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def wait_for_points(client: httpx.AsyncClient, url: str, name: str, count: int) -> dict:

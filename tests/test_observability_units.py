@@ -71,25 +71,27 @@ def test_bounded_label_and_port_validation() -> None:
         serve_metrics(SamplerMetrics([]).registry, -1)
 
 
-def _worker(role: str, **detail) -> WorkerHealth:
-    return WorkerHealth(role, f"{role}-1", time.time(), detail)
-
-
-@pytest.mark.parametrize(("role", "workers", "state", "reason"), [
+@pytest.mark.parametrize(("role", "heartbeats", "state", "reason"), [
     ("trainer", [], PAUSED_CAPACITY, "no trainer is running"),
-    ("trainer", [_worker("trainer", queued=0, paused_partitions=[])], ACTIVE, None),
-    ("trainer", [_worker("trainer", queued=9, paused_partitions=[])], ACTIVE, "trainer busy: 9 events queued"),
-    ("trainer", [_worker("trainer", queued=16, paused_partitions=[1, 3])], PAUSED_CAPACITY,
+    ("trainer", [("trainer", {"queued": 0, "paused_partitions": []})], ACTIVE, None),
+    ("trainer", [("trainer", {"queued": 9, "paused_partitions": []})], ACTIVE, "trainer busy: 9 events queued"),
+    ("trainer", [("trainer", {"queued": 16, "paused_partitions": [1, 3]})], PAUSED_CAPACITY,
      "trainer at capacity: 16 events queued for compute, 2 partition(s) paused"),
-    ("sampler", [_worker("sampler", running_rows=8, waiting_rows=5)], PAUSED_CAPACITY,
+    ("sampler", [("sampler", {"running_rows": 8, "waiting_rows": 5})], PAUSED_CAPACITY,
      "sampler at capacity: 8 rows running, 5 waiting"),
-    ("sampler", [_worker("sampler")], ACTIVE, None),
-    ("sampler", [_worker("trainer")], PAUSED_CAPACITY, "no sampler is running"),
+    ("sampler", [("sampler", {})], ACTIVE, None),
+    ("sampler", [("trainer", {})], PAUSED_CAPACITY, "no sampler is running"),
 ])
-def test_queue_state_from_heartbeats(role, workers, state, reason) -> None:
+def test_queue_state_from_heartbeats(role, heartbeats, state, reason) -> None:
+    workers = [WorkerHealth(r, f"{r}-1", time.time(), detail) for r, detail in heartbeats]
     got = assess(role, workers)
     assert got.queue_state == state
     assert (got.queue_state_reason is None) if reason is None else reason in got.queue_state_reason
+
+
+def test_a_stale_heartbeat_is_no_worker() -> None:
+    stale = WorkerHealth("trainer", "trainer-1", time.time() - 60, {"queued": 0})
+    assert assess("trainer", [stale]).queue_state == PAUSED_CAPACITY
 
 
 def test_role_of_request_types() -> None:

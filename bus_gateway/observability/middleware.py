@@ -33,6 +33,7 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             raise
         finally:
             route = scope.get("path_template") or UNMATCHED_ROUTE  # type: ignore[typeddict-item]
-            metrics.observe_request(scope["method"], route, status, time.perf_counter() - start)
+            metrics.observe_request(scope["method"], route, status,  # type: ignore[typeddict-item]
+                                    time.perf_counter() - start)
 
     return middleware

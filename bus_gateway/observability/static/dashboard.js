@@ -27,7 +27,7 @@ function fmt(value) {
 // `k=v, ...`; a list of dicts (one per worker instance) becomes one [k=v, ...] group per instance
 function pairs(detail) {
   return Object.entries(detail || {}).filter(([k]) => k !== "healthy").map(([k, v]) => {
-    if (Array.isArray(v) && v.every((item) => item && typeof item === "object")) {
+    if (Array.isArray(v) && v.length && v.every((item) => item && typeof item === "object")) {
       return v.map((item) => `[${pairs(item)}]`).join(" ");
     }
     return `${k}=${Array.isArray(v) ? `[${v.join(",")}]` : typeof v === "object" ? JSON.stringify(v) : v}`;
