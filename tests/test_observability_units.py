@@ -4,10 +4,12 @@ try_again answers carry, from heartbeats of trainers and samplers."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
 import pytest
+from gateway_support import gateway_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus_gateway.observability.queue_state import ACTIVE, PAUSED_CAPACITY, assess, role_of
@@ -15,6 +17,8 @@ from bus_runtime.health import WorkerHealth, heartbeating, read_health
 from bus_runtime.metrics import OTHER_LABEL, bounded_label, serve_metrics
 from bus_runtime.sampler_metrics import SamplerMetrics
 from trainer_consumer.metrics import TrainerMetrics
+
+pytest_plugins = ["gateway_support"]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -108,3 +112,23 @@ async def test_heartbeat_lists_the_metrics_url(store) -> None:
                 break
             await asyncio.sleep(0.05)
     assert found[0].detail == {"queued": 2, "metrics_url": "http://127.0.0.1:1/metrics"}
+
+
+async def test_dashboard_page_is_public_and_offline_and_its_data_needs_a_key(gw_settings) -> None:
+    async with gateway_client(gw_settings, {"tml-alice": "alice"}) as client:
+        page = await client.get("/dashboard")
+        assert page.status_code == 200 and "dashboard.js" in page.text
+        for asset in ("dashboard.js", "dashboard.css"):
+            served = await client.get(f"/dashboard/static/{asset}")
+            assert served.status_code == 200
+            urls = re.findall(r"https?://[^\s\"'`]+", served.text)  # nothing from a CDN: XML namespaces only
+            assert all(u.startswith("http://www.w3.org/") for u in urls), urls
+        assert "src=\"http" not in page.text and "href=\"http" not in page.text
+        assert (await client.get("/dashboard/api/overview")).status_code == 401
+        # no metrics part runs here: the page is told so, nothing fails
+        curves = await client.get("/dashboard/api/models/m1", headers={"X-API-Key": "tml-alice"})
+        assert curves.status_code == 200 and "no metrics part is running" in curves.json()["metrics_error"]
+        overview = (await client.get("/dashboard/api/overview", headers={"X-API-Key": "tml-alice"})).json()
+        assert overview["tenant"] == "alice" and overview["models"] == []
+        assert overview["queues"]["trainer"]["queue_state"] == PAUSED_CAPACITY
+        assert "tinker_bus_gateway_http_requests_total" in (await client.get("/metrics")).text

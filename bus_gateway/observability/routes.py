@@ -103,8 +103,10 @@ async def model_curves(request: Request, model_id: PathId, tenant: TenantDep,
                                      {"tenant": tenant, "since": since})
     if status == 404:
         raise NotFoundException(f"model_id {model_id!r}: no curves (unknown model, or not yours)")
+    if status == 503:  # no metrics part to ask: no curves yet, as the overview says (not a gateway failure)
+        return {"model_id": model_id, "series": {}, "counts": {}, "latest": {}, "metrics_error": body["detail"]}
     if status != 200:
-        return Response(body, status_code=status)
+        return Response(body, status_code=502)  # the metrics part failed: a bad gateway, in HTTP's words
     return body
 
 
