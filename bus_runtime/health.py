@@ -67,9 +67,14 @@ def read_health(store: ObjectStore) -> list[WorkerHealth]:
 
 
 @contextlib.asynccontextmanager
-async def heartbeating(store: ObjectStore, role: str, detail=None) -> AsyncIterator[str]:
-    """Heartbeat as `role` for the duration of the block; yields this worker's instance id."""
+async def heartbeating(store: ObjectStore, role: str, detail=None, *,
+                      metrics_url: str | None = None) -> AsyncIterator[str]:
+    """Heartbeat as `role` for the duration of the block; yields this worker's instance id. `metrics_url` (the
+    part's Prometheus endpoint) goes into every heartbeat, so /healthz and the `up` banner list it."""
     instance = instance_id(role)
+    if metrics_url is not None:
+        own = detail
+        detail = lambda: {**(own() if own else {}), "metrics_url": metrics_url}  # noqa: E731
     task = asyncio.create_task(heartbeat_loop(store, role, instance, detail), name=f"{role}-heartbeat")
     try:
         yield instance

@@ -53,6 +53,10 @@ class OffsetTracker:
             if tp in self._partitions:
                 self._partitions[tp].committed = offset
 
+    def partition(self, tp: TopicPartition) -> PartitionOffsets | None:
+        """Where `tp` stands (read-only use: the trainer's lag metrics)."""
+        return self._partitions.get(tp)
+
     def forget(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
             self._partitions.pop(tp, None)

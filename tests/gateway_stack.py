@@ -27,12 +27,13 @@ STACK_CONFIG = GatewayConfig(long_poll_s=10.0, unknown_request_grace_s=2.0)
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings: BusSettings, config: GatewayConfig = STACK_CONFIG) -> AsyncIterator[str]:
+async def running_stack(settings: BusSettings, config: GatewayConfig = STACK_CONFIG,
+                        api_keys: dict[str, str] | None = None) -> AsyncIterator[str]:
     trainer_ready, sampler_ready = asyncio.Event(), asyncio.Event()
     workers = [asyncio.create_task(run_trainer(settings, ready=trainer_ready), name="e2e-trainer"),
                asyncio.create_task(run_sampler(settings, ready=sampler_ready), name="e2e-sampler")]
     try:
-        async with running_gateway(settings, None, config) as url:
+        async with running_gateway(settings, api_keys, config) as url:
             waiting = asyncio.gather(trainer_ready.wait(), sampler_ready.wait())
             done, _ = await asyncio.wait([waiting, *workers], timeout=120, return_when=asyncio.FIRST_COMPLETED)
             for task in workers:

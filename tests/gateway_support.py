@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,15 +53,23 @@ async def running_gateway(settings: BusSettings, api_keys: dict[str, str] | None
     """The gateway under uvicorn on a free loopback port, in this event loop; yields its base URL."""
     port = free_port()
     ready = asyncio.Event()
-    task = asyncio.create_task(run_gateway(settings, api_keys=api_keys, port=port, config=config, ready=ready,
-                                           log_level="warning"))
+    async with serving(run_gateway(settings, api_keys=api_keys, port=port, config=config, ready=ready,
+                                   log_level="warning"), ready):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def serving(run: Coroutine[Any, Any, None], ready: asyncio.Event) -> AsyncIterator[None]:
+    """Run a server coroutine in this event loop for the block, entered once it set `ready`; a startup failure
+    is raised here. Leaving the block cancels it (its graceful stop)."""
+    task = asyncio.create_task(run)
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         waiter.cancel()
         await task  # re-raises the startup failure
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

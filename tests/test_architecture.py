@@ -17,12 +17,14 @@ FLOORS: dict[str, int] = {
     "bus_events": 0,
     "artifact_store": 1, "loss_plugins": 1,
     "bus_runtime": 2,
-    "bus_gateway": 3, "trainer_consumer": 3, "sampler_consumer": 3,
+    "bus_gateway": 3, "trainer_consumer": 3, "sampler_consumer": 3, "metrics_stream": 3,
     "tinker_bus": 4,
 }
 # Packages on one floor that must not know each other: the parts talk only through Kafka.
 STRANGERS = {("bus_gateway", "trainer_consumer"), ("bus_gateway", "sampler_consumer"),
-             ("trainer_consumer", "sampler_consumer"), ("artifact_store", "loss_plugins")}
+             ("trainer_consumer", "sampler_consumer"), ("artifact_store", "loss_plugins"),
+             ("bus_gateway", "metrics_stream"), ("trainer_consumer", "metrics_stream"),
+             ("sampler_consumer", "metrics_stream")}
 
 
 def _module_name(path: Path) -> str:
@@ -119,7 +121,8 @@ def test_the_cycle_check_sees_a_cycle() -> None:
     assert _strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["c", "b", "a"], ["d"]]
 
 
-@pytest.mark.parametrize("module", ["bus_gateway.app", "bus_runtime.settings", "artifact_store", "loss_plugins"])
+@pytest.mark.parametrize("module", ["bus_gateway.app", "bus_runtime.settings", "artifact_store", "loss_plugins",
+                                    "metrics_stream.worker"])
 def test_importing_loads_no_torch(module: str) -> None:
     code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0, f"{module} imports torch"

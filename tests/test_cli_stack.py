@@ -291,7 +291,8 @@ def test_up_uses_an_existing_kafka_and_s3_instead_of_starting_them(tmp_path, tin
         assert report["status"] == "ok", report
         assert report["components"]["kafka"]["bootstrap"] == broker.bootstrap
         names = sorted(psutil.Process(pid).name() for pid in stack.descendants)
-        assert "tansu" not in names and "weed" not in names and len(names) == 3, names
+        # gateway, trainer, sampler, metrics
+        assert "tansu" not in names and "weed" not in names and len(names) == 4, names
         assert stack.stop(signal.SIGTERM) == 0, stack.text()
         assert stack.survivors() == []
     from confluent_kafka.admin import AdminClient

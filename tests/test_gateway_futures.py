@@ -41,7 +41,10 @@ async def test_reply_on_the_bus_answers_retrieve_future(gw_settings):
         assert payload.adam_params.learning_rate == 0.001 and payload.adam_params.eps == 1e-8
 
         pending = await client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=HEADERS_A)
-        assert pending.json() == {"request_id": request_id, "queue_state": "active", "type": "try_again"}
+        # no trainer runs in this test: the try_again says so (bus_gateway/observability/queue_state.py)
+        assert pending.json() == {"request_id": request_id, "queue_state": "paused_capacity", "type": "try_again",
+                                  "queue_state_reason": "no trainer is running: the request waits on the bus until "
+                                                        "one starts"}
 
         await bus.reply(env, p.OptimStepResult(metrics={"grad_norm": 2.5}))
         done = await retrieve(client, request_id, HEADERS_A)

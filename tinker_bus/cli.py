@@ -1,5 +1,5 @@
-"""`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler` run one part each; `replay` and
-`export-log` read a model's event log back.
+"""`tinker-bus`: `up` runs the whole local stack; `gateway`, `trainer`, `sampler`, `metrics` run one part each;
+`replay`, `export-log` and `export-metrics` read a model's event log back.
 
 Settings come from TINKER_BUS_* environment variables (bus_runtime.settings.BusSettings.from_env); a flag
 overrides its variable. The original server's PORT (gateway port) and USE_MEGATRON=true (trainer backend
@@ -128,6 +128,12 @@ def cmd_sampler(args: argparse.Namespace) -> int:
     return _serve_worker("sampler", run_sampler, settings_from_args(args))
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from metrics_stream.worker import ROLE, run_metrics
+
+    return _serve_worker(ROLE, run_metrics, settings_from_args(args))
+
+
 WorkerFn = Callable[..., Coroutine[Any, Any, None]]
 
 
@@ -144,8 +150,8 @@ def _serve_worker(role: str, run: WorkerFn, settings: BusSettings) -> int:
         ready_wait = asyncio.create_task(ready.wait())
         await asyncio.wait({worker, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
-            log.info("%s ready (Kafka %s, group %s, base models %s)", role, settings.kafka_bootstrap,
-                     settings.trainer_group if role == "trainer" else settings.sampler_group,
+            group = {"trainer": settings.trainer_group, "sampler": settings.sampler_group}.get(role, "of its own")
+            log.info("%s ready (Kafka %s, group %s, base models %s)", role, settings.kafka_bootstrap, group,
                      ", ".join(settings.base_models))
         ready_wait.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -207,12 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     bus_options(sampler, for_up=False)
     sampler.set_defaults(func=cmd_sampler)
 
+    metrics = sub.add_parser("metrics", parents=[common],
+                             help="the metrics stream: per-model curves from the log, as JSON (more processes: "
+                                  "more replicas)")
+    bus_options(metrics, for_up=False)
+    metrics.set_defaults(func=cmd_metrics)
+
     from tinker_bus.log_tools import add_log_commands  # replay and export-log: reading the log back
 
     add_log_commands(sub, common)
     from tinker_bus.export_model import add_export_command  # export: a checkpoint merged into its base model
 
     add_export_command(sub, common)
+
+    from tinker_bus.metrics_export import add_metrics_commands
+
+    add_metrics_commands(sub, common)
     return parser
 
 

@@ -1,8 +1,8 @@
 """`tinker-bus up`: the whole local stack as child processes, healthy or stopped, never half of it.
 
 Order: S3 (SeaweedFS) -> broker (Tansu, its log in that S3 unless --ephemeral) -> topics + bucket ->
-base models (converted once, in this process, so the spinner shows it) -> gateway, trainer, sampler
-(one process each, `python -m tinker_bus <role>`, configured by TINKER_BUS_* variables) -> wait for
+base models (converted once, in this process, so the spinner shows it) -> gateway, trainer, sampler,
+metrics (one process each, `python -m tinker_bus <role>`, configured by TINKER_BUS_* variables) -> wait for
 /healthz. Every child runs in its own process group, so a terminal's Ctrl-C reaches only this process,
 which then stops the children in reverse order and reaps each one (infra.stop_process).
 
@@ -143,6 +143,7 @@ class Stack:
                    or os.environ.get("TINKER_BUS_TRAINER_BACKEND") or "hf_peft")
         self._spawn("trainer", [], f"backend {backend}, device {self.settings.device}", self.options.trainer_env)
         self._spawn("sampler", [], f"device {self.settings.device}")
+        self._spawn("metrics", [], "curves from the log, JSON for /dashboard")
 
     def _start_s3(self) -> None:
         if self.options.external_s3:
@@ -456,6 +457,8 @@ def _print_ready(stack: Stack, report: dict[str, Any]) -> None:
         f"  export TINKER_BASE_URL={stack.gateway_url} TINKER_API_KEY={key}\n"
         f"  events: Kafka {stack.settings.kafka_bootstrap}, topics {stack.settings.topics.prefix}.* "
         f"(docs/events.md)\n"
+        f"  dashboard: {stack.gateway_url}/dashboard, Prometheus: {stack.gateway_url}/metrics "
+        f"(trainer/sampler: metrics_url above)\n"
         "[dim]A part that dies is restarted (backoff 1 s .. 30 s; shown here and in /healthz). "
         "Ctrl-C stops everything.[/]"
     )

@@ -54,6 +54,8 @@ class TrainerConfig:
     idle_offload_s: float = 1800.0
     session_expiry_s: float = 300.0
     max_resident_adapters: int = 256
+    # Prometheus /metrics on 127.0.0.1:PORT (0 = any free port; /healthz lists the URL).
+    metrics_port: int = 0
     # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
     torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"

@@ -33,6 +33,7 @@ from bus_events import Reply
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
+from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.records import SignatureCheck
 from bus_runtime.settings import BusSettings, open_object_store
@@ -42,6 +43,7 @@ from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
+from trainer_consumer.metrics import TrainerMetrics
 from trainer_consumer.runtime import Runtime, Storage
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,17 @@ class TrainerWorker:
         self.owned: set[TopicPartition] = set()
         self.tenant_keys = settings.tenant_keys  # requests must prove their tenant (bus_events/signing.py)
         self._last_commit = 0.0
+        self.metrics = TrainerMetrics()
 
     def health(self) -> dict:
         engine = self.engine
+        # queued / paused_partitions: the gateway's try_again queue state and the dashboard read them
         return {"partitions": sorted(tp.partition for tp in self.owned), "models": len(engine.streams),
                 "healthy": engine.maintenance_error is None and engine.failure is None,
                 "problem": engine.maintenance_error or (repr(engine.failure) if engine.failure else None),
-                "maintenance_restarts": engine.maintenance_restarts, "offloaded": engine.residency.offloads}
+                "maintenance_restarts": engine.maintenance_restarts, "offloaded": engine.residency.offloads,
+                "queued": sum(engine.scheduled().values()),
+                "paused_partitions": sorted(tp.partition for tp in self.consumer.paused())}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()
@@ -142,6 +148,7 @@ class TrainerWorker:
             if self.engine.failure is not None:
                 raise RuntimeError("the trainer engine failed") from self.engine.failure
             self._apply_backpressure()
+            self.metrics.sample(self.consumer, self.offsets, self.engine.scheduled(), len(self.engine.streams))
             if time.monotonic() - self._last_commit >= self.config.commit_interval_s:
                 await self.commit()
 
@@ -157,14 +164,17 @@ class TrainerWorker:
             return
         if isinstance(decoded, Poisoned):
             await dead_letter_contract_error(self.producer, self.settings, record, decoded.error, decoded.stage)
+            self.metrics.dead_letter(decoded.stage)
             if decoded.void is None:
                 self.offsets.finished(tp, record.offset)
                 return
             decoded = decoded.void  # its seq_id is burnt: void it in order (finished when the model gets there)
+        self.metrics.submitted(decoded)
         await self.engine.submit(decoded)
 
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
+        self.metrics.finished(inbound, replies)
         for env, result in replies:
             await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
                                      retry_s=self.config.publish_retry_s, blob_store=self.objects,
@@ -186,6 +196,7 @@ class TrainerWorker:
             log.warning("offset commit failed (%s); retried with the next one", exc)
             return
         self.offsets.committed(offsets)
+        self.metrics.committed()
 
     async def hand_over(self, revoked: set[TopicPartition]) -> None:
         """Revoked partitions: stop feeding them, let their models settle and snapshot, commit, forget."""
@@ -222,5 +233,9 @@ async def run_trainer(settings: BusSettings, *, ready: asyncio.Event | None = No
     runtime = Runtime(backend or make_backend(config, settings.device), Storage.on(objects), config,
                       settings.base_models)
     worker = TrainerWorker(settings, runtime, objects)
-    async with heartbeating(objects, "trainer", worker.health):
-        await worker.run(ready)  # a cancel stops it gracefully (TrainerWorker._stop_engine)
+    metrics = serve_metrics(worker.metrics.registry, config.metrics_port)
+    try:
+        async with heartbeating(objects, "trainer", worker.health, metrics_url=metrics.url):
+            await worker.run(ready)  # a cancel stops it gracefully (TrainerWorker._stop_engine)
+    finally:
+        metrics.close()

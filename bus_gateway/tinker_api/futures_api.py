@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar import Request, Response, post
 from litestar.params import JSONBody
 
 from bus_events import EventType
+from bus_gateway import observability
 from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.errors import NotYetKnown
 from bus_gateway.futures import Future
@@ -42,7 +44,10 @@ async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Reques
     except NotYetKnown:  # this gateway (just restarted) is still reading the bus: never a final 404
         return Response(TryAgain(request_id=data.request_id))
     if not await fut.wait(gw.config.long_poll_s):
-        return Response(TryAgain(request_id=fut.request_id))
+        queue = await observability.queue_state(request.app.state, fut.request_type)
+        reason = queue.queue_state_reason if queue.queue_state_reason is not None else msgspec.UNSET
+        return Response(TryAgain(request_id=fut.request_id, queue_state=queue.queue_state,  # type: ignore[arg-type]
+                                 queue_state_reason=reason))
     return render_result(fut, PROTO_MEDIA_TYPE in request.headers.get("accept", ""))
 
 

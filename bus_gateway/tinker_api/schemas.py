@@ -117,6 +117,7 @@ class RetrieveFutureRequest(Body):
 class TryAgain(msgspec.Struct):
     request_id: str
     queue_state: Literal["active", "paused_capacity", "paused_rate_limit"] = "active"
+    queue_state_reason: str | msgspec.UnsetType = msgspec.UNSET  # why it waits (the SDK logs it); left out if unset
     type: Literal["try_again"] = "try_again"
 
 
