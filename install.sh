@@ -2,6 +2,8 @@
 # Install tinker-bus into ./.venv (Python 3.11, CPU torch), then optionally run the local stack:
 #   bash install.sh                 install (or do nothing if already installed from these files)
 #   bash install.sh --run [ARGS]    install, then `tinker-bus up ARGS`
+#   bash install.sh --test          install, plus what the tests need outside Python: Debian's chromium for the
+#                                   dashboard's browser test (apt-get, as root; no browser download by Playwright)
 # Environment: PYTHON (default python3.11), TORCH_SPEC (default torch==2.13.0; never leave torch unpinned:
 # the newest release is a multi-GB CUDA build).
 set -euo pipefail
@@ -15,6 +17,16 @@ STAMP="$VENV/.tinker-bus-installed"
 run=0
 if [[ "${1:-}" == "--run" ]]; then
   run=1
+  shift
+elif [[ "${1:-}" == "--test" ]]; then
+  if ! command -v chromium > /dev/null; then
+    if [[ $EUID != 0 ]] || ! command -v apt-get > /dev/null; then
+      echo "install.sh: the browser test needs Debian's chromium: run as root on Debian/Ubuntu, or install it" >&2
+      exit 1
+    fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  fi
   shift
 fi
 
