@@ -51,28 +51,35 @@ class SamplerMetrics:
                 self.cache_lookups.labels(cache, result)
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
+        self.running = self.waiting = 0
+
+    def health(self) -> dict[str, int]:
+        """What the sampler's heartbeat carries: the gateway's try_again queue state and the dashboard read it."""
+        return {"running_rows": self.running, "waiting_rows": self.waiting}
 
     def _model(self, base_model: str) -> str:
         return bounded_label(base_model, self.base_models)
 
-    def request_done(self, base_model: str, *, ok: bool, seconds: float, generated_tokens: int,
-                     prompt_tokens: int = 0) -> None:
+    def request_done(self, base_model: str, *, ok: bool, seconds: float) -> None:
         """Once per sample request, when its reply is published."""
         model = self._model(base_model)
         self.requests.labels(model, "ok" if ok else "error").inc()
         self.request_seconds.labels(model).observe(seconds)
-        self.tokens.labels(model).inc(generated_tokens)
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
 
     def first_token(self, base_model: str, seconds: float) -> None:
-        """Once per request, when its first token is sampled (seconds since the event arrived)."""
+        """Once per request, when its first token is sampled (seconds since the request reached the engine)."""
         self.ttft.labels(self._model(base_model)).observe(seconds)
 
-    def engine_step(self, base_model: str, *, tokens: int, seconds: float, running: int, waiting: int,
-                    kv_blocks_used: int, kv_blocks_total: int) -> None:
-        """After each engine (decode) step: its throughput and the batch's state."""
+    def engine_step(self, base_model: str, *, tokens: int, prompt_tokens: int, seconds: float, running: int,
+                    waiting: int, kv_blocks_used: int, kv_blocks_total: int) -> None:
+        """After each engine step: tokens sampled and prompt tokens prefilled (cache misses), the step's
+        throughput and the batch's state."""
+        model = self._model(base_model)
+        self.tokens.labels(model).inc(tokens)
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
         if seconds > 0 and tokens > 0:
-            self.tokens_per_s.labels(self._model(base_model)).observe(tokens / seconds)
+            self.tokens_per_s.labels(model).observe(tokens / seconds)
+        self.running, self.waiting = running, waiting  # the heartbeat reads these (gauges keep no plain value)
         self.running_rows.set(running)
         self.waiting_rows.set(waiting)
         self.kv_cache_usage.set(kv_blocks_used / kv_blocks_total if kv_blocks_total else 0.0)

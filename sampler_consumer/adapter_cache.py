@@ -50,6 +50,11 @@ class AdapterCache:
         self._adapters: OrderedDict[tuple[str, tuple[str, str]], AdapterCheckpoint] = OrderedDict()
         self._lock = threading.Lock()
 
+    def holds(self, path: str, base_model: str) -> bool:
+        """Whether some version of the adapter at `path` is loaded (a metrics lookup: no S3 request)."""
+        with self._lock:
+            return any(model == base_model and key[0] == path for model, key in self._adapters)
+
     def get(self, path: str, base_model: str) -> AdapterCheckpoint:
         """The adapter currently stored at `path` (a tinker:// sampler_weights path), trained on `base_model`."""
         try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bus_runtime.sampler_metrics import SamplerMetrics
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.executor import Executor
 from sampler_consumer.kv_pages import PagePool
@@ -50,9 +51,10 @@ def _kv_pages(base: BaseModel, config: SamplerConfig, bytes_per_token: int) -> i
 class ModelEngine:
     """One base model: its paged KV cache, scheduler and executor (engine thread only)."""
 
-    def __init__(self, base: BaseModel, config: SamplerConfig) -> None:
+    def __init__(self, base: BaseModel, config: SamplerConfig, metrics: SamplerMetrics | None = None) -> None:
         config = config.resolved(base.device)
-        self.base, self.config = base, config
+        self.base, self.config, self.metrics = base, config, metrics
+        self._prefix_seen = (0, 0)  # the pool's (lookups, lookup_hits) already reported to `metrics`
         kernels = bool(config.kernels) and _has_triton()
         if kernels:
             base.lora.allocate_all()  # before any graph captures the slot stacks
@@ -115,10 +117,28 @@ class ModelEngine:
         try:
             self._step(plan)
         finally:
-            self._window.add(time.perf_counter() - started, len(plan.sample),
-                             sum(item.new_tokens for item in plan.prefills))
+            seconds, prefilled = time.perf_counter() - started, sum(item.new_tokens for item in plan.prefills)
+            self._window.add(seconds, len(plan.sample), prefilled)
             if self._window.due():
                 self._report()
+            if self.metrics is not None:
+                self._observe(plan, seconds, prefilled, self.metrics)
+
+    def _observe(self, plan: StepPlan, seconds: float, prefilled: int, metrics: SamplerMetrics) -> None:
+        s, pool, name = self.scheduler, self.pool, self.base.name
+        metrics.engine_step(name, tokens=len(plan.sample), prompt_tokens=prefilled, seconds=seconds,
+                            running=len(s.rows), waiting=len(s.waiting),
+                            kv_blocks_used=pool.num_pages - 1 - pool.free_pages, kv_blocks_total=pool.num_pages - 1)
+        now = time.monotonic()
+        for item in plan.prefills:  # a prefilled request samples its first token in the same step
+            for group in item.groups:
+                metrics.first_token(name, now - group.added_at)
+        lookups, hits = self._prefix_seen
+        for _ in range(pool.lookup_hits - hits):
+            metrics.cache_lookup("prefix", True)
+        for _ in range((pool.lookups - lookups) - (pool.lookup_hits - hits)):
+            metrics.cache_lookup("prefix", False)
+        self._prefix_seen = (pool.lookups, pool.lookup_hits)
 
     def _report(self) -> None:
         w, s, pool = self._window, self.scheduler, self.pool

@@ -41,6 +41,7 @@ class PagePool:
         self._page_of: dict[bytes, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached pages nobody references, oldest first
         self.hits = 0  # prefix pages reused
+        self.lookups = self.lookup_hits = 0  # prefix-cache lookups, and those that reused at least one page
 
     @property
     def available(self) -> int:
@@ -95,6 +96,8 @@ class PagePool:
                 break
             self.retain(page)
             pages.append(page)
+        self.lookups += 1
+        self.lookup_hits += bool(pages)
         self.hits += len(pages)
         return pages
 

@@ -14,6 +14,7 @@ preempted. Per-row state the executor needs each step lives in arrays indexed by
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Group:
     rows: list[Row] = field(default_factory=list)
     output: GenOutput | None = None
     live: int = 0
+    added_at: float = field(default_factory=time.monotonic)  # when it reached the engine (time to first token)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

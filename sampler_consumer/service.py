@@ -21,6 +21,7 @@ from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSessi
 from bus_events import Envelope, Reply, make_result, tensor_from_numpy
 from bus_events import payloads as p
 from bus_runtime.errors import UserError
+from bus_runtime.sampler_metrics import SamplerMetrics
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.adapter_cache import AdapterCache, AdapterNotFound
 from sampler_consumer.config import SamplerConfig, resolve_device, resolve_dtype
@@ -104,7 +105,9 @@ class _Merge:
 
 
 class SamplerService:
-    def __init__(self, settings: BusSettings, config: SamplerConfig, objects: ObjectStore | None = None) -> None:
+    def __init__(self, settings: BusSettings, config: SamplerConfig, objects: ObjectStore | None = None,
+                 metrics: SamplerMetrics | None = None) -> None:
+        self.metrics = metrics
         self.objects = objects or open_object_store(settings)
         self.registry = Registry(self.objects)
         self.device = resolve_device(settings.device)
@@ -116,7 +119,7 @@ class SamplerService:
     def _load_engine(self, name: str) -> ModelEngine:  # on the engine thread
         base = load_base_model(name, self.device, self.dtype, adapter_slots=self.config.adapter_cache_size,
                                max_lora_rank=self.config.max_lora_rank)
-        return ModelEngine(base, self.config)
+        return ModelEngine(base, self.config, self.metrics)
 
     def close(self) -> None:
         self.core.stop()
@@ -144,6 +147,8 @@ class SamplerService:
             adapter = None
             if session.model_path is not None:
                 where = (session.model_path, session.base_model)
+                if self.metrics is not None:  # one lookup per request, however the batch shares loads
+                    self.metrics.cache_lookup("adapter", where in adapters or self.adapters.holds(*where))
                 if where not in adapters:
                     try:
                         adapters[where] = self.adapters.get(session.model_path, session.base_model)

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -25,8 +26,10 @@ from bus_events import payloads as p
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish_with_retry
+from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
-from bus_runtime.records import Poisoned, decode_record
+from bus_runtime.records import Poisoned, SignatureCheck, decode_record
+from bus_runtime.sampler_metrics import SamplerMetrics
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.requests import describe
@@ -44,12 +47,16 @@ class _Queued:
     partition: TopicPartition
     offset: int
     job: SampleJob
+    arrived: float = field(default_factory=time.monotonic)
+    base_model: str = ""  # known once prepared
 
 
 class _SamplerWorker:
     def __init__(self, settings: BusSettings, config: SamplerConfig, service: SamplerService,
-                 producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, objects: ObjectStore) -> None:
-        self.settings, self.config, self.service = settings, config, service
+                 producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, objects: ObjectStore,
+                 metrics: SamplerMetrics) -> None:
+        self.settings, self.config, self.service, self.metrics = settings, config, service, metrics
+        self.tenant_keys = settings.tenant_keys  # requests must prove their tenant (bus_events/signing.py)
         self.producer, self.consumer, self.objects = producer, consumer, objects
         self.intake: asyncio.Queue[_Queued] = asyncio.Queue()
         self.replies: asyncio.Queue[tuple[_Queued, Reply]] = asyncio.Queue()
@@ -88,9 +95,11 @@ class _SamplerWorker:
 
     async def _decode(self, record: ConsumerRecord) -> SampleJob | None:
         """The record's request, or None once it has been dead-lettered."""
-        decoded = await decode_record(record.value, self.objects, {EventType.SAMPLE})
+        verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
+        decoded = await decode_record(record.value, self.objects, {EventType.SAMPLE}, check=verify)
         if isinstance(decoded, Poisoned):
             await dead_letter_contract_error(self.producer, self.settings, record, decoded.error, decoded.stage)
+            self.metrics.failure("dead_letter")
             return None
         assert isinstance(decoded.payload, p.Sample)
         return SampleJob(decoded.env, decoded.payload)
@@ -119,6 +128,7 @@ class _SamplerWorker:
                 error = p.ErrorInfo(message=f"sampler failure: {describe(exc)}", category="server")
                 prepared = [Prepared(item.job, error=error) for item in batch]
             for item, ready in zip(batch, prepared, strict=True):
+                item.base_model = ready.base_model
                 self.service.submit(ready, functools.partial(self._reply_threadsafe, loop, item))
 
     # ------------------------------------------------------------------ replies
@@ -145,6 +155,10 @@ class _SamplerWorker:
                                  retry_s=self.config.publish_retry_s, blob_store=self.objects,
                                  claim_check_bytes=self.settings.claim_check_bytes)
         self.offsets.finished(item.partition, item.offset)
+        error = result.error
+        self.metrics.request_done(item.base_model, ok=error is None, seconds=time.monotonic() - item.arrived)
+        if error is not None:
+            self.metrics.failure("user" if error.category == "user" else "server")
 
 
 async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = None,
@@ -154,15 +168,20 @@ async def run_sampler(settings: BusSettings, *, ready: asyncio.Event | None = No
     await ensure_topics(settings)
     objects = open_object_store(settings)
     await asyncio.to_thread(objects.ensure_bucket)
-    service = SamplerService(settings, config, objects)
+    metrics = SamplerMetrics(settings.base_models)
+    service = SamplerService(settings, config, objects, metrics)
     producer = make_producer(settings)
     consumer = make_consumer(settings, settings.topics.sample, group_id=settings.sampler_group)
     await producer.start()
     try:
         await consumer.start()
         try:
-            async with heartbeating(objects, "sampler"):
-                await _SamplerWorker(settings, config, service, producer, consumer, objects).run(ready)
+            server = serve_metrics(metrics.registry, config.metrics_port)
+            try:
+                async with heartbeating(objects, "sampler", metrics.health, metrics_url=server.url):
+                    await _SamplerWorker(settings, config, service, producer, consumer, objects, metrics).run(ready)
+            finally:
+                server.close()
         finally:
             await consumer.stop()
     finally:

@@ -7,10 +7,9 @@ import asyncio
 import re
 import time
 
-import httpx
 import pytest
 from gateway_support import gateway_client
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_support import scrape
 
 from bus_gateway.observability.queue_state import ACTIVE, PAUSED_CAPACITY, assess, role_of
 from bus_runtime.health import WorkerHealth, heartbeating, read_health
@@ -21,22 +20,18 @@ from trainer_consumer.metrics import TrainerMetrics
 pytest_plugins = ["gateway_support"]
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url, timeout=5).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_sampler_metrics_served_on_loopback_with_bounded_labels() -> None:
     metrics = SamplerMetrics(["tiny"])
     server = serve_metrics(metrics.registry, 0)
     try:
         assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/metrics")
-        metrics.request_done("tiny", ok=True, seconds=0.5, generated_tokens=12, prompt_tokens=30)
-        metrics.request_done("someone/else", ok=False, seconds=0.1, generated_tokens=0)
+        metrics.request_done("tiny", ok=True, seconds=0.5)
+        metrics.request_done("someone/else", ok=False, seconds=0.1)
         metrics.first_token("tiny", 0.05)
-        metrics.engine_step("tiny", tokens=64, seconds=0.5, running=3, waiting=2, kv_blocks_used=30,
-                            kv_blocks_total=120)
+        metrics.engine_step("tiny", tokens=12, prompt_tokens=30, seconds=0.5, running=3, waiting=2,
+                            kv_blocks_used=30, kv_blocks_total=120)
+        metrics.engine_step("tiny", tokens=52, prompt_tokens=0, seconds=0.5, running=3, waiting=2,
+                            kv_blocks_used=30, kv_blocks_total=120)
         metrics.cache_lookup("prefix", hit=True)
         metrics.cache_lookup("adapter", hit=False)
         metrics.failure("user")
@@ -45,9 +40,11 @@ def test_sampler_metrics_served_on_loopback_with_bounded_labels() -> None:
         server.close()
     assert got[("tinker_bus_sampler_requests_total", (("base_model", "tiny"), ("outcome", "ok")))] == 1
     assert got[("tinker_bus_sampler_requests_total", (("base_model", OTHER_LABEL), ("outcome", "error")))] == 1
-    assert got[("tinker_bus_sampler_generated_tokens_total", (("base_model", "tiny"),))] == 12
+    assert got[("tinker_bus_sampler_prompt_tokens_total", (("base_model", "tiny"),))] == 30
     assert got[("tinker_bus_sampler_time_to_first_token_seconds_count", (("base_model", "tiny"),))] == 1
     assert got[("tinker_bus_sampler_generated_tokens_per_second_sum", (("base_model", "tiny"),))] == 128
+    assert got[("tinker_bus_sampler_generated_tokens_total", (("base_model", "tiny"),))] == 64
+    assert metrics.health() == {"running_rows": 3, "waiting_rows": 2}
     assert got[("tinker_bus_sampler_running_rows", ())] == 3
     assert got[("tinker_bus_sampler_waiting_rows", ())] == 2
     assert got[("tinker_bus_sampler_kv_cache_usage_ratio", ())] == 0.25

@@ -9,12 +9,15 @@ import dataclasses
 
 import msgpack
 import pytest
+from metrics_support import scrape
 from sampler_support import add_session, job, sample_request, save_sampler_weights, sequences, train_peft_adapter
 
 from artifact_store import CheckpointStore, Registry
 from bus_events import EventType, decode_envelope, decode_payload, make_event
 from bus_events import payloads as p
+from bus_runtime.health import read_health
 from bus_runtime.kafka_io import make_consumer, make_producer, publish
+from bus_runtime.metrics import bounded_label
 from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.service import SamplerService
@@ -120,3 +123,42 @@ async def test_worker_answers_samples_over_the_broker_and_dead_letters_poison(se
     assert any("num_samples" in letter.reason for letter in letters)
     assert any("optim_step events do not belong on this topic" in letter.reason for letter in letters)
     assert all(letter.source_topic == settings.topics.sample for letter in letters)
+
+
+async def test_the_sampler_counts_what_it_answered_on_its_metrics_endpoint(settings, store, tiny_dir):
+    settings = dataclasses.replace(settings, device="cpu")
+    base = str(tiny_dir)
+    path = save_sampler_weights(CheckpointStore(store), "s:train:0", "a1", train_peft_adapter(tiny_dir, seed=1), base)
+    session = add_session(Registry(store), "s:sample:0", base, path)
+    label = bounded_label(base, settings.base_models)  # a base model outside the configured ones counts as "other"
+    jobs = [job(sample_request(session, PROMPT)), job(sample_request(session, PROMPT)),
+            job(sample_request("s:sample:unknown", PROMPT))]
+    async with _running_sampler(settings):
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for sample_job in jobs:
+                await publish(producer, settings.topics.sample, sample_job.env, sample_job.request,
+                              claim_check_bytes=settings.claim_check_bytes)
+            await producer.send_and_wait(settings.topics.sample, b"\xc1 not an event", key=b"junk")
+        finally:
+            await producer.stop()
+        await _collect(settings, settings.topics.replies, len(jobs), "test-metric-replies")
+        [sampler] = [w for w in read_health(store) if w.role == "sampler"]
+        url = sampler.detail["metrics_url"]
+        for _ in range(50):  # the counters move right after each reply's publish returns
+            got = scrape(url)
+            if got.get(("tinker_bus_sampler_failures_total", (("reason", "dead_letter"),))) == 1 and \
+                    got.get(("tinker_bus_sampler_requests_total", (("base_model", label), ("outcome", "ok")))) == 2:
+                break
+            await asyncio.sleep(0.1)
+    assert url.startswith("http://127.0.0.1:")
+    assert got[("tinker_bus_sampler_requests_total", (("base_model", label), ("outcome", "ok")))] == 2
+    assert got[("tinker_bus_sampler_failures_total", (("reason", "user"),))] == 1
+    assert got[("tinker_bus_sampler_failures_total", (("reason", "dead_letter"),))] == 1
+    assert got[("tinker_bus_sampler_generated_tokens_total", (("base_model", label),))] > 0
+    assert got[("tinker_bus_sampler_time_to_first_token_seconds_count", (("base_model", label),))] >= 1
+    prefix = sum(v for (name, labels), v in got.items() if name == "tinker_bus_sampler_cache_lookups_total"
+                 and ("cache", "prefix") in labels)
+    assert prefix >= 1  # every prefill looks the prompt up
+    assert {"running_rows", "waiting_rows"} <= set(sampler.detail)

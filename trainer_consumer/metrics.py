@@ -20,10 +20,10 @@ from collections.abc import Collection, Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bus_events import EventType
+from bus_events import EventType, Reply
 from bus_runtime.metrics import LATENCY_BUCKETS_S, TOKENS_PER_S_BUCKETS, forward_backward_tokens
 from bus_runtime.offsets import OffsetTracker
-from trainer_consumer.inbound import Inbound, Reply
+from trainer_consumer.inbound import Inbound
 
 SAMPLE_INTERVAL_S = 1.0  # gauges are refreshed at most this often (the worker loop turns every ~100 ms)
 
