@@ -178,6 +178,7 @@ class Sample(_Payload):
 
 
 ErrorCategory = Literal["user", "server", "unknown"]
+DeadLetterStage = Literal["decode", "validate", "apply"]
 
 
 class ErrorInfo(_Payload):
@@ -250,7 +251,7 @@ class Result(_Payload):
 
 class DeadLetter(_Payload):
     reason: str
-    stage: Literal["decode", "validate", "apply"]
+    stage: DeadLetterStage
     source_topic: str
     source_partition: int
     source_offset: int

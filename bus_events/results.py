@@ -23,6 +23,8 @@ RESULT_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.SAMPLE: p.SampleResult,
 }
 
+_RESULT_TYPE_BY_NAME = {str(t): cls for t, cls in RESULT_TYPES.items()}
+
 UNKNOWN_REQUEST_TYPE = "unknown"
 
 
@@ -40,7 +42,7 @@ def _reply(result: p.Result, **envelope: Any) -> Reply:
 
 def decode_result(request_type: EventType | str, body: dict[str, Any] | None) -> Any:
     """The typed result of a successful `request_type` request; ContractError if the body does not fit."""
-    cls = RESULT_TYPES.get(request_type)  # type: ignore[call-overload]  # a StrEnum key matches its value
+    cls = _RESULT_TYPE_BY_NAME.get(str(request_type))  # an EventType is a StrEnum: str() is its value
     if cls is None:
         raise ContractError(f"request type {request_type!r} has no result schema")
     try:

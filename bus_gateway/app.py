@@ -12,7 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import Scope
+from litestar.types import ControllerRouterHandler, Scope
 
 from bus_gateway import forward_backward_route, json_api, observability
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
@@ -27,10 +27,12 @@ from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-ROUTES = [*sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-          *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
+ROUTES: list[ControllerRouterHandler] = [
+    *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
+    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
-DATA_ROUTES = [*forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
+DATA_ROUTES: list[ControllerRouterHandler] = [
+    *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -60,7 +62,7 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
             await gateway.stop()
 
     return Litestar(
-        route_handlers=[*(r for r in ROUTES if r not in DATA_ROUTES),
+        route_handlers=[*[r for r in ROUTES if r not in DATA_ROUTES],
                         Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
         lifespan=[lifespan],
         state=State({"gateway": gateway, "api_keys": api_keys, **observability.state(gateway.objects)}),

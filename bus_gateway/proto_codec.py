@@ -18,7 +18,8 @@ from bus_gateway.errors import FieldError
 from bus_gateway.validation import check_model_id
 
 # Request-side dtypes (tinker-protocol.md 3.2: float32 or int64, int32 tolerated).
-_PROTO_TO_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
+_PROTO_TO_NUMPY: dict[int, np.dtype] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"),
+                                        pb.DTYPE_INT32: np.dtype("<i4")}
 _WIRE_TO_PROTO = {"float32": pb.DTYPE_FLOAT32, "float64": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64,
                   "int32": pb.DTYPE_INT32}
 

@@ -9,6 +9,7 @@ from aiokafka.structs import ConsumerRecord
 
 from bus_events import DEFAULT_TENANT, ContractError, EventType, make_error_result, make_event, new_id
 from bus_events import payloads as p
+from bus_events.payloads import DeadLetterStage
 from bus_runtime.kafka_io import publish
 from bus_runtime.records import UnverifiedEvent
 from bus_runtime.settings import BusSettings
@@ -21,22 +22,21 @@ async def send_to_dead_letter(
     settings: BusSettings,
     record: ConsumerRecord,
     reason: str,
-    stage: str,
+    stage: DeadLetterStage,
     request_id: str | None = None,
     model_id: str | None = None,
 ) -> None:
     """Publish the raw record with its reason; if we know whose request it was, fail its future too."""
     log.warning("dead-lettering %s[%s]@%s (%s): %s", record.topic, record.partition, record.offset, stage, reason)
+    # The raw bytes may be big; the dead-letter topic is for inspection, so cap what we keep inline.
+    raw = (record.value or b"")[: settings.claim_check_bytes // 2]
     env, payload = make_event(
         EventType.DEAD_LETTER,
-        p.DeadLetter(reason=reason, stage=stage, source_topic=record.topic,  # type: ignore[arg-type]
-                     source_partition=record.partition, source_offset=record.offset, raw=record.value or b""),
+        p.DeadLetter(reason=reason, stage=stage, source_topic=record.topic,
+                     source_partition=record.partition, source_offset=record.offset, raw=raw),
         model_id=model_id or (record.key or b"").decode(errors="replace") or "unknown",
         request_id=new_id("dlq"),
     )
-    # The raw bytes may be big; the dead-letter topic is for inspection, so cap what we keep inline.
-    if len(payload.raw) > settings.claim_check_bytes // 2:
-        payload.raw = payload.raw[: settings.claim_check_bytes // 2]
     await publish(producer, settings.topics.dead_letter, env, payload, claim_check_bytes=settings.claim_check_bytes)
     if request_id is not None:
         # The envelope did not decode far enough to know its tenant.
@@ -47,7 +47,8 @@ async def send_to_dead_letter(
 
 
 async def dead_letter_contract_error(
-    producer: AIOKafkaProducer, settings: BusSettings, record: ConsumerRecord, exc: ContractError, stage: str
+    producer: AIOKafkaProducer, settings: BusSettings, record: ConsumerRecord, exc: ContractError,
+    stage: DeadLetterStage,
 ) -> None:
     # An event not proven to be its tenant's must not answer that tenant's request either (a forger could fail a
     # pending future by reusing its request_id).

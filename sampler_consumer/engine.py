@@ -40,7 +40,7 @@ class Engine:
         for result in results:
             if isinstance(result, GenFailure):
                 raise GenerationFailed(result.message)
-        return results  # type: ignore[return-value]
+        return results
 
     @property
     def model_engine(self) -> ModelEngine:

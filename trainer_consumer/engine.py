@@ -21,8 +21,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -110,8 +111,8 @@ class TrainerEngine:
                 await task
         await self.runtime.close(self.runtime.config.release_timeout_s)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from artifact_store import Checkpoint
 from bus_runtime.errors import UserError
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 RESTORE_ATTEMPTS = 5  # reading a snapshot: transient S3 errors are retried with backoff, then the engine fails
 Partition = tuple[str, int]
-Spawn = Callable[[Awaitable[None], str], asyncio.Task]
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task]
 
 
 class Recovery:
@@ -118,7 +119,9 @@ class Recovery:
         capture = stream.durability.capture("snapshot")
         try:
             if state.unloaded:  # a tombstone: nothing left to hold but the record
-                config, weights, optimizer = {}, {}, {}
+                config: dict[str, Any] = {}
+                weights: dict[str, Any] = {}
+                optimizer: dict[str, Any] = {}
             else:
                 adapter, optimizer = await self.runtime.compute(training_state, self.runtime.backend, state.model_id)
                 config, weights = adapter.config, adapter.weights

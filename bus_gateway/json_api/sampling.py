@@ -70,9 +70,10 @@ async def sample(data: JSONBody[JsonSample], gw: GatewayDep, tenant: TenantDep) 
     if data.sampling_session_id is not None:
         session = await gw.sampling_session(data.sampling_session_id, tenant)
     elif data.model_id is not None:
-        session = await _current_weights_session(gw, tenant, data.model_id)
-        if session is None:
+        current = await _current_weights_session(gw, tenant, data.model_id)
+        if current is None:
             raise FieldError("model_id", "saving the model's current weights for sampling timed out", 503)
+        session = current
     else:
         base = data.base_model if (data.base_model or data.model_path) else gw.settings.base_models[0]
         session = await adhoc_sampling_session(gw, tenant, base, data.model_path)
@@ -86,7 +87,8 @@ async def sample(data: JSONBody[JsonSample], gw: GatewayDep, tenant: TenantDep) 
         return Response(JsonSampleResult(request_id=fut.request_id, status="pending"), status_code=202)
     failed = failure(fut)
     if failed is not None:
-        return Response(JsonSampleResult(request_id=fut.request_id, status="failed", **failed))
+        return Response(JsonSampleResult(request_id=fut.request_id, status="failed", error=failed["error"],
+                                         category=failed["category"]))
     result = sample_result(fut)
     tokenizer = await gw.base_models.tokenizer(session.base_model)
     sequences = [SampledText(text=tokenizer.decode(s.tokens.numpy().tolist(), skip_special_tokens=True),

@@ -109,7 +109,8 @@ def json_result(fut: Future) -> JsonResult:
     try:
         failed = failure(fut)
         if failed is not None:
-            return JsonResult(status="failed", request_id=fut.request_id, request_type=fut.request_type, **failed)
+            return JsonResult(status="failed", request_id=fut.request_id, request_type=fut.request_type,
+                              error=failed["error"], category=failed["category"])
         return _complete(fut)
     except MalformedResult as exc:
         return JsonResult(status="failed", request_id=fut.request_id, error=str(exc), category="server")

@@ -32,7 +32,7 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             status = getattr(exc, "status_code", 500)
             raise
         finally:
-            route = scope.get("path_template") or UNMATCHED_ROUTE  # type: ignore[typeddict-item]
+            route = scope.get("path_template") or UNMATCHED_ROUTE
             metrics.observe_request(scope["method"], route, status,  # type: ignore[typeddict-item]
                                     time.perf_counter() - start)
 

@@ -17,6 +17,7 @@ from litestar import Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.params import QueryParameter
 from litestar.static_files import create_static_files_router
+from litestar.types import ControllerRouterHandler
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -110,5 +111,5 @@ async def model_curves(request: Request, model_id: PathId, tenant: TenantDep,
     return body
 
 
-ROUTES = [prometheus, dashboard, overview, model_curves,
+ROUTES: list[ControllerRouterHandler] = [prometheus, dashboard, overview, model_curves,
           create_static_files_router(path="/dashboard/static", directories=[STATIC_DIR], include_in_schema=False)]

@@ -142,6 +142,7 @@ async def _load_weights(gw: Gateway, tenant: str, data: LoadWeightsRequest) -> p
 @post("/api/v1/load_weights", status_code=200, tags=["training"],
       summary="Create a model from a training-state checkpoint (session_id + model_seq_id), or load into one")
 async def load_weights(data: JSONBody[LoadWeightsRequest], gw: GatewayDep, tenant: TenantDep) -> UntypedFuture:
+    seq_id: int | None
     if data.session_id is not None and data.model_seq_id is not None:
         await gw.session(data.session_id, tenant)
         model_id, seq_id = model_id_for(data.session_id, data.model_seq_id), 0

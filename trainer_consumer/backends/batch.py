@@ -163,6 +163,7 @@ def run_forward_backward(
         loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
         loss.loss.backward()
         upstream, offset = logprobs.grad, 0
+        assert upstream is not None  # the loss was computed from these logprobs
         for batch in batches:
             count = int(batch.mask.sum())
             logprobs_of(batch).backward(upstream[offset:offset + count])

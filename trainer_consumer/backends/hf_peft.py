@@ -32,7 +32,7 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -116,7 +116,8 @@ class HfPeftBackend:
         path = resolve_base_model(name)
         log.info("loading base model %s from %s on %s (%s)", name, path, self.device, self.dtype)
         with _LOAD_LOCK:  # two backends of one process (tests, in-process scale-out) must not load at once
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            cast(torch.nn.Module, model).to(self.device)  # transformers' stub types `.to` oddly
         model.requires_grad_(False)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 
-def seeded_init(params: Mapping[str, torch.nn.Parameter], seed: int) -> None:
+def seeded_init(params: Mapping[str, torch.Tensor], seed: int) -> None:
     """lora_A ~ kaiming_uniform(a=sqrt(5)) (PEFT's default), lora_B = 0, from per-parameter CPU generators."""
     with torch.no_grad():
         for key, param in params.items():

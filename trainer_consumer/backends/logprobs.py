@@ -68,7 +68,7 @@ def logprob_and_direction(logits: torch.Tensor, target: torch.Tensor) -> tuple[t
 
 class _FrozenUnembedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_tokens: int, math: LogprobMath | None) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden) if math is not None else None
@@ -79,13 +79,14 @@ class _FrozenUnembedLogprobs(torch.autograd.Function):
             if direction is None:
                 out[start:stop] = _logprobs_of_logits(logits, targets[start:stop])
                 continue
+            assert math is not None  # a direction is only kept when there is math to fill it
             out[start:stop], grad_logits = math(logits, target)
             direction[start:stop] = grad_logits @ weight
         ctx.save_for_backward(direction)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         (direction,) = ctx.saved_tensors
         grad_hidden = (direction.float() * grad_out.unsqueeze(1)).to(direction.dtype)
         return grad_hidden, None, None, None, None

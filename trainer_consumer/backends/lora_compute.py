@@ -24,7 +24,7 @@ ActiveLora = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r],
 class FusedLoraLinear(PeftLoraLinear):
     tb_lora: ActiveLora | None = None  # what `use` set; None = the base layer alone
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.tb_lora is None:
             return result
@@ -52,7 +52,9 @@ def use(layers: Iterable[FusedLoraLinear], adapter: str | None) -> None:
         if adapter is None or adapter not in layer.lora_A:
             layer.tb_lora = None
             continue
-        layer.tb_lora = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        layer.tb_lora = (a, b, float(layer.scaling[adapter]))
 
 
 def frozen_weight(unembed: nn.Module) -> torch.Tensor | None:

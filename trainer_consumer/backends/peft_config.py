@@ -11,8 +11,9 @@ from trainer_consumer.backends.base import AdapterSpec
 def lora_config(spec: AdapterSpec) -> Any:  # -> peft.LoraConfig (peft imported lazily: it pulls transformers)
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.target_modules, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    # PEFT annotates lora_alpha as int and computes with it as a float: our alpha is a float.
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.target_modules,  # type: ignore[arg-type]
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
 def adapter_config(config: dict[str, Any], spec: AdapterSpec) -> dict[str, Any]:

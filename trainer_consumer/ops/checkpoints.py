@@ -84,6 +84,7 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
     if payload.name is None and payload.sampling_session_id is None:
         raise UserError("save_weights_for_sampler needs a name or a sampling_session_id")
     ephemeral = payload.name is None
+    ttl: int | None
     if ephemeral:
         suffix = inbound.env.seq_id if inbound.env.seq_id is not None else inbound.env.request_id
         name, ttl = f"ephemeral-{suffix}", payload.ttl_seconds or rt.config.ephemeral_ttl_s

@@ -71,8 +71,8 @@ async def forward_backward(rt: Runtime, stream: ModelStream, inbound: Inbound,
         if not payload.forward_only:
             info = error_info(exc)
             seq = inbound.env.seq_id
-            request = f"forward_backward seq_id {seq}" if seq is not None else "a forward_backward without seq_id"
-            state.poison_window(WindowFailure(request, info.message, info.category))
+            which = f"forward_backward seq_id {seq}" if seq is not None else "a forward_backward without seq_id"
+            state.poison_window(WindowFailure(which, info.message, info.category))
         raise
     return p.ForwardBackwardResult(outputs=[{"logprobs": tensor_from_numpy(lp, "float32")} for lp in out.logprobs],
                                    metrics=out.metrics)

@@ -93,7 +93,7 @@ async def read_bus(settings: BusSettings, topics: list[str], key_filter: KeyFilt
                     pending.discard(tp)
             if progress is not None:
                 known = [consumer.highwater(tp) for tp in tps]
-                progress(read, sum(known) if all(h is not None for h in known) else None)  # type: ignore[arg-type]
+                progress(read, sum(known) if all(h is not None for h in known) else None)
             if pending and time.monotonic() - last_data > idle_timeout_s:
                 log.warning("no data from %s for %.0f s; stopping the read with %d partition(s) not at their "
                             "high-watermark", settings.kafka_bootstrap, idle_timeout_s, len(pending))

@@ -128,7 +128,8 @@ def steps_of(events: list[EventEntry]) -> list[StepEntry]:
         if event.type == EventType.FORWARD_BACKWARD.value and not event.forward_only:
             window.append(event)
         elif event.type == EventType.OPTIM_STEP.value:
-            fbs = [{"seq_id": e.seq_id, **(e.metrics if e.metrics is not UNSET else {})} for e in window]
+            fbs: list[dict[str, Any]] = [{"seq_id": e.seq_id, **(e.metrics if e.metrics is not UNSET else {})}
+                                         for e in window]
             out.append(StepEntry(step=event.step, seq_id=event.seq_id, ok=event.ok is True,
                                  loss_sum=sum(f.get("loss:sum", 0.0) for f in fbs), forward_backward=fbs,
                                  optim=metrics, error=event.error))

@@ -54,8 +54,9 @@ class MegatronBackend:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         if torch.cuda.is_available() and tp_size > torch.cuda.device_count():
             raise ValueError(f"tp_size {tp_size} needs as many GPUs; this host has {torch.cuda.device_count()}")
-        engine_kwargs = {"logprob_chunk_tokens": logprob_chunk_tokens, "micro_batch_tokens": micro_batch_tokens,
-                         "gradient_checkpointing": gradient_checkpointing}
+        engine_kwargs: dict[str, Any] = {"logprob_chunk_tokens": logprob_chunk_tokens,
+                                         "micro_batch_tokens": micro_batch_tokens,
+                                         "gradient_checkpointing": gradient_checkpointing}
         init_method = free_tcp_init_method()
         spawn = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
         self._workers = [spawn.Process(target=_worker_main, args=(rank, tp_size, init_method, engine_kwargs),

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -80,7 +81,7 @@ def safetensors_source(folder: Path) -> Iterator[TensorSource]:
         with safe_open(folder / single, framework="pt") as handle:
             file_of = dict.fromkeys(handle.keys(), single)
     with ExitStack() as stack:
-        handles: dict[str, object] = {}
+        handles: dict[str, Any] = {}  # file name -> open safetensors handle
 
         def read(name: str) -> torch.Tensor:
             if name not in file_of:

@@ -10,6 +10,7 @@ region, whose backward is the identity, which makes the gradient exactly onehot 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,11 @@ from torch.utils.checkpoint import checkpoint
 from trainer_consumer.backends.batch import MicroBatch
 from trainer_consumer.backends.megatron.parallel import device, tp_rank, tp_size
 
+# A megatron-core GPTModel (megatron-core is an optional extra and ships no type information).
+GPTModel = Any
 
-def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+
+def decoder_hidden_states(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states [s, b, h] for right-padded input_ids [b, s] (causal: padding never leaks left)."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     # With post_process off, GPTModel returns the decoder output (final norm applied) without the unembedding.
@@ -31,7 +35,7 @@ def decoder_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> to
         model.post_process = True
 
 
-def checkpoint_layers(model: torch.nn.Module) -> None:
+def checkpoint_layers(model: GPTModel) -> None:
     """Activation checkpointing per transformer layer with torch's non-reentrant checkpoint: megatron's own
     recompute saves CUDA RNG states and so cannot run on CPU. Recompute repeats a layer's TP collectives in
     backward, in the same order on every rank, and its LoRA hooks, which are deterministic."""
@@ -62,14 +66,14 @@ def _vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_
     return target_logit - sum_exp.log()
 
 
-def _chunk_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+def _chunk_logprobs(model: GPTModel, hidden: torch.Tensor, targets: torch.Tensor,
                     vocab_size: int) -> torch.Tensor:
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(hidden.unsqueeze(1), weight=weight)  # megatron linears expect [s, b, h]
     return _vocab_parallel_logprobs(logits.squeeze(1), targets, vocab_size)
 
 
-def target_logprobs(model: torch.nn.Module, batch: MicroBatch, vocab_size: int, chunk_tokens: int) -> torch.Tensor:
+def target_logprobs(model: GPTModel, batch: MicroBatch, vocab_size: int, chunk_tokens: int) -> torch.Tensor:
     """float32 [real positions of the batch, row-major]: log p(target) under whatever adapter is active."""
     here = device()
     mask = batch.mask.to(here)

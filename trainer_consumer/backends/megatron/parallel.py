@@ -16,13 +16,17 @@ import torch.distributed as dist
 _shim_applied = False
 
 
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
 def apply_cpu_shim() -> None:
     """megatron-core asks torch.cuda for the current device in RoPE, its RNG tracker and buffers; on a CPU-only
     torch that raises "Torch not compiled with CUDA enabled". Answer "cpu" instead (idempotent, CPU only)."""
     global _shim_applied
     if _shim_applied or torch.cuda.is_available():
         return
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]  # a device where torch expects an index
     from megatron.core import tensor_parallel
 
     # The tracker forks CUDA RNG states to give TP ranks different dropout masks; dropout is off here.
