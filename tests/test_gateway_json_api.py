@@ -5,11 +5,11 @@ the caller's names (created on first use, once, per tenant), synchronous samplin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import httpx
 import numpy as np
-import pytest
 from gateway_support import (
     API_KEYS,
     HEADERS_A,
@@ -153,13 +153,16 @@ async def test_first_fwdbwd_creates_the_named_adapter_once_per_tenant(gw_setting
         assert [a.status_code for a in answers] == [200] * 5 and {a.json()["model_id"] for a in answers} == {
             "my-model"}
         model_id = named_model_id("alice", "my-model", 0)
-        creates = [await bus.next_event(EventType.CREATE_MODEL) for _ in range(2)]  # at most one per gateway
-        assert {env.model_id for env, _ in creates} == {model_id} and {env.seq_id for env, _ in creates} == {0}
-        assert {(c.lora.rank, c.base_model) for _, c in creates} == {(DEFAULT_RANK, gw_settings.base_models[0])}
+        creates = [await bus.next_event(EventType.CREATE_MODEL)]
         fbs = [await bus.next_event(EventType.FORWARD_BACKWARD) for _ in range(5)]
         assert {env.model_id for env, _ in fbs} == {model_id}
-        with pytest.raises(TimeoutError):
-            await bus.next_event(EventType.CREATE_MODEL, timeout=1.0)
+        # A gateway that finds the name already recorded by the other one publishes no create of its own.
+        with contextlib.suppress(TimeoutError):
+            while True:
+                creates.append(await bus.next_event(EventType.CREATE_MODEL, timeout=1.0))
+        assert 1 <= len(creates) <= 2  # at most one per gateway; duplicates collapse in the trainer's dedupe
+        assert {env.model_id for env, _ in creates} == {model_id} and {env.seq_id for env, _ in creates} == {0}
+        assert {(c.lora.rank, c.base_model) for _, c in creates} == {(DEFAULT_RANK, gw_settings.base_models[0])}
 
         other = await client.post(f"{url_1}/fwdbwd", headers=HEADERS_B, json={"model_id": "my-model", **conversation})
         bob_create, _ = await bus.next_event(EventType.CREATE_MODEL)
