@@ -16,12 +16,11 @@ from trainer_support import (
     adapter_weights,
     datum,
     fb,
-    fresh_objects,
     logprobs_of,
     random_data,
 )
 
-from artifact_store import CheckpointStore, Registry, TinkerPath
+from artifact_store import CheckpointStore, MemoryObjectStore, ObjectStore, Registry, TinkerPath
 from bus_events import EventType
 from bus_events import payloads as p
 from bus_events.payloads import LoraSpec
@@ -39,8 +38,10 @@ def tiny(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def objects(s3_endpoint):
-    return fresh_objects(s3_endpoint)
+def objects() -> ObjectStore:
+    """The in-memory bucket: what the engine does never depends on S3 (the MinIO store and the recovery paths
+    are tested against a real S3 server elsewhere)."""
+    return MemoryObjectStore()
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
