@@ -7,13 +7,20 @@
 #   bash bench/gpu_run.sh kernels   # the sampler's Triton kernels and engine paths vs torch, on the GPU (pytest)
 #   bash bench/gpu_run.sh rollout1b # the rl_basic rollout round through SDK -> gateway -> Kafka -> sampler
 #   bash bench/gpu_run.sh rollout8b
+#   bash bench/gpu_run.sh megatron8b          # Megatron TP=1,2,4,8 on the 8B shape ($TPS: TP=1,2,4 on 4 GPUs)
+#   bash bench/gpu_run.sh megatron70b-weights # write the random 70B checkpoint (131 GiB) to $BENCH_DIR, once
+#   bash bench/gpu_run.sh megatron70b         # Megatron TP=8 on the 70B shape ($TPS=4,8 to add TP=4)
+# The megatron stages need the nvidia-h200-x4 / -x8 kinds and megatron_core 0.19.2 (not in .whl2: put its cp312
+# wheel in a folder named by $EXTRA_WHEELS, e.g. .dev/<name>/wheels). The 70B checkpoint needs ~132 GiB of disk
+# under $BENCH_DIR (default /tmp/tinker-bus-bench), which must survive between the two 70B calls (same warm machine).
 # Stages can be listed together. Needs the cp312 wheels in $WHEELS (default .whl/, see docs/benchmarks.md) carried
 # with the call; logs and torch-profiler kernel tables land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl \
-  || exit 1
+  ${EXTRA_WHEELS:+"$EXTRA_WHEELS"/*.whl} || exit 1
+BENCH_DIR=${BENCH_DIR:-/tmp/tinker-bus-bench}
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__,
 torch.cuda.get_device_name())"
@@ -38,6 +45,17 @@ for stage in "$@"; do
       grep -h -E "sampler engine|capturing|ERROR|Traceback|failed|Error" /tmp/rollout/stack/logs/sampler.log \
         /tmp/rollout/stack.log | cut -c1-400 | tail -80 \
         > "$OUT/rollout-$shape-stack.log" ;;
+    megatron8b) timeout "${MEGATRON_S:-${STAGE_S:-570}}" python3 -m bench.bench_megatron --shapes llama-8b \
+        --backends megatron --tensor-parallel "${TPS:-1,2,4,8}" --steps 3 --warmup 1 --workdir "$BENCH_DIR" 2>&1 \
+        | quiet | tee "$OUT/megatron-llama-8b.log" ;;
+    megatron70b-weights) df -h "$(dirname "$BENCH_DIR")" | tee "$OUT/megatron70b-weights.log"
+      timeout "${MEGATRON_S:-${STAGE_S:-570}}" python3 -c "import sys, time; from pathlib import Path
+from bench.shapes import build_model_dir
+t0 = time.perf_counter(); print(build_model_dir('llama-70b', Path(sys.argv[1]) / 'llama-70b'),
+f'{time.perf_counter() - t0:.0f} s')" "$BENCH_DIR" 2>&1 | quiet | tee -a "$OUT/megatron70b-weights.log" ;;
+    megatron70b) timeout "${MEGATRON_S:-${STAGE_S:-570}}" python3 -m bench.bench_megatron --shapes llama-70b \
+        --backends megatron --tensor-parallel "${TPS:-8}" --steps 2 --warmup 1 --workdir "$BENCH_DIR" 2>&1 \
+        | quiet | tee "$OUT/megatron-llama-70b.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -15,7 +15,7 @@ LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 TOLERANCE = 1e-4  # fp32 on CPU; the issue's parity bar
 
 
-def make_tiny_qwen2(directory: Path, vocab_size: int = 255) -> Path:
+def make_tiny_qwen2(directory: Path, vocab_size: int = 255, num_heads: int = 4, num_kv_heads: int = 2) -> Path:
     """A tiny random Qwen2 with what Llama lacks: q/k/v biases (made non-zero), untied lm_head, and an odd
     vocabulary, which megatron pads to a multiple of the TP size."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -24,7 +24,7 @@ def make_tiny_qwen2(directory: Path, vocab_size: int = 255) -> Path:
         return directory
     torch.manual_seed(1)
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
                          tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

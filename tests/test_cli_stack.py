@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -25,7 +25,14 @@ from bus_events import Topics
 from bus_runtime.net import free_port
 from bus_runtime.settings import BusSettings
 from bus_runtime.testing import make_tiny_model
-from tinker_bus.cli import UsageError, build_parser, gateway_port, settings_from_args, trainer_backend_env
+from tinker_bus.cli import (
+    UsageError,
+    build_parser,
+    gateway_port,
+    settings_from_args,
+    trainer_backend_env,
+    trainer_overrides,
+)
 from tinker_bus.launcher import S3_CREDENTIALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +102,24 @@ def test_port_and_use_megatron_of_the_original_server_keep_working(monkeypatch):
     monkeypatch.setenv("USE_MEGATRON", "true")
     assert trainer_backend_env(_args("trainer")) == {"TINKER_BUS_TRAINER_BACKEND": "megatron"}
     assert trainer_backend_env(_args("up", "--backend", "hf")) == {"TINKER_BUS_TRAINER_BACKEND": "hf_peft"}
+
+
+def test_tensor_parallel_flag_reaches_the_trainer_config_and_up_s_child(monkeypatch):
+    from trainer_consumer.config import TrainerConfig
+
+    assert TrainerConfig.from_env(**trainer_overrides(_args("trainer", "--backend", "megatron",
+                                                            "--tensor-parallel", "4"))).megatron_tp_size == 4
+    assert trainer_backend_env(_args("up", "--backend", "megatron", "--tensor-parallel", "8")) == {
+        "TINKER_BUS_TRAINER_BACKEND": "megatron", "TINKER_BUS_TRAINER_MEGATRON_TP_SIZE": "8"}
+    with pytest.raises(UsageError, match="needs --backend megatron"):
+        trainer_overrides(_args("trainer", "--tensor-parallel", "2"))
+    with pytest.raises(UsageError, match="at least 1"):
+        trainer_overrides(_args("up", "--backend", "megatron", "--tensor-parallel", "0"))
+    monkeypatch.setenv("TINKER_BUS_TRAINER_BACKEND", "megatron")  # the backend from its variable is enough
+    assert trainer_overrides(_args("trainer", "--tensor-parallel", "2")) == {"megatron_tp_size": 2}
+    monkeypatch.setenv("TINKER_BUS_TRAINER_MEGATRON_TP_SIZE", "two")
+    with pytest.raises(UsageError, match="TINKER_BUS_TRAINER_MEGATRON_TP_SIZE"):
+        trainer_overrides(_args("trainer"))
 
 
 def test_bad_usage_is_named_before_anything_starts(monkeypatch):
@@ -180,6 +205,14 @@ class Stack:
                 psutil.Process(pid).kill()
 
 
+def _alive(pids: Iterable[int]) -> Iterator[psutil.Process]:
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            process = psutil.Process(pid)
+            process.cmdline()  # raises now, not in the caller, for a process that just exited
+            yield process
+
+
 @contextlib.contextmanager
 def running_stack(data_dir: Path, model: Path, *extra: str,
                   ports: tuple[int, int, int] | None = None) -> Iterator[Stack]:
@@ -215,6 +248,32 @@ def test_up_gets_healthy_serves_the_sdk_and_leaves_no_process_behind(tmp_path, t
         assert stack.stop(signal.SIGTERM) == 0, stack.text()
         assert stack.survivors() == [], f"left behind: {stack.survivors()}\n{stack.text()}"
         assert "stopped" in stack.text()
+
+
+def test_up_with_a_tensor_parallel_megatron_trainer_trains_saves_and_samples(tmp_path, tiny_model):
+    """`up --backend megatron --tensor-parallel 2`: one trainer process (rank 0, the Kafka consumer) drives one
+    worker rank it spawned; the README's SDK example trains through them, saves the adapter for the sampler and
+    samples it; stopping `up` stops the worker too."""
+    pytest.importorskip("megatron.core")
+    with running_stack(tmp_path / "data", tiny_model, "--ephemeral", "--backend", "megatron",
+                       "--tensor-parallel", "2") as stack:
+        report = stack.wait_ready()
+        assert report["status"] == "ok", report
+        (trainer,) = [p for p in _alive(stack.descendants) if "trainer" in p.cmdline()]
+        ranks = [p for p in _alive(c.pid for c in trainer.children()) if "spawn_main" in " ".join(p.cmdline())]
+        assert len(ranks) == 1, [p.cmdline() for p in _alive(c.pid for c in trainer.children())]
+
+        example = subprocess.run([sys.executable, "-c", _readme_sdk_example(stack.url, tiny_model)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+        assert example.returncode == 0, example.stdout + example.stderr + stack.text()
+        lines = example.stdout.splitlines()
+        losses = [float(line.split()[1]) for line in lines[:3]]
+        assert len(losses) == 3 and losses[2] < losses[0], example.stdout
+        assert len(lines) == 4, example.stdout  # the sampler loaded the saved adapter and answered
+
+        stack.remember_descendants()
+        assert stack.stop(signal.SIGTERM) == 0, stack.text()
+        assert stack.survivors() == [], f"left behind: {stack.survivors()}\n{stack.text()}"
 
 
 def test_up_restarts_a_dead_part_and_a_new_up_can_take_its_ports_at_once(tmp_path, tiny_model):

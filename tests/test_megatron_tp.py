@@ -1,12 +1,16 @@
-"""Tensor parallelism on CPU: TP=2 (two processes over gloo) gives what TP=1 gives, call for call.
+"""Tensor parallelism on CPU: TP=2 and TP=4 (processes over gloo) give what TP=1 gives, call for call.
 
-The TP=2 backend runs in a spawned process (its rank 0, which spawns rank 1), so this pytest process never joins
-a two-rank process group; the TP=1 reference runs in-process.
+Each TP>1 backend runs in a spawned process (its rank 0, which spawns the other ranks), so this pytest process
+never joins a multi-rank process group; the TP=1 reference runs in-process, once for both sizes. The tiny models
+have 8 query and 4 key/value heads (hidden 64, so 2 query heads per key/value head on each of 4 ranks), FFN
+widths 128 / 96 and vocabularies 256 / 255 (the odd one padded to a multiple of the TP size): the smallest
+shapes that TP=4 divides.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,41 +65,54 @@ def scenario(backend: MegatronBackend, bases: dict[str, tuple[str, int]]) -> dic
     return out
 
 
-def _run_tp2(bases: dict[str, tuple[str, int]], result_file: str) -> None:
-    backend = MegatronBackend(tp_size=2, **BACKEND_OPTIONS)
+def _run_tensor_parallel(tp_size: int, bases: dict[str, tuple[str, int]], result_file: str) -> None:
+    # 2 CI cores for up to 4 ranks: one thread each keeps them from fighting over the cores in every collective.
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the ranks this process spawns
+    torch.set_num_threads(1)
+    backend = MegatronBackend(tp_size=tp_size, **BACKEND_OPTIONS)
     try:
-        torch.save(scenario(backend, bases), result_file)
+        out = scenario(backend, bases)
+        out["ranks"] = len(backend.peak_memory_gib(reset=True))
+        torch.save(out, result_file)
     finally:
         backend.close()
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, int]]:
-    return {"llama": (str(make_tiny_model(tmp_path_factory.mktemp("llama") / "m")), 256),
-            "qwen2": (str(make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "m")), 255)}
+    heads = {"num_heads": 8, "num_kv_heads": 4}
+    return {"llama": (str(make_tiny_model(tmp_path_factory.mktemp("llama") / "m", **heads)), 256),
+            "qwen2": (str(make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "m", **heads)), 255)}
 
 
-def test_tensor_parallel_2_matches_tensor_parallel_1(bases, tmp_path: Path) -> None:
-    result_file = tmp_path / "tp2.pt"
-    child = multiprocessing.get_context("spawn").Process(target=_run_tp2, args=(bases, str(result_file)))
+@pytest.fixture(scope="module")
+def tp1(bases: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    return scenario(MegatronBackend(tp_size=1, **BACKEND_OPTIONS), bases)
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_tensor_parallel_matches_tensor_parallel_1(tp_size: int, bases, tp1, tmp_path: Path) -> None:
+    result_file = tmp_path / f"tp{tp_size}.pt"
+    child = multiprocessing.get_context("spawn").Process(target=_run_tensor_parallel,
+                                                         args=(tp_size, bases, str(result_file)))
     child.start()
-    child.join(timeout=300)
+    child.join(timeout=600)
     if child.is_alive():
         child.kill()
-        pytest.fail("the TP=2 run did not finish in 300 s")
+        pytest.fail(f"the TP={tp_size} run did not finish in 600 s")
     assert child.exitcode == 0
-    tp2 = torch.load(result_file, weights_only=False)
-    tp1 = scenario(MegatronBackend(tp_size=1, **BACKEND_OPTIONS), bases)
+    got_all = torch.load(result_file, weights_only=False)
 
-    assert tp2.keys() == tp1.keys()
-    assert "token id 9999" in tp2["error"]
+    assert got_all.pop("ranks") == tp_size  # every rank answered the per-GPU memory query
+    assert got_all.keys() == tp1.keys()
+    assert "token id 9999" in got_all["error"]
     for key, expected in tp1.items():
-        got = tp2[key]
+        got = got_all[key]
         if isinstance(expected, dict):
             assert max_diff(expected, got) < TOLERANCE, key
         elif isinstance(expected, list):
             assert max_logprob_diff(expected, got) < TOLERANCE, key
         elif isinstance(expected, float):
             assert abs(got - expected) < TOLERANCE * max(1.0, abs(expected)), key
-    assert max_diff(tp2["qwen2/init"], tp1["qwen2/init"]) == 0.0  # same seed, same adapter at any TP size
-    assert max_diff(tp2["llama/restored"], tp2["llama/moments"]) == 0.0
+    assert max_diff(got_all["qwen2/init"], tp1["qwen2/init"]) == 0.0  # same seed, same adapter at any TP size
+    assert max_diff(got_all["llama/restored"], got_all["llama/moments"]) == 0.0

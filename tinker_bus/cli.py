@@ -29,7 +29,6 @@ log = logging.getLogger("tinker_bus")
 
 # --backend name -> trainer_consumer.config.TrainerConfig.backend (read from TINKER_BUS_TRAINER_BACKEND)
 BACKENDS = {"hf": "hf_peft", "megatron": "megatron"}
-TRAINER_BACKEND_VAR = "TINKER_BUS_TRAINER_BACKEND"
 DEFAULT_GATEWAY_PORT = 8000
 
 
@@ -106,19 +105,41 @@ def trainer_backend(args: argparse.Namespace) -> str | None:
     return BACKENDS[backend] if backend else None
 
 
-def trainer_backend_env(args: argparse.Namespace) -> dict[str, str]:
-    """trainer_backend as the child trainer's TINKER_BUS_TRAINER_BACKEND; {} leaves it be."""
+def trainer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainerConfig fields that flags set (--backend / USE_MEGATRON, --tensor-parallel), checked together
+    with the TINKER_BUS_TRAINER_* variables they override: tensor parallelism is the Megatron backend's alone."""
+    from trainer_consumer.config import TrainerConfig
+
+    overrides: dict[str, Any] = {}
     backend = trainer_backend(args)
-    return {TRAINER_BACKEND_VAR: backend} if backend else {}
+    if backend:
+        overrides["backend"] = backend
+    if args.tensor_parallel is not None:
+        if args.tensor_parallel < 1:
+            raise UsageError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
+        overrides["megatron_tp_size"] = args.tensor_parallel
+    try:
+        config = TrainerConfig.from_env(**overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if config.megatron_tp_size > 1 and config.backend != "megatron":
+        raise UsageError(f"--tensor-parallel {config.megatron_tp_size} (TINKER_BUS_TRAINER_MEGATRON_TP_SIZE) needs "
+                         f"--backend megatron; the trainer backend is {config.backend!r}")
+    return overrides
+
+
+def trainer_backend_env(args: argparse.Namespace) -> dict[str, str]:
+    """trainer_overrides as the child trainer's TINKER_BUS_TRAINER_* variables; {} leaves them be."""
+    from trainer_consumer.config import ENV_PREFIX
+
+    return {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in trainer_overrides(args).items()}
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     from trainer_consumer.config import TrainerConfig
     from trainer_consumer.worker import run_trainer
 
-    backend = trainer_backend(args)
-    overrides: dict[str, Any] = {"backend": backend} if backend else {}
-    config = TrainerConfig.from_env(**overrides)
+    config = TrainerConfig.from_env(**trainer_overrides(args))
     return _serve_worker("trainer", functools.partial(run_trainer, config=config), settings_from_args(args))
 
 
@@ -176,6 +197,9 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=list(BACKENDS),
                         help="trainer backend: hf (transformers + PEFT) or megatron (megatron-core); default "
                              "megatron if USE_MEGATRON=true, else $TINKER_BUS_TRAINER_BACKEND, else hf")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="megatron only: shard the model over N GPUs of this host, one process per GPU driven "
+                             "by the trainer's Kafka consumer (default $TINKER_BUS_TRAINER_MEGATRON_TP_SIZE, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

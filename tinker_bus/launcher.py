@@ -39,6 +39,7 @@ from bus_runtime.net import bindable, free_port
 from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus import console as out
 from tinker_bus.infra import S3Endpoint, SeaweedS3, TansuBroker, stop_process
+from trainer_consumer.config import TrainerConfig
 
 TANSU_BUCKET = "tansu"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -72,7 +73,7 @@ class StackOptions:
     api_keys: dict[str, str] | None = None
     health_timeout_s: float = 600.0
     log_level: str = "INFO"  # of the child processes
-    trainer_env: dict[str, str] = field(default_factory=dict)  # e.g. the trainer's backend
+    trainer_env: dict[str, str] = field(default_factory=dict)  # TINKER_BUS_TRAINER_* from flags (backend, TP)
 
 
 @dataclass
@@ -139,9 +140,10 @@ class Stack:
             line["where"] = f"{prefix}.* [dim]partitions: {partitions}[/]"
         self._prepare_base_models()
         self._spawn("gateway", ["--host", "127.0.0.1", "--port", str(self.options.gateway_port)], self.gateway_url)
-        backend = (self.options.trainer_env.get("TINKER_BUS_TRAINER_BACKEND")
-                   or os.environ.get("TINKER_BUS_TRAINER_BACKEND") or "hf_peft")
-        self._spawn("trainer", [], f"backend {backend}, device {self.settings.device}", self.options.trainer_env)
+        trainer = TrainerConfig.from_env({**os.environ, **self.options.trainer_env})
+        where = (f"backend megatron, tensor parallel over {trainer.megatron_tp_size} processes / GPUs"
+                 if trainer.megatron_tp_size > 1 else f"backend {trainer.backend}, device {self.settings.device}")
+        self._spawn("trainer", [], where, self.options.trainer_env)
         self._spawn("sampler", [], f"device {self.settings.device}")
         self._spawn("metrics", [], "curves from the log, JSON for /dashboard")
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from bus_runtime.env_config import env_config
 
+ENV_PREFIX = "TINKER_BUS_TRAINER_"
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -59,8 +61,9 @@ class TrainerConfig:
     # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
     torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"
-    megatron_tp_size: int = 1  # tensor-parallel GPUs of the megatron backend
+    # Tensor-parallel GPUs of the megatron backend (`--tensor-parallel`): one process per GPU, this one is rank 0.
+    megatron_tp_size: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> TrainerConfig:
-        return env_config(cls, "TINKER_BUS_TRAINER_", environ, **overrides)
+        return env_config(cls, ENV_PREFIX, environ, **overrides)

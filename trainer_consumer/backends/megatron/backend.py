@@ -1,10 +1,16 @@
 """MegatronBackend: the TrainingBackend protocol on megatron-core (`--backend megatron`).
 
-With tp_size = 1 everything runs in this process. With tp_size > 1 this process is TP rank 0 and starts
-tp_size - 1 worker processes (one per GPU); every call is broadcast to them on a gloo control group and all ranks
-run it in lock-step (engine.py). Arguments travel pickled between processes of this one host that we started
-ourselves; nothing from the wire is unpickled. A worker that dies leaves rank 0 blocked in the next collective
-until the process-group timeout; `_run` refuses to start a call when a worker is already gone.
+With tp_size = 1 everything runs in this process. With tp_size > 1 (`tinker-bus trainer --tensor-parallel N`,
+TrainerConfig.megatron_tp_size) this process is TP rank 0 and starts tp_size - 1 worker processes, rank r on GPU r
+of the visible ones. Only rank 0 is a trainer: the Kafka consumer, scheduling, snapshots and replies stay in this
+process, and the workers never see the bus. Every backend call the trainer's compute thread makes is broadcast
+(method name + arguments) to the workers on a gloo control group, and all ranks run it in lock-step (engine.py):
+the tensors travel over NCCL (gloo on CPU) inside the call, and rank 0 returns the result, the same on every
+rank. Arguments travel pickled between processes of this one host that we started ourselves; nothing from the wire is
+unpickled. A worker that dies leaves rank 0 blocked in the next collective until the process-group timeout;
+`_run` refuses to start a call when a worker is already gone.
+
+Tensor parallelism only: no pipeline or data parallelism, so a base model must fit in tp_size GPUs this way.
 """
 
 from __future__ import annotations
@@ -83,6 +89,11 @@ class MegatronBackend:
                 worker.join(timeout=60)
             self._workers = []
             destroy_tensor_parallel()
+
+    def peak_memory_gib(self, reset: bool = False) -> list[float]:
+        """Each rank's peak of allocated GPU memory (GiB, rank order; NaN on CPU) since the last reset; `reset`
+        starts a new peak on every rank after reading it."""
+        return self._run("peak_memory_gib", reset)
 
     # ------------------------------------------------------------------ TrainingBackend
     def base_model_info(self, base_model: str) -> BaseModelInfo:

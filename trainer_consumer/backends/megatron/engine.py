@@ -32,7 +32,7 @@ from trainer_consumer.backends.megatron.lora import (
     set_local_values,
 )
 from trainer_consumer.backends.megatron.optimizer import TensorParallelAdapterOptimizer
-from trainer_consumer.backends.megatron.parallel import device, tp_rank, tp_size
+from trainer_consumer.backends.megatron.parallel import all_gather_object, device, tp_rank, tp_size
 from trainer_consumer.backends.peft_config import adapter_config, lora_config
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,12 @@ class MegatronEngine:
 
     def discard_gradients(self, model_id: str) -> None:
         self._adapter(model_id).optimizer.zero_grad()
+
+    def peak_memory_gib(self, reset: bool) -> list[float]:
+        local = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        if reset and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return all_gather_object(local)
 
     # ------------------------------------------------------------------ state in and out
     def export_adapter(self, model_id: str) -> AdapterExport:

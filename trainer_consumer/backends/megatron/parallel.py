@@ -1,7 +1,7 @@
 """Process groups for megatron-core, the CPU shim, and sharding helpers for tensor parallelism (TP).
 
 megatron-core keeps its process groups in module-level state (`parallel_state`), so one process hosts at most
-one Megatron TP group: rank 0 is the trainer process, ranks 1..N-1 are workers it spawns (see driver.py).
+one Megatron TP group: rank 0 is the trainer process, ranks 1..N-1 are workers it spawns (backend.py).
 On CPU (tests) the groups run over gloo; on GPU over NCCL, with gloo kept for the control plane.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 _shim_applied = False
+T = TypeVar("T")
 
 
 def _cpu_device() -> torch.device:
@@ -128,6 +130,15 @@ def sum_over_tp(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value, group=parallel_state.get_tensor_model_parallel_group())
     return value
+
+
+def all_gather_object(value: T) -> list[T]:
+    """Every TP rank's `value` (picklable, small), in rank order, on every rank (over the gloo control group)."""
+    if tp_size() == 1:
+        return [value]
+    out: list[Any] = [None] * tp_size()
+    dist.all_gather_object(out, value, group=control_group())
+    return out
 
 
 def free_tcp_init_method() -> str:
