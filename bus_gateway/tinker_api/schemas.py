@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from bus_events import payloads as p
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 # Ids end up in S3 keys and tinker:// paths. Every id we issue fits this (sess-<hex>:train:<n>, ...).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$"
@@ -174,13 +176,19 @@ class GetInfoResponse(Reply):
     type: Literal["get_info"] = "get_info"
 
 
+_WIRE_ADAM = p.AdamParams()  # the defaults live in the contract; the HTTP body takes them from there
+
+
 class AdamParamsIn(Body):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+    """The SDK's AdamParams as sent: any field may be missing (the contract's default then applies) and values are
+    checked by the submission layer, so an error names the HTTP field (the wire struct validates on construction)."""
+
+    learning_rate: float = _WIRE_ADAM.learning_rate
+    beta1: float = _WIRE_ADAM.beta1
+    beta2: float = _WIRE_ADAM.beta2
+    eps: float = _WIRE_ADAM.eps
+    weight_decay: float = _WIRE_ADAM.weight_decay
+    grad_clip_norm: float = _WIRE_ADAM.grad_clip_norm
     type: str | None = None  # present in `optimizer_params` for non-Adam families
 
 
