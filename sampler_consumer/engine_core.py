@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bus_runtime.sampler_metrics import SamplerMetrics
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.executor import Executor
 from sampler_consumer.kv_pages import PagePool
+from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.models import BaseModel
 from sampler_consumer.paged_model import PagedModel
 from sampler_consumer.requests import Done, GenFailure, GenOutput, GenRequest, describe

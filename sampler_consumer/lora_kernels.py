@@ -42,16 +42,23 @@ def build_tiles(segments: list[tuple[int, int, int]], capacity: int | None = Non
 
 
 @triton.jit
-def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stride_as, stride_ar, stride_h,
-            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
-            PRECISION: tl.constexpr):
+def _tile(tiles_ptr, n_tiles, TILE: tl.constexpr):
+    """This program's tile of the (start, end, slot) table: its token rows, which of them are real, its adapter
+    slot (0: none) and whether it holds any token."""
     tile = tl.program_id(0)
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
     slot = tl.load(tiles_ptr + 2 * n_tiles + tile)
-    if slot != 0 and start < end:
-        rows = start + tl.arange(0, TILE)
-        row_ok = rows < end
+    rows = start + tl.arange(0, TILE)
+    return rows, rows < end, slot, start < end
+
+
+@triton.jit
+def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stride_as, stride_ar, stride_h,
+            RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+            PRECISION: tl.constexpr):
+    rows, row_ok, slot, filled = _tile(tiles_ptr, n_tiles, TILE)
+    if slot != 0 and filled:
         ranks = tl.arange(0, RANK)
         acc = tl.zeros((TILE, RANK), dtype=tl.float32)
         k_first = tl.program_id(1) * WIDTH
@@ -69,13 +76,8 @@ def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stri
 @triton.jit
 def _expand(h_ptr, b_ptr, out_ptr, tiles_ptr, n_tiles, out_features, stride_h, stride_bs, stride_bn, stride_o,
             RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    start = tl.load(tiles_ptr + tile)
-    end = tl.load(tiles_ptr + n_tiles + tile)
-    slot = tl.load(tiles_ptr + 2 * n_tiles + tile)
-    if slot != 0 and start < end:
-        rows = start + tl.arange(0, TILE)
-        row_ok = rows < end
+    rows, row_ok, slot, filled = _tile(tiles_ptr, n_tiles, TILE)
+    if slot != 0 and filled:
         ranks = tl.arange(0, RANK)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < out_features

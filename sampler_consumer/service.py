@@ -21,12 +21,12 @@ from artifact_store import CheckpointStore, ObjectStore, Registry, SamplingSessi
 from bus_events import Envelope, Reply, make_result, tensor_from_numpy
 from bus_events import payloads as p
 from bus_runtime.errors import UserError
-from bus_runtime.sampler_metrics import SamplerMetrics
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.adapter_cache import AdapterCache, AdapterNotFound
 from sampler_consumer.config import SamplerConfig, resolve_device, resolve_dtype
 from sampler_consumer.engine_core import EngineCore, ModelEngine
 from sampler_consumer.lora import AdapterError
+from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.models import load_base_model
 from sampler_consumer.requests import GenFailure, GenOutput, GenRequest, describe
 from sampler_consumer.stops import StopSpecError, check_stop_spec

@@ -29,9 +29,9 @@ from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, pu
 from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.records import Poisoned, SignatureCheck, decode_record
-from bus_runtime.sampler_metrics import SamplerMetrics
 from bus_runtime.settings import BusSettings, open_object_store
 from sampler_consumer.config import SamplerConfig
+from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.requests import describe
 from sampler_consumer.service import Prepared, SampleJob, SamplerService
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from artifact_store import Checkpoint, CheckpointStore, Registry, SamplingSession, TinkerPath
 from bus_events import EventType, make_event, tensor_from_numpy
 from bus_events import payloads as p
+from bus_runtime.testing import make_tiny_model
+from sampler_consumer.models import load_base_model
 from sampler_consumer.service import SampleJob
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -71,3 +74,15 @@ def sequences(result: p.Result) -> list[tuple[list[int], list[float], str]]:
     """(tokens, logprobs, stop_reason) of every sampled sequence of a successful result."""
     return [(s.tokens.numpy().tolist(), s.logprobs.numpy().tolist(), s.stop_reason)
             for s in sample_result(result).sequences]
+
+
+# Fixtures of the engine-level tests (registered with `pytest_plugins = ["sampler_support"]`): a tiny random Llama
+# and it loaded on the CPU in fp32, where sampled logprobs equal teacher forcing to 1e-5.
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    return load_base_model(str(tiny_dir), torch.device("cpu"), torch.float32)

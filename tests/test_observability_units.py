@@ -14,7 +14,7 @@ from metrics_support import scrape
 from bus_gateway.observability.queue_state import ACTIVE, PAUSED_CAPACITY, assess, role_of
 from bus_runtime.health import WorkerHealth, heartbeating, read_health
 from bus_runtime.metrics import OTHER_LABEL, bounded_label, serve_metrics
-from bus_runtime.sampler_metrics import SamplerMetrics
+from sampler_consumer.metrics import SamplerMetrics
 from trainer_consumer.metrics import TrainerMetrics
 
 pytest_plugins = ["gateway_support"]

@@ -9,28 +9,17 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
-import torch
 from sampler_support import train_peft_adapter
 
 from bus_events import payloads as p
-from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.engine_core import EngineCore, ModelEngine
-from sampler_consumer.models import load_base_model
 from sampler_consumer.requests import AdapterCheckpoint, GenFailure, GenOutput, GenRequest, describe
+
+pytest_plugins = ["sampler_support"]  # tiny_dir, base
 
 PROMPT = [5, 17, 42, 99, 7, 133, 250, 12, 64, 3, 201, 88, 19, 77, 140, 9, 31, 4, 66]  # 19 tokens: partial page
 SEEDED = p.SamplingParams(max_tokens=24, temperature=1.0, seed=5, stop=[])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def base(tiny_dir):
-    return load_base_model(str(tiny_dir), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")

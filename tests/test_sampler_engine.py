@@ -12,25 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from bus_events import payloads as p
 from bus_events.payloads import TOPK_PAD_ID, TOPK_PAD_LOGPROB
-from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.engine import Engine, GenOutput, GenRequest
-from sampler_consumer.models import load_base_model
+
+pytest_plugins = ["sampler_support"]  # tiny_dir, base
 
 PROMPT = [5, 17, 42, 99, 7, 133]
 OTHER_PROMPT = [250, 12, 64, 3, 201, 88, 19, 77, 140]
 GREEDY = p.SamplingParams(max_tokens=16, temperature=0.0, stop=[])
 SEEDED = {"max_tokens": 16, "temperature": 1.0, "seed": 21}  # a free run with varied tokens to stop in
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def base(tiny_dir):
-    return load_base_model(str(tiny_dir), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """The sampler's Prometheus metrics, defined once (the sampler calls these; names carry their units).
 
-The sampler package is being rewritten, so its metric definitions live here, one floor below it; the calls it
-makes are listed in the README ("Metrics") and in each method's docstring. Labels: `base_model` is bounded by
-the configured base models (bus_runtime.metrics.bounded_label), `reason` by the fixed FAILURE_REASONS, and
-`cache` by the two cache kinds. No model-, adapter- or request-id labels.
+Each method's docstring says where the sampler calls it (the README lists the metrics). Labels: `base_model` is
+bounded by the configured base models (bus_runtime.metrics.bounded_label), `reason` by the fixed FAILURE_REASONS,
+and `cache` by the two cache kinds. No model-, adapter- or request-id labels.
 """
 
 from __future__ import annotations
