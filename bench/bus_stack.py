@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float
     cmd = [sys.executable, "-m", "tinker_bus", "up", "--ephemeral", "--port", str(port), "--broker-port", "0",
            "--s3-endpoint", f"{host}:{s3_port}", "--s3-access-key", "bench", "--s3-secret-key", "bench",
            "--base-model", str(model_dir), "--device", device, "--data-dir", str(log_path.parent / "stack")]
+    if importlib.util.find_spec("faust") is None:  # the GPU box gets the bus wheels without faust-streaming
+        cmd.append("--no-metrics")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl \
   ${EXTRA_WHEELS:+"$EXTRA_WHEELS"/*.whl} || exit 1
 BENCH_DIR=${BENCH_DIR:-/tmp/tinker-bus-bench}
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__,
 torch.cuda.get_device_name())"
 quiet() { grep --line-buffered -v -E "HTTP/1.1|it/s]|USDT|profiler_st"; }

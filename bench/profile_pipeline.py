@@ -12,10 +12,6 @@ the evidence docs/benchmarks.md cites. Raw py-spy output goes to --out.
 from __future__ import annotations
 
 import argparse
-import collections
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,67 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from bench.data import random_tokens
+from bench.pyspy import profiled
 from bench.shapes import DEFAULT_BATCH, build_model_dir
-
-OUR_PACKAGES = ("trainer_consumer", "bus_runtime", "bus_events", "bus_gateway", "artifact_store", "loss_plugins")
-
-
-def _role_pids() -> dict[str, int]:
-    import psutil
-
-    pids = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        argv = proc.info["cmdline"] or []
-        if len(argv) >= 4 and argv[1:3] == ["-m", "tinker_bus"] and argv[3] in ("trainer", "gateway"):
-            pids[argv[3]] = proc.pid
-    return pids
-
-
-def _spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds) + 1), "--rate", "100",
-                             "--format", "raw", "--threads", "--idle", "--nonblocking", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def summarize(raw: Path, top: int = 8) -> str:
-    """Samples per thread, and per thread the innermost frame of ours (or the leaf) that the samples fell in."""
-    threads: collections.Counter[str] = collections.Counter()
-    where: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        thread, calls = frames[0], frames[1:]
-        ours = [f for f in calls if any(pkg in f for pkg in OUR_PACKAGES)]
-        leaf = calls[-1] if calls else "?"
-        threads[thread] += int(count)
-        where[thread][f"{ours[-1] if ours else '-'} | {leaf}"[:150]] += int(count)
-    lines = []
-    for thread, total in threads.most_common():
-        lines.append(f"  {thread}: {total} samples")
-        for frame, n in where[thread].most_common(top):
-            lines.append(f"    {100 * n / total:5.1f}%  {frame}")
-    return "\n".join(lines)
 
 
 def _timed(label: str, steps: int, tokens: int, run: Callable[[], None], out: Path) -> float:
-    pids = _role_pids()
-    spies = {role: _spy(pid, 600, out / f"{label}-{role}.txt") for role, pid in pids.items()}
-    t0 = time.perf_counter()
-    run()
-    elapsed = time.perf_counter() - t0
-    for spy in spies.values():
-        spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
-    for spy in spies.values():
-        spy.wait(timeout=60)
-    tok_s = steps * tokens / elapsed
-    print(f"{label}: {elapsed / steps:.3f} s/step, {tok_s:,.0f} tok/s", flush=True)
-    for role in pids:
-        raw = out / f"{label}-{role}.txt"
-        if raw.exists():
-            print(f"{label}, {role} process:\n{summarize(raw)}", flush=True)
+    with profiled(label, ("trainer", "gateway"), out):
+        t0 = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - t0
+        tok_s = steps * tokens / elapsed
+        print(f"{label}: {elapsed / steps:.3f} s/step, {tok_s:,.0f} tok/s", flush=True)
     return tok_s
 
 

@@ -30,6 +30,10 @@ class GatewayConfig:
     parallel_fwdbwd_chunks: bool = True
     # true: the SDK zstd-compresses forward_backward bodies (Content-Encoding: zstd); >10x smaller on the wire.
     compress_fwdbwd: bool = True
+    # true: the SDK sends its requests through pyqwest (reqwest/hyper) instead of plain httpx (tinker-protocol.md 1.4).
+    # The SDK's one event-loop thread is the wall of a 2,048-call rollout round, and pyqwest costs it about half the
+    # CPU per call: 1.6x the round's tok/s on the H200 (docs/benchmarks.md, issue 13).
+    sdk_pyqwest_transport: bool = True
     # How long cached TrainingRun documents (tenant, base model) are trusted before re-reading S3.
     run_cache_s: float = 30.0
     # Synchronous JSON sampling (/sample, /generate, /api/v1/sample) waits at most this long for the sampler.

@@ -75,6 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         health_timeout_s=args.health_timeout,
         log_level=args.log_level,
         trainer_env=trainer_backend_env(args),
+        metrics=args.metrics,
     )
     # This process talks through the rich console; library INFO lines would only interleave with it.
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--s3-port", type=int, default=9000, help="local SeaweedFS S3 port, 0 = any free (default 9000)")
     up.add_argument("--health-timeout", type=float, default=600.0, metavar="SECONDS",
                     help="give up if /healthz is not healthy by then (default 600)")
+    up.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the metrics part (dashboard curves); --no-metrics where faust-streaming is absent")
     _gateway_options(up)
     _backend_option(up)
     bus_options(up, for_up=True)

@@ -74,6 +74,7 @@ class StackOptions:
     health_timeout_s: float = 600.0
     log_level: str = "INFO"  # of the child processes
     trainer_env: dict[str, str] = field(default_factory=dict)  # TINKER_BUS_TRAINER_* from flags (backend, TP)
+    metrics: bool = True  # the faust-streaming metrics part (dashboard curves); training and sampling do not need it
 
 
 @dataclass
@@ -145,7 +146,8 @@ class Stack:
                  if trainer.megatron_tp_size > 1 else f"backend {trainer.backend}, device {self.settings.device}")
         self._spawn("trainer", [], where, self.options.trainer_env)
         self._spawn("sampler", [], f"device {self.settings.device}")
-        self._spawn("metrics", [], "curves from the log, JSON for /dashboard")
+        if self.options.metrics:
+            self._spawn("metrics", [], "curves from the log, JSON for /dashboard")
 
     def _start_s3(self) -> None:
         if self.options.external_s3:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @post("/api/v1/client/config", status_code=200, tags=["session"])
 async def client_config(data: JSONBody[ClientConfigRequest], gw: GatewayDep) -> ClientConfigResponse:
     return ClientConfigResponse(
-        use_pyqwest_transport=False,  # one well-known HTTP stack (httpx)
+        use_pyqwest_transport=gw.config.sdk_pyqwest_transport,
         parallel_fwdbwd_chunks=gw.config.parallel_fwdbwd_chunks,
         proto_compress_fwdbwd=gw.config.compress_fwdbwd,
     )
