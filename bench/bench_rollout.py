@@ -113,7 +113,7 @@ async def _lone_client(plan: Plan, barrier: Any, results: Any) -> None:
             t0 = time.perf_counter()
             await client.sample(prompt, 1, one_token)
             latencies.append(time.perf_counter() - t0)
-    results.put(("lone", latencies))
+    results.put(latencies)
 
 
 def _client_main(role: str, plan: Plan, index: int, clients: int, barrier: Any, results: Any) -> None:
@@ -126,11 +126,12 @@ def _client_main(role: str, plan: Plan, index: int, clients: int, barrier: Any, 
 def bench(plan: Plan, clients: int, profile: Path | None) -> None:
     ctx = mp.get_context("spawn")  # the SDK runs a thread per process: never fork it
     parties = clients + 1 + (1 if plan.lone else 0)
-    barrier, results = ctx.Barrier(parties), ctx.Queue()
+    barrier, results, lone_results = ctx.Barrier(parties), ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_client_main, args=("rollout", plan, i, clients, barrier, results), daemon=True)
              for i in range(clients)]
     if plan.lone:
-        procs.append(ctx.Process(target=_client_main, args=("lone", plan, 0, clients, barrier, results), daemon=True))
+        procs.append(ctx.Process(target=_client_main, args=("lone", plan, 0, clients, barrier, lone_results),
+                                 daemon=True))
     for proc in procs:
         proc.start()
     calls = len(plan.prompts) * plan.group_size
@@ -147,7 +148,7 @@ def bench(plan: Plan, clients: int, profile: Path | None) -> None:
         with phase:
             barrier.wait(timeout=900)
             parts = [results.get(timeout=900) for _ in range(clients)]
-        got = [p[2] for p in parts]
+        got = [result for _, _, result in parts]
         wall = max(g.end for g in got) - min(g.start for g in got)
         tokens, failed = sum(g.tokens for g in got), sum(g.failed for g in got)
         round_number = sum(1 for x in plan.rounds[:r + 1] if x == per_call)
@@ -155,7 +156,7 @@ def bench(plan: Plan, clients: int, profile: Path | None) -> None:
         for message in [m for g in got for m in g.messages][:3]:
             print(f"#   failure: {message}", flush=True)
     if plan.lone:
-        lone_latencies = results.get(timeout=900)[1]
+        lone_latencies = lone_results.get(timeout=900)
         print(f"# lone 1-token request arriving {plan.lone_delay_s:.1f} s into a {calls}-call round, "
               f"{len(lone_latencies)} in a row: p50 {1000 * statistics.median(lone_latencies):.0f} ms, "
               f"p99 {1000 * percentile(lone_latencies, 0.99):.0f} ms, max {1000 * max(lone_latencies):.0f} ms",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def _spy(pid: int, out: Path) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def profiled(label: str, roles: Iterable[str], out: Path, extra: dict[str, int] | None = None,
-             keep_raw: bool = False) -> Iterator[None]:
+             keep_raw: bool = bool(os.environ.get("BENCH_KEEP_PYSPY"))) -> Iterator[None]:
     """py-spy on each role (and on the `extra` processes, e.g. an SDK client) for the block's duration; prints each
     process's CPU use and where its samples fell afterwards (the raw files are removed unless `keep_raw`)."""
     pids = {**role_pids(roles), **(extra or {})}

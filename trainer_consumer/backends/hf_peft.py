@@ -42,7 +42,7 @@ from trainer_consumer.backends.adamw import AdapterOptimizer
 from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
 from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
-from trainer_consumer.backends.host_copy import to_host
+from trainer_consumer.backends.host_copy import reserve_host, to_host
 from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
 from trainer_consumer.backends.lora_compute import FusedLoraLinear, adopt, frozen_weight, use
@@ -166,6 +166,7 @@ class HfPeftBackend:
             param.requires_grad_(True)
         seeded_init(adapter.params, spec.seed)
         adapter.optimizer = AdapterOptimizer(adapter.params)
+        reserve_host(adapter.params)
         self._models.add(model_id, adapter)
         base.active = None  # PEFT may have switched the active adapter; re-activate on the next op
         log.info("created adapter %s for %s (rank %d on %s)", slot, model_id, spec.rank, spec.target_modules)

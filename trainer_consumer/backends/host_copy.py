@@ -25,3 +25,18 @@ def to_host(tensors: Mapping[str, torch.Tensor]) -> FlatTensors:
     for device in devices:  # the copies sit on each device's current stream, behind the kernels that wrote them
         torch.cuda.current_stream(device).synchronize()
     return out
+
+
+def reserve_host(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Page-lock host memory for one snapshot of an adapter whose weights are `tensors` (its buffer, and the
+    optimizer's of twice the size) and hand it straight back to torch's pinned caching allocator, which keeps the
+    blocks: the adapter's first snapshot then reuses them instead of calling cudaHostAlloc on the compute thread in
+    the middle of a run (13 % of the submitted-ahead samples, docs/benchmarks.md, issue 14). Called at creation."""
+    if not any(t.device.type == "cuda" for t in tensors.values()):
+        return
+    weights = {name: (t.shape, t.dtype) for name, t in tensors.items()}
+    moments = {f"{name}.{moment}": (t.shape, t.dtype) for name, t in tensors.items()
+               for moment in ("exp_avg", "exp_avg_sq")}
+    moments.update({f"{name}.step": (torch.Size([]), torch.float32) for name in tensors})
+    held = [FlatTensors.allocate(weights, pin=True), FlatTensors.allocate(moments, pin=True)]
+    del held
