@@ -55,11 +55,15 @@ def make_result(
     request: Envelope,
     result: msgspec.Struct | dict[str, Any] | None = None,
     error: p.ErrorInfo | None = None,
+    *,
+    started_at: float | None = None,
 ) -> Reply:
-    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id."""
+    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id. `started_at`: when
+    the worker began computing it (None: it was answered without computing)."""
     body = msgspec.to_builtins(result, builtin_types=(bytes,)) if isinstance(result, msgspec.Struct) else result
     return _reply(
-        p.Result(request_type=request.type.value, result=body if error is None else None, error=error),
+        p.Result(request_type=request.type.value, result=body if error is None else None, error=error,
+                 started_at=started_at),
         model_id=request.model_id,
         request_id=request.request_id,
         seq_id=request.seq_id,

@@ -20,7 +20,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from bus_events import BlobStore, EventType
+from bus_events import UNANSWERED_EVENTS, BlobStore, EventType
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_runtime.kafka_io import make_consumer
@@ -29,7 +29,7 @@ from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_EVENTS = frozenset(EventType) - {EventType.RESULT, EventType.DEAD_LETTER, EventType.SEQ_VOID}
+REQUEST_EVENTS = frozenset(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.DEAD_LETTER}
 
 
 class BusListener:

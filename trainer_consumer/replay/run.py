@@ -32,13 +32,13 @@ import msgspec
 
 from artifact_store import Checkpoint, CheckpointStore, MemoryObjectStore, ObjectStore, TinkerPath
 from bus_events import EventType, Reply, decode_envelope, decode_payload
+from bus_runtime.log_reader import LogRecord
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
-from trainer_consumer.replay.event_log import LogRecord
 from trainer_consumer.replay.fingerprint import adapter_sha256
 from trainer_consumer.replay.report import (
     EventEntry,
