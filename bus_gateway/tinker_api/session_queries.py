@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import get, post, put
-from litestar.params import JSONBody, Parameter
+from litestar.params import JSONBody, QueryParameter
 
 from artifact_store import Session
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
 from bus_gateway.gateway import Gateway
+from bus_gateway.tinker_api.checkpoints import PageLimit, PageOffset
 from bus_gateway.tinker_api.session_schemas import (
     Active,
     ActiveQuery,
@@ -36,7 +37,8 @@ from bus_gateway.tinker_api.session_schemas import (
 )
 from bus_gateway.tokens import user_urn
 
-AccessScope = Literal["owned", "accessible"]
+# "accessible" means the same as "owned": tenants share nothing.
+AccessScope = Annotated[Literal["owned", "accessible"], QueryParameter()]
 # A session that heartbeated this recently is "active" (the SDK heartbeats every 10 s or so).
 ACTIVE_WINDOW_S = 120.0
 
@@ -97,8 +99,7 @@ def _summary(gw: Gateway, session: Session, tenant: str, now: float) -> SessionS
 
 
 @get("/api/v1/sessions", tags=["session"], summary="The caller's session ids, newest first")
-async def list_sessions(gw: GatewayDep, tenant: TenantDep, limit: int = Parameter(default=20, ge=1, le=1000),
-                        offset: int = Parameter(default=0, ge=0),
+async def list_sessions(gw: GatewayDep, tenant: TenantDep, limit: PageLimit = 20, offset: PageOffset = 0,
                         access_scope: AccessScope = "owned") -> ListSessionsResponse:
     sessions = await asyncio.to_thread(gw.registry.list_sessions, tenant)
     newest_first = [s.session_id for s in reversed(sessions)]

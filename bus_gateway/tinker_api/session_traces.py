@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Annotated
 
 from litestar import Request, Response, get
 from litestar.exceptions import NotAuthorizedException
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
 from bus_gateway.errors import NotFound
@@ -71,8 +72,8 @@ async def trace_export(session_id: PathId, request: Request, gw: GatewayDep,
 
 
 @get(f"{DOWNLOAD_PATH}/{{session_id:str}}", tags=["session"], summary="Download an exported trace (signed link)")
-async def download_trace(session_id: PathId, gw: GatewayDep, expires: int = Parameter(),
-                         signature: str = Parameter(max_length=128)) -> Response:
+async def download_trace(session_id: PathId, gw: GatewayDep, expires: Annotated[int, QueryParameter()],
+                         signature: Annotated[str, QueryParameter(max_length=128)]) -> Response:
     if expires < time.time() or not gw.tokens.signed(_link_text(session_id, expires), signature):
         raise NotAuthorizedException("signature: this trace link is invalid or expired; export the trace again")
     data = await asyncio.to_thread(gw.objects.get_bytes_or_none, trace_key(session_id))
