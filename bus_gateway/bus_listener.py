@@ -110,8 +110,10 @@ class BusListener:
         self.records_seen += 1
         if record.timestamp / 1000 < time.time() - self.settings.result_ttl_s:
             return
-        decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT, *REQUEST_EVENTS},
-                                      envelope_only=REQUEST_EVENTS)
+        # seq_voids and cancels are read (they are no poison) but promise no result: nothing to track.
+        decoded = await decode_record(record.value, self.blob_store,
+                                      {EventType.RESULT, *REQUEST_EVENTS, *UNANSWERED_EVENTS},
+                                      envelope_only=REQUEST_EVENTS | UNANSWERED_EVENTS)
         if isinstance(decoded, Poisoned):
             # Workers dead-letter poison on their topics; the gateway only reads, so it just skips it.
             log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset,

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import tinker
 from gateway_stack import API_KEY, STACK_CONFIG, in_thread
 from gateway_support import running_gateway
@@ -77,6 +78,11 @@ async def test_cancel_skips_a_queued_sample_and_keeps_a_computed_one(stack_setti
                                        sampling_params=types.SamplingParams(max_tokens=2, seed=seq_id),
                                        sampling_session_id=sampling.sampling_session_id)
 
+        dmel = {"type": "dmel", "dmel": "AA=="}  # audio features: the SDK cannot even size one without its tensor
+        with pytest.raises(tinker.BadRequestError, match="text-only"):
+            await client.post("/api/v1/asample", cast_to=object, body={
+                **sample(0).model_dump(mode="json", exclude_none=True),
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}, dmel]}})
         # No sampler yet: both requests wait on the bus, so the first one's cancel is there before it is dequeued.
         queued = await client.sampling.asample(request=sample(1))
         kept = await client.sampling.asample(request=sample(2))

@@ -37,6 +37,17 @@ def session_sequence(url: str, base_model: str) -> dict:
     sampler = training.save_weights_and_get_sampling_client().result()
     seen["samples"] = sampler.sample(types.ModelInput.from_ints(tokens[:5]), 2,
                                      types.SamplingParams(max_tokens=3, seed=1)).result()
+    # issue 16.6: image chunks need a vision model; the SDK gets a 400 that says the served models are text-only
+    text = types.EncodedTextChunk(tokens=tokens[:3])
+    image = types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)
+    pointer = types.ImageAssetPointerChunk(format="jpeg", location="s3://bucket/cat.jpg", expected_tokens=2)
+    for chunk in (image, pointer):
+        with pytest.raises(tinker.BadRequestError, match="text-only"):
+            sampler.sample(types.ModelInput(chunks=[text, chunk]), 1, types.SamplingParams(max_tokens=2)).result()
+    # (the SDK's protobuf encoder itself refuses an image pointer in a forward; an image gets to us)
+    with pytest.raises(tinker.BadRequestError, match="text-only"):
+        training.forward([types.Datum(model_input=types.ModelInput(chunks=[text, image]), loss_fn_inputs={
+            "target_tokens": [1] * 5, "weights": [1.0] * 5})], "cross_entropy").result()
     session_id = seen["session_id"] = training.model_id.rsplit(":train:", 1)[0]
     seen["model_id"] = training.model_id
 
@@ -68,7 +79,8 @@ def session_sequence(url: str, base_model: str) -> dict:
     seen["finished"] = alice.search_sessions(types.SessionSearchRequest(
         statuses=[types.ClientFinishedSessionStatusQuery(reasons=["success"])])).result()
     seen["page1"] = alice.search_sessions(types.SessionSearchRequest(limit=1)).result()
-    seen["page2"] = alice.search_sessions(types.SessionSearchRequest(limit=1, cursor=seen["page1"].next_cursor)).result()
+    after_first = types.SessionSearchRequest(limit=1, cursor=seen["page1"].next_cursor)
+    seen["page2"] = alice.search_sessions(after_first).result()
     return seen
 
 
