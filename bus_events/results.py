@@ -91,3 +91,9 @@ def make_error_result(
         seq_id=seq_id,
         tenant=tenant,
     )
+
+
+def outcome(result: p.Result) -> dict[str, Any]:
+    """`result` as builtins without `started_at`: what two computations of one request agree on (a trainer that
+    re-applies an event after a restart, a replay)."""
+    return msgspec.to_builtins(msgspec.structs.replace(result, started_at=None), builtin_types=(bytes,))
