@@ -51,7 +51,7 @@ def prompt_tokens(chunks: Sequence[ModelInputChunk], field: str = "prompt") -> n
     tokens: list[int] = []
     for i, chunk in enumerate(chunks):
         if not isinstance(chunk, EncodedTextChunk):
-            raise text_only(f"{field}.chunks[{i}]", chunk.__struct_config__.tag)  # type: ignore[arg-type]
+            raise text_only(f"{field}.chunks[{i}]", str(chunk.__struct_config__.tag))
         tokens.extend(chunk.tokens)
     try:
         return np.asarray(tokens, dtype=np.int64)
