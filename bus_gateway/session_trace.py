@@ -27,7 +27,7 @@ US = 1_000_000  # trace timestamps are microseconds
 
 
 @dataclass
-class _Request:
+class TracedRequest:
     env: Envelope
     reply: Envelope | None = None
     result: p.Result | None = None
@@ -38,11 +38,11 @@ class _Request:
 
 
 async def session_requests(settings: BusSettings, blobs: BlobStore, session_id: str,
-                           tenant: str) -> list[_Request]:
+                           tenant: str) -> list[TracedRequest]:
     """The session's requests with their results, in the order they were published."""
     prefix = f"{session_id}:".encode()  # `<session>:train:<n>` and `<session>:sample:<n>` keys
     topics = settings.topics
-    requests: dict[str, _Request] = {}
+    requests: dict[str, TracedRequest] = {}
     replies: dict[str, tuple[Envelope, p.Result]] = {}
     async for record in read_bus(settings, [topics.train, topics.sample, topics.replies],
                                  lambda key: key is not None and key.startswith(prefix)):
@@ -54,7 +54,7 @@ async def session_requests(settings: BusSettings, blobs: BlobStore, session_id: 
         if isinstance(decoded.payload, p.Result):
             replies.setdefault(env.request_id, (env, decoded.payload))  # a re-published result: the first counts
         else:
-            requests.setdefault(env.request_id, _Request(env))
+            requests.setdefault(env.request_id, TracedRequest(env))
     for request_id, (env, result) in replies.items():
         if request_id in requests:
             requests[request_id].reply, requests[request_id].result = env, result
@@ -71,7 +71,7 @@ def _metadata(kind: str, name: str, pid: int, tid: int = 0) -> dict[str, Any]:
     return {"name": kind, "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}}
 
 
-def chrome_trace(session_id: str, requests: list[_Request]) -> dict[str, Any]:
+def chrome_trace(session_id: str, requests: list[TracedRequest]) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     pids: dict[str, int] = {}
     lanes: dict[str, list[float]] = {}  # model -> end time of the last request on each of its threads
