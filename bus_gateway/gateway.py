@@ -222,6 +222,21 @@ class Gateway:
     def remember_session(self, session: Session) -> None:
         self._sessions[session.session_id] = session
 
+    async def update_session(self, session_id: str, tenant: str, change: Callable[[Session], None]) -> Session:
+        """Apply `change` to the caller's stored session document, read afresh: another gateway may have written
+        it since this one cached it (a heartbeat must not undo a project assignment or a finish)."""
+        cached = await self.session(session_id, tenant)
+
+        def read_change_write() -> Session:
+            fresh = self.registry.get_session(session_id) or cached
+            change(fresh)
+            self.registry.put_session(fresh)
+            return fresh
+
+        fresh = await asyncio.to_thread(read_change_write)
+        self.remember_session(fresh)
+        return fresh
+
     async def run(self, model_id: str, tenant: str, *, fresh: bool = False) -> TrainingRun:
         check_model_id(model_id)  # it becomes part of an object key: never `../`
         cached = self._runs.get(model_id)

@@ -1,6 +1,7 @@
 """Sessions, identity and the session trace through the official SDK 0.38, unmodified, on the whole stack with API
 keys configured, so every call below also runs the SDK's JWT exchange (auth/token) and sends the JWT; sampling
-waits through the SDK's /api/v1/retrieve_futures poller (sample_use_retrieve_futures)."""
+waits through the SDK's /api/v1/retrieve_futures poller (sample_use_retrieve_futures). Plus, over plain HTTP,
+session documents written through two gateways."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import replace
 import pytest
 import tinker
 from gateway_stack import STACK_CONFIG, in_thread, running_stack
-from gateway_support import API_KEYS, KEY_A, KEY_B
+from gateway_support import API_KEYS, KEY_A, KEY_B, gateway_client
 from tinker import types
 
 pytest_plugins = ["gateway_support", "gateway_stack"]
@@ -132,3 +133,23 @@ async def test_sessions_identity_and_trace_through_the_sdk(stack_settings):
         kinds[compute["name"]] = kinds.get(compute["name"], 0) + 1
     assert {"create_model", "forward_backward", "optim_step", "save_weights", "sample"} <= kinds.keys()
     assert seen["forged_link"] == 401
+
+
+async def test_a_heartbeat_on_another_gateway_keeps_the_project(gw_settings):
+    """Each gateway caches sessions; a heartbeat re-reads the stored document, so it never undoes what another
+    gateway wrote (the SDK heartbeats every few seconds, wherever its requests land)."""
+    headers = {"X-API-Key": KEY_A}
+    async with gateway_client(gw_settings, API_KEYS) as a, gateway_client(gw_settings, API_KEYS) as b:
+        session_id = (await a.post("/api/v1/create_session", json={}, headers=headers)).json()["session_id"]
+        beat = {"session_id": session_id}
+        assert (await b.post("/api/v1/session_heartbeat", json=beat, headers=headers)).status_code == 200  # b caches
+        moved = await a.put(f"/api/v1/sessions/{session_id}/project", json={"project_id": "p2"}, headers=headers)
+        assert moved.status_code == 200
+        assert (await b.post("/api/v1/session_heartbeat", json=beat, headers=headers)).status_code == 200
+        await a.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "errored"}}, headers=headers)
+        assert (await b.post("/api/v1/session_heartbeat", json=beat, headers=headers)).status_code == 410
+        found = await b.post("/api/v1/sessions/search", json={"project_ids": ["p2"]}, headers=headers)
+        [summary] = found.json()["sessions"]
+        assert summary["session_id"] == session_id and summary["status"]["reason"]["type"] == "errored"
+        missing = await b.put(f"/api/v1/sessions/{session_id}/project", json={"project_id": ""}, headers=headers)
+        assert missing.status_code == 400  # the SDK documents a 400 for a missing project

@@ -120,11 +120,10 @@ async def get_session(session_id: PathId, gw: GatewayDep, tenant: TenantDep,
      summary="Move a session (and its runs and samplers) into a project")
 async def assign_session_project(session_id: PathId, data: JSONBody[AssignProjectRequest], gw: GatewayDep,
                                  tenant: TenantDep) -> dict[str, str]:
-    session = await gw.session(session_id, tenant)
-    fresh = await asyncio.to_thread(gw.registry.get_session, session_id) or session  # heartbeats rewrite it
-    fresh.project_id = data.project_id
-    await asyncio.to_thread(gw.registry.put_session, fresh)
-    gw.remember_session(fresh)
+    def assign(session: Session) -> None:
+        session.project_id = data.project_id
+
+    await gw.update_session(session_id, tenant, assign)
     return {"session_id": session_id, "project_id": data.project_id}
 
 

@@ -67,23 +67,25 @@ async def create_session(data: JSONBody[CreateSessionRequest], gw: GatewayDep,
 @post("/api/v1/session_heartbeat", status_code=200, tags=["session"])
 async def session_heartbeat(data: JSONBody[SessionHeartbeatRequest], gw: GatewayDep,
                             tenant: TenantDep) -> SessionHeartbeatResponse:
-    session = await gw.session(data.session_id, tenant)
-    if session.finished:
+    def beat(session: Session) -> None:
+        if not session.finished:
+            session.last_heartbeat = time.time()
+
+    if (await gw.update_session(data.session_id, tenant, beat)).finished:
         raise ClientException(status_code=410, detail=f"session {data.session_id!r} is finished")
-    session.last_heartbeat = time.time()
-    await asyncio.to_thread(gw.registry.put_session, session)
     return SessionHeartbeatResponse()
 
 
 @post("/api/v1/sessions/{session_id:str}/finish", status_code=200, tags=["session"])
 async def finish_session(session_id: PathId, data: JSONBody[FinishSessionRequest], gw: GatewayDep,
                          tenant: TenantDep) -> dict[str, str]:
-    session = await gw.session(session_id, tenant)
-    if not session.finished:  # the first finish reason wins
-        session.finished = True
-        session.user_metadata = {**session.user_metadata,
-                                 "finish_reason": data.reason.type if data.reason else "success"}
-        await asyncio.to_thread(gw.registry.put_session, session)
+    def finish(session: Session) -> None:
+        if not session.finished:  # the first finish reason wins
+            session.finished = True
+            session.user_metadata = {**session.user_metadata,
+                                     "finish_reason": data.reason.type if data.reason else "success"}
+
+    await gw.update_session(session_id, tenant, finish)
     return {"session_id": session_id, "status": "finished"}
 
 
