@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from artifact_store.object_store import ObjectStore
+from bus_events.ids import SAMPLE_INFIX, TRAIN_INFIX
 from bus_events.payloads import LoraSpec
 
 _T = TypeVar("_T")
@@ -58,6 +59,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     finished: bool = False
+    display_name: str | None = None
 
 
 @dataclass
@@ -110,3 +112,22 @@ class Registry:
 
     def get_sampling_session(self, sampling_session_id: str) -> SamplingSession | None:
         return self._get(f"sampling_sessions/{sampling_session_id}.json", SamplingSession)
+
+    def list_sessions(self, tenant: str) -> list[Session]:
+        """Every session of `tenant`, oldest first (one read per session in the bucket: fine for a self-hosted
+        server's hundreds; an index would be the next step)."""
+        found = [self._get(key, Session) for key in self.objects.list_keys("sessions/", recursive=False)
+                 if key.endswith(".json")]
+        return sorted((s for s in found if s is not None and s.tenant == tenant), key=lambda s: s.created_at)
+
+    def sampling_session_ids(self, session_id: str) -> list[str]:
+        """The sampling sessions a client session created (`<session>:sample:<n>`)."""
+        prefix = f"sampling_sessions/{session_id}{SAMPLE_INFIX}"
+        return sorted(key.removeprefix("sampling_sessions/").removesuffix(".json")
+                      for key in self.objects.list_keys(prefix, recursive=False) if key.endswith(".json"))
+
+    def run_ids(self, session_id: str) -> list[str]:
+        """The models a client session created (`<session>:train:<n>`), in creation order."""
+        found = [key.split("/")[1] for key in self.objects.list_keys(f"runs/{session_id}{TRAIN_INFIX}")
+                 if key.count("/") == 2 and key.endswith("/run.json")]
+        return sorted(found, key=lambda model_id: int(model_id.rsplit(":", 1)[1]))

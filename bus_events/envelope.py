@@ -29,6 +29,7 @@ class EventType(enum.StrEnum):
     EXPORT_MODEL = "export_model"
     SEQ_VOID = "seq_void"
     SAMPLE = "sample"
+    CANCEL = "cancel"
     RESULT = "result"
     DEAD_LETTER = "dead_letter"
 
@@ -45,6 +46,7 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.EXPORT_MODEL: p.ExportModel,
     EventType.SEQ_VOID: p.SeqVoid,
     EventType.SAMPLE: p.Sample,
+    EventType.CANCEL: p.Cancel,
     EventType.RESULT: p.Result,
     EventType.DEAD_LETTER: p.DeadLetter,
 }
@@ -82,6 +84,9 @@ TRAINING_EVENTS = frozenset(
         EventType.SEQ_VOID,
     }
 )
+
+# Requests that get no `result` of their own: a void consumes a seq_id, a cancel only skips another request.
+UNANSWERED_EVENTS = frozenset({EventType.SEQ_VOID, EventType.CANCEL})
 
 
 DEFAULT_TENANT = "default"  # development mode's tenant, and that of an event that names none

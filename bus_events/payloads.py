@@ -241,12 +241,23 @@ class SampleResult(_Payload):
     topk_prompt_logprobs: TopkLogprobs | None = None
 
 
+class Cancel(_Payload):
+    """Skip a queued request (`cancel_future`): it is answered with a "cancelled" error instead of being computed.
+    Sent on the request's own topic with its key, so it reaches the worker holding the request, after it."""
+
+    request_id: str  # the request to skip; it must be of the cancel event's tenant
+    reason: str = ""
+
+
 class Result(_Payload):
     """The payload of every `result` event. Exactly one of `result` / `error` is set."""
 
     request_type: str
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    # When the worker started computing the request (Unix time): with the request's and the result's envelope
+    # `created_at`, it splits the request's time into queue and compute (the session trace export).
+    started_at: float | None = None
 
 
 class DeadLetter(_Payload):

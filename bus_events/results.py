@@ -55,11 +55,15 @@ def make_result(
     request: Envelope,
     result: msgspec.Struct | dict[str, Any] | None = None,
     error: p.ErrorInfo | None = None,
+    *,
+    started_at: float | None = None,
 ) -> Reply:
-    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id."""
+    """The reply to `request`: a `result` event with the same request_id, model_id and seq_id. `started_at`: when
+    the worker began computing it (None: it was answered without computing)."""
     body = msgspec.to_builtins(result, builtin_types=(bytes,)) if isinstance(result, msgspec.Struct) else result
     return _reply(
-        p.Result(request_type=request.type.value, result=body if error is None else None, error=error),
+        p.Result(request_type=request.type.value, result=body if error is None else None, error=error,
+                 started_at=started_at),
         model_id=request.model_id,
         request_id=request.request_id,
         seq_id=request.seq_id,
@@ -87,3 +91,9 @@ def make_error_result(
         seq_id=seq_id,
         tenant=tenant,
     )
+
+
+def outcome(result: p.Result) -> dict[str, Any]:
+    """`result` as builtins without `started_at`: what two computations of one request agree on (a trainer that
+    re-applies an event after a restart, a replay)."""
+    return msgspec.to_builtins(msgspec.structs.replace(result, started_at=None), builtin_types=(bytes,))

@@ -22,14 +22,27 @@ from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
 from bus_gateway.rejections import void_refused_request
-from bus_gateway.tinker_api import checkpoints, exports, futures_api, sampling, sessions, training
+from bus_gateway.tinker_api import (
+    checkpoints,
+    exports,
+    futures_api,
+    futures_batch,
+    identity,
+    sampling,
+    session_queries,
+    session_traces,
+    sessions,
+    training,
+)
+from bus_gateway.tokens import warn_if_unshared_secret
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
+    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES,
+    *identity.ROUTES, *futures_batch.ROUTES, *session_queries.ROUTES, *session_traces.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
     *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
@@ -54,6 +67,7 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_development_mode(api_keys)
+        warn_if_unshared_secret(config.jwt_secret, api_keys)
         await gateway.start()
         observability.instrument(app.state, gateway)
         try:
@@ -65,10 +79,12 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         route_handlers=[*[r for r in ROUTES if r not in DATA_ROUTES],
                         Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
         lifespan=[lifespan],
-        state=State({"gateway": gateway, "api_keys": api_keys, **observability.state(gateway.objects)}),
+        state=State({"gateway": gateway, "api_keys": api_keys, "tokens": gateway.tokens, "trace_builds": {},
+                     **observability.state(gateway.objects)}),
         dependencies=DEPENDENCIES,
         middleware=[observability.metrics_middleware,
-                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS])],
+                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS,
+                                                                *session_traces.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,

@@ -1,4 +1,4 @@
-"""API keys and tenants.
+"""API keys, tenants, and the JWTs the SDK exchanges its key for (tokens.py).
 
 Keys come from `--api-key key=tenant` (repeatable) and/or TINKER_BUS_API_KEYS="key=tenant,key2=tenant2".
 The SDK refuses keys without the `tml-` prefix before sending anything, so we refuse to configure them.
@@ -20,11 +20,13 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
 from bus_events import DEFAULT_TENANT
+from bus_gateway.tokens import InvalidToken, TokenIssuer
 
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "TINKER_BUS_API_KEYS"
 KEY_PREFIX = "tml-"
+JWT_PREFIX = "eyJ"  # base64url of '{"': how the SDK tells a JWT credential from an API key
 DEV_TENANT = DEFAULT_TENANT
 # Paths reachable without a key: liveness and the API description.
 PUBLIC_PATHS = ["^/schema", "^/api/v1/healthz$", "^/healthz$"]
@@ -90,12 +92,30 @@ def presented_key(connection: ASGIConnection) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token else None
 
 
+def tenant_for_jwt(tokens: TokenIssuer, api_keys: dict[str, str] | None, presented: str) -> str:
+    """The tenant of a JWT from the auth exchange; 401 marked invalid_token (the SDK exchanges its key again and
+    replays the request once) when it is not valid."""
+    try:
+        if api_keys is None:
+            raise InvalidToken("this gateway has no API keys, so it issues no tokens")
+        return tokens.verify(presented, set(api_keys.values()))
+    except InvalidToken as exc:
+        raise NotAuthorizedException(f"X-API-Key: invalid token ({exc}); exchange your API key for a new one at "
+                                     "/api/v1/auth/token",
+                                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    """Sets `request.user` to the caller's tenant, or answers 401."""
+    """Sets `request.user` to the caller's tenant, or answers 401; `request.auth` says how it was proven: "key"
+    (an API key, or none in development mode) or "jwt"."""
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         api_keys = connection.app.state.api_keys
-        tenant = tenant_for_key(api_keys, presented_key(connection))
+        presented = presented_key(connection)
+        if presented is not None and presented.startswith(JWT_PREFIX):
+            return AuthenticationResult(user=tenant_for_jwt(connection.app.state.tokens, api_keys, presented),
+                                        auth="jwt")
+        tenant = tenant_for_key(api_keys, presented)
         if tenant is None:
             raise NotAuthorizedException("missing or invalid API key: send a configured 'tml-...' key in X-API-Key")
-        return AuthenticationResult(user=tenant, auth=None)
+        return AuthenticationResult(user=tenant, auth="key")

@@ -20,7 +20,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from bus_events import BlobStore, EventType
+from bus_events import UNANSWERED_EVENTS, BlobStore, EventType
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_runtime.kafka_io import make_consumer
@@ -29,7 +29,7 @@ from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_EVENTS = frozenset(EventType) - {EventType.RESULT, EventType.DEAD_LETTER, EventType.SEQ_VOID}
+REQUEST_EVENTS = frozenset(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.DEAD_LETTER}
 
 
 class BusListener:
@@ -110,8 +110,10 @@ class BusListener:
         self.records_seen += 1
         if record.timestamp / 1000 < time.time() - self.settings.result_ttl_s:
             return
-        decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT, *REQUEST_EVENTS},
-                                      envelope_only=REQUEST_EVENTS)
+        # seq_voids and cancels are read (they are no poison) but promise no result: nothing to track.
+        decoded = await decode_record(record.value, self.blob_store,
+                                      {EventType.RESULT, *REQUEST_EVENTS, *UNANSWERED_EVENTS},
+                                      envelope_only=REQUEST_EVENTS | UNANSWERED_EVENTS)
         if isinstance(decoded, Poisoned):
             # Workers dead-letter poison on their topics; the gateway only reads, so it just skips it.
             log.warning("bus listener skips %s[%s]@%s: %s", record.topic, record.partition, record.offset,

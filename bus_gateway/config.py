@@ -38,6 +38,14 @@ class GatewayConfig:
     run_cache_s: float = 30.0
     # Synchronous JSON sampling (/sample, /generate, /api/v1/sample) waits at most this long for the sampler.
     sync_sample_timeout_s: float = 120.0
+    # The secret the JWTs of the SDK's auth exchange are signed with (tokens.py); every gateway of a deployment
+    # needs the same one. Empty: a random one per process. Only used with API keys configured.
+    jwt_secret: str = ""
+    # Lifetime of those JWTs (the SDK refreshes at half of it); at least 120 s.
+    jwt_ttl_s: float = 3600.0
+    # true: the SDK waits for its samples through one long-poll per sampling session (/api/v1/retrieve_futures)
+    # instead of one retrieve_future per request. Off by default: one more round trip per sample here.
+    sample_use_retrieve_futures: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,7 @@ class FutureTable:
         # so the gateway can refuse absurd seq_id jumps (Gateway.check_seq_id). Swept like the futures.
         self._highest_seq: dict[str, tuple[int, float]] = {}
         self.local_pending_samples = 0
+        self.on_resolve: list[Callable[[Future], None]] = []  # told once per future, when its result arrives
 
     def __len__(self) -> int:
         return len(self._futures)
@@ -144,6 +146,8 @@ class FutureTable:
             fut.done.set()
             if fut.local and fut.request_type == EventType.SAMPLE:
                 self.local_pending_samples -= 1
+            for hook in self.on_resolve:
+                hook(fut)
         return fut
 
     def discard(self, fut: Future) -> None:

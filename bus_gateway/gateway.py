@@ -23,9 +23,11 @@ from bus_events.ids import is_model_id
 from bus_gateway.adapter_names import AdapterName, AdapterNames, InvalidAdapterName, check_adapter_name
 from bus_gateway.base_model_info import BaseModelCatalog
 from bus_gateway.bus_listener import BusListener
+from bus_gateway.completions import CompletionLog
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.tokens import TokenIssuer
 from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
@@ -41,6 +43,7 @@ class Gateway:
         self.settings = settings
         self.config = config
         self.api_keys = api_keys
+        self.tokens = TokenIssuer(config.jwt_secret, config.jwt_ttl_s)  # also signs trace download links
         self.objects = open_object_store(settings)
         self.tenant_keys = settings.tenant_keys  # requests are signed as their tenant (bus_events/signing.py)
         self.registry = Registry(self.objects)
@@ -48,6 +51,8 @@ class Gateway:
         self.checkpoints = CheckpointStore(self.objects)
         self.base_models = BaseModelCatalog(settings.base_models)
         self.futures = FutureTable(settings.result_ttl_s)
+        self.completions = CompletionLog(settings.result_ttl_s)  # /api/v1/retrieve_futures
+        self.futures.on_resolve.append(self.completions.record)
         self.listener = BusListener(settings, self.futures, self.objects)
         self.producer: AIOKafkaProducer | None = None
         self._sweeper: asyncio.Task | None = None
@@ -84,6 +89,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.futures.sweep()
+            self.completions.sweep()
 
     # ------------------------------------------------------------------ publishing
     def first_request(self, key: str, seq_id: int | None, event_type: EventType, tenant: str) -> Future | None:
@@ -184,6 +190,14 @@ class Gateway:
         except Exception:  # the trainer's gap timeout still covers it; the client gets its 400 regardless
             log.exception("could not publish seq_void for %s seq %s", model_id, seq_id)
 
+    async def cancel(self, fut: Future, reason: str = "") -> None:
+        """Ask the sampler holding sample request `fut` to skip it (docs/events.md `cancel`): same topic and key,
+        so the cancel lands after the request on its partition."""
+        event = make_event(EventType.CANCEL, p.Cancel(request_id=fut.request_id, reason=reason[:2000]),
+                           model_id=fut.model_id, tenant=fut.tenant)
+        await publish(self._producer(), self.settings.topics.sample, event.env, event.payload,
+                      claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
+
     def _producer(self) -> AIOKafkaProducer:
         if self.producer is None:
             raise RuntimeError("gateway not started")
@@ -207,6 +221,21 @@ class Gateway:
 
     def remember_session(self, session: Session) -> None:
         self._sessions[session.session_id] = session
+
+    async def update_session(self, session_id: str, tenant: str, change: Callable[[Session], None]) -> Session:
+        """Apply `change` to the caller's stored session document, read afresh: another gateway may have written
+        it since this one cached it (a heartbeat must not undo a project assignment or a finish)."""
+        cached = await self.session(session_id, tenant)
+
+        def read_change_write() -> Session:
+            fresh = self.registry.get_session(session_id) or cached
+            change(fresh)
+            self.registry.put_session(fresh)
+            return fresh
+
+        fresh = await asyncio.to_thread(read_change_write)
+        self.remember_session(fresh)
+        return fresh
 
     async def run(self, model_id: str, tenant: str, *, fresh: bool = False) -> TrainingRun:
         check_model_id(model_id)  # it becomes part of an object key: never `../`

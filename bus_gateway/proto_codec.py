@@ -15,7 +15,7 @@ from bus_events import Tensor, tensor_from_numpy
 from bus_events import payloads as p
 from bus_gateway import proto_schema as pb
 from bus_gateway.errors import FieldError
-from bus_gateway.validation import check_model_id
+from bus_gateway.validation import check_model_id, text_only
 
 # Request-side dtypes (tinker-protocol.md 3.2: float32 or int64, int32 tolerated).
 _PROTO_TO_NUMPY: dict[int, np.dtype] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"),
@@ -81,8 +81,7 @@ def _tokens(datum: Any, where: str) -> np.ndarray:
     for j, chunk in enumerate(datum.model_input):
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise FieldError(f"{where}.model_input[{j}]",
-                             f"{kind or 'empty'} chunks are not supported: tinker-bus serves text-only models")
+            raise text_only(f"{where}.model_input[{j}]", kind or "")
         parts.append(_array(chunk.encoded_text.tokens, np.dtype("<i4"), f"{where}.model_input[{j}].encoded_text"))
     return np.concatenate(parts) if parts else np.zeros(0, dtype="<i4")
 

@@ -24,7 +24,13 @@ from bus_gateway.errors import FieldError
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.tinker_api.schemas import AdamParamsIn, EncodedTextChunk, ModelInputChunk, SamplingParamsIn
-from bus_gateway.validation import build, check_token_ids, validate_forward_backward, validate_prompt
+from bus_gateway.validation import (
+    build,
+    check_token_ids,
+    text_only,
+    validate_forward_backward,
+    validate_prompt,
+)
 
 S = TypeVar("S", bound=msgspec.Struct)
 Build = Callable[[], S | Awaitable[S]]
@@ -45,7 +51,7 @@ def prompt_tokens(chunks: Sequence[ModelInputChunk], field: str = "prompt") -> n
     tokens: list[int] = []
     for i, chunk in enumerate(chunks):
         if not isinstance(chunk, EncodedTextChunk):
-            raise FieldError(f"{field}.chunks[{i}]", "only encoded_text chunks are supported (text-only models)")
+            raise text_only(f"{field}.chunks[{i}]", str(chunk.__struct_config__.tag))
         tokens.extend(chunk.tokens)
     try:
         return np.asarray(tokens, dtype=np.int64)

@@ -36,6 +36,12 @@ def build(cls: type[S], field: str, **values: Any) -> S:
         raise FieldError(f"{field}.{named}" if named in cls.__struct_fields__ else field, message) from exc
 
 
+def text_only(field: str, kind: str) -> FieldError:
+    """The 400 for an image, image_asset_pointer or dmel chunk: they need a vision (or audio) model."""
+    return FieldError(field, f"{kind or 'empty'} chunks are not supported: the models tinker-bus serves are "
+                             "text-only (no vision or audio encoder), so send encoded_text chunks only")
+
+
 def check_model_id(model_id: str, field: str = "model_id") -> str:
     """A `<session_id>:train:<n>` id whose every character may appear in an object-store key segment."""
     if not (re.match(ID_PATTERN, model_id) and is_model_id(model_id)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class _Merge:
         self.parts: list[GenOutput | GenFailure | None] = [None] * len(prepared.pieces)
         self.missing = len(prepared.pieces)
         self.lock = threading.Lock()
+        # Handed to the engine now: the reply's started_at (the engine's own queue counts as compute).
+        self.started = time.time()
 
     def piece_done(self, index: int, result: GenOutput | GenFailure) -> None:
         with self.lock:
@@ -95,13 +98,14 @@ class _Merge:
         env = self.prepared.job.env
         failure = next((r for r in self.parts if isinstance(r, GenFailure)), None)
         if failure is not None:
-            self.reply(make_result(env, error=p.ErrorInfo(message=failure.message, category=failure.category)))
+            self.reply(make_result(env, error=p.ErrorInfo(message=failure.message, category=failure.category),
+                                   started_at=self.started))
             return
         outputs: list[GenOutput] = self.parts  # type: ignore[assignment]
         merged = GenOutput(sequences=[s for out in outputs for s in out.sequences],
                            prompt_logprobs=outputs[0].prompt_logprobs, topk_ids=outputs[0].topk_ids,
                            topk_logprobs=outputs[0].topk_logprobs)
-        self.reply(make_result(env, _to_result(merged)))
+        self.reply(make_result(env, _to_result(merged), started_at=self.started))
 
 
 class SamplerService:

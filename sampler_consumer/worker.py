@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import EventType, Reply
+from bus_events import Envelope, EventType, Reply
 from bus_events import payloads as p
 from bus_runtime.dead_letter import dead_letter_contract_error
 from bus_runtime.health import heartbeating
@@ -30,6 +30,7 @@ from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.records import Poisoned, SignatureCheck, decode_record
 from bus_runtime.settings import BusSettings, open_object_store
+from sampler_consumer.cancellation import Cancellations
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.requests import describe
@@ -61,6 +62,7 @@ class _SamplerWorker:
         self.intake: asyncio.Queue[_Queued] = asyncio.Queue()
         self.replies: asyncio.Queue[tuple[_Queued, Reply]] = asyncio.Queue()
         self.offsets = OffsetTracker()
+        self.cancellations = Cancellations(settings.result_ttl_s)
 
     async def run(self, ready: asyncio.Event | None) -> None:
         tasks = [asyncio.create_task(self._intake_forever(), name="sampler-intake"),
@@ -87,22 +89,34 @@ class _SamplerWorker:
     # ------------------------------------------------------------------ intake
     async def _accept(self, partition: TopicPartition, record: ConsumerRecord) -> None:
         self.offsets.received(partition, record.offset)
-        job = await self._decode(record)
-        if job is None:
-            self.offsets.finished(partition, record.offset)
-        else:
-            self.intake.put_nowait(_Queued(partition, record.offset, job))
+        decoded = await self._decode(record)
+        if isinstance(decoded, SampleJob):
+            self.intake.put_nowait(_Queued(partition, record.offset, decoded))
+            return
+        if decoded is not None:  # a cancel: remembered until its request is dequeued
+            self.cancellations.add(*decoded)
+        self.offsets.finished(partition, record.offset)
 
-    async def _decode(self, record: ConsumerRecord) -> SampleJob | None:
-        """The record's request, or None once it has been dead-lettered."""
+    async def _decode(self, record: ConsumerRecord) -> SampleJob | tuple[Envelope, p.Cancel] | None:
+        """The record's request or cancel, or None once it has been dead-lettered."""
         verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
-        decoded = await decode_record(record.value, self.objects, {EventType.SAMPLE}, check=verify)
+        decoded = await decode_record(record.value, self.objects, {EventType.SAMPLE, EventType.CANCEL},
+                                      check=verify)
         if isinstance(decoded, Poisoned):
             await dead_letter_contract_error(self.producer, self.settings, record, decoded.error, decoded.stage)
             self.metrics.failure("dead_letter")
             return None
+        if isinstance(decoded.payload, p.Cancel):
+            return decoded.env, decoded.payload
         assert isinstance(decoded.payload, p.Sample)
         return SampleJob(decoded.env, decoded.payload)
+
+    def _cancelled(self, item: _Queued) -> bool:
+        """Answer `item` as cancelled if a cancel for it came in; True if so."""
+        reply = self.cancellations.take(item.job.env)
+        if reply is not None:
+            self.replies.put_nowait((item, reply))
+        return reply is not None
 
     async def _commit(self) -> None:
         positions = self.offsets.to_commit()
@@ -121,6 +135,9 @@ class _SamplerWorker:
             batch = [await self.intake.get()]
             while len(batch) < self.config.intake_batch and not self.intake.empty():
                 batch.append(self.intake.get_nowait())
+            batch = [item for item in batch if not self._cancelled(item)]
+            if not batch:
+                continue
             try:
                 prepared = await asyncio.to_thread(self.service.prepare, [item.job for item in batch])
             except Exception as exc:  # a bug, not the requests' fault: answer every one and carry on
@@ -129,6 +146,8 @@ class _SamplerWorker:
                 prepared = [Prepared(item.job, error=error) for item in batch]
             for item, ready in zip(batch, prepared, strict=True):
                 item.base_model = ready.base_model
+                if self._cancelled(item):  # cancelled while its session and adapter were read
+                    continue
                 self.service.submit(ready, functools.partial(self._reply_threadsafe, loop, item))
 
     # ------------------------------------------------------------------ replies

@@ -23,6 +23,7 @@ from trainer_support import adam, fb, random_data
 from artifact_store import CheckpointStore, TinkerPath
 from bus_events import EventType, Topics, decode_envelope, decode_payload, encode_event, make_event
 from bus_events import payloads as p
+from bus_events.results import outcome
 from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer
 from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus.infra import stop_process
@@ -156,13 +157,13 @@ class BusClient:
         for request_id in request_ids:
             results = self.results.get(request_id)
             assert results, f"request {self.published[request_id]} never got a result"
-            first = msgspec.to_builtins(results[0])
-            assert all(msgspec.to_builtins(r) == first for r in results[1:]), \
+            first = outcome(results[0])  # when each was computed differs, what it says must not
+            assert all(outcome(r) == first for r in results[1:]), \
                 f"request {self.published[request_id]} got differing results"
         return {r: len(self.results[r]) for r in request_ids}
 
     def result_values(self, request_ids: Sequence[str]) -> list[dict]:
-        return [msgspec.to_builtins(self.results[r][0]) for r in request_ids]
+        return [outcome(self.results[r][0]) for r in request_ids]
 
 
 def sampler_sha(settings: BusSettings, model_id: str, name: str = "final") -> str:

@@ -12,6 +12,7 @@ import pytest
 from bus_events import (
     PAYLOAD_TYPES,
     RESULT_TYPES,
+    UNANSWERED_EVENTS,
     ContractError,
     EventType,
     decode_envelope,
@@ -50,7 +51,9 @@ SAMPLES: dict[EventType, object] = {
     EventType.SEQ_VOID: p.SeqVoid(reason="rejected at the gateway"),
     EventType.SAMPLE: p.Sample(sampling_session_id="s:sample:0", prompt=_tok(3), num_samples=2,
                                sampling_params=p.SamplingParams(max_tokens=5, stop=["\n", 7], seed=1)),
-    EventType.RESULT: p.Result(request_type="optim_step", result={"metrics": {"grad_norm": 1.5}}),
+    EventType.CANCEL: p.Cancel(request_id="req-abc", reason="client abandoned it"),
+    EventType.RESULT: p.Result(request_type="optim_step", result={"metrics": {"grad_norm": 1.5}},
+                               started_at=1700000000.5),
     EventType.DEAD_LETTER: p.DeadLetter(reason="bad", stage="decode", source_topic="t", source_partition=0,
                                         source_offset=5, raw=b"\x00\x01"),
 }
@@ -175,7 +178,7 @@ def test_inline_payload_is_the_map_of_its_fields():
 
 
 def test_every_request_type_has_one_result_schema():
-    requests = set(EventType) - {EventType.SEQ_VOID, EventType.RESULT, EventType.DEAD_LETTER}
+    requests = set(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.DEAD_LETTER}
     assert set(RESULT_TYPES) == requests
     info = p.ModelInfo(model_id="m", base_model="b", lora_rank=4, train_attn=True, train_mlp=True,
                        train_unembed=False)

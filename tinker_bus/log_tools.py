@@ -69,10 +69,11 @@ class _LiveProgress:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from bus_runtime.log_reader import model_key_filter, read_bus
     from tinker_bus.args import settings_from_args
     from trainer_consumer.config import TrainerConfig
     from trainer_consumer.replay import ReplayError, ReplayRequest, replay_model
-    from trainer_consumer.replay.event_log import iterate_file, model_key_filter, read_bus, read_file
+    from trainer_consumer.replay.event_log import iterate_file, read_file
 
     settings = settings_from_args(args)
     _quiet_logs()
@@ -172,10 +173,9 @@ async def export_log(settings: Any, out: Path, model_ids: list[str], session_ids
                      with_replies: bool = True, idle_timeout_s: float = 10.0,
                      progress: _LiveProgress | None = None) -> int:
     """Write the models' training events (and their replies) to `out`; returns the number of records."""
+    from bus_runtime.log_reader import model_key_filter, read_bus
     from trainer_consumer.replay.event_log import (
         inline_claim_check,
-        model_key_filter,
-        read_bus,
         write_header,
         write_record,
     )

@@ -8,11 +8,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from bus_runtime.log_reader import model_key_filter, read_bus
 from bus_runtime.settings import BusSettings, open_object_store
 from metrics_stream.export import FORMATS, write_curves
 from metrics_stream.ingest import ingest_reply, ingest_request
 from metrics_stream.series import MetricsState
-from trainer_consumer.replay.event_log import model_key_filter, read_bus
 
 
 async def fold_model(settings: BusSettings, model_id: str, idle_timeout_s: float = 10.0) -> MetricsState:

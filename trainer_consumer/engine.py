@@ -333,10 +333,11 @@ class TrainerEngine:
             await self._carry_out(stream, late)
             return None
         before = lasting_key(stream.state)
+        started = time.time()  # the reply's started_at: queue vs compute in the session trace
         outcome = await self._run_op(stream, inbound)
         if publishing is not None:
             await publishing
-        reply = make_result(inbound.env, *outcome)
+        reply = make_result(inbound.env, *outcome, started_at=started)
         late = stream.applied(inbound, reply, before)
         return asyncio.create_task(self._finish_applied(stream, inbound, reply, late),
                                    name=f"trainer-reply-{inbound.env.request_id}")

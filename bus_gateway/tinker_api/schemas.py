@@ -53,7 +53,7 @@ class CreateSessionRequest(Body):
     user_metadata: dict[str, Any] | None = None
     sdk_version: str | None = None
     project_id: str | None = None
-    display_name: str | None = None
+    display_name: Annotated[str, msgspec.Meta(max_length=MAX_TAG_CHARS)] | None = None
     type: Literal["create_session"] = "create_session"
 
 

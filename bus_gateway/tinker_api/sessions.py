@@ -1,7 +1,5 @@
-"""Bootstrap, sessions, telemetry, capabilities and health (tinker-protocol.md 1.4, 2.1).
-
-/api/v1/client/dynamic_config is deliberately not served: the SDK treats its 404 as "keep the defaults".
-"""
+"""Bootstrap, sessions, telemetry, capabilities and health (tinker-protocol.md 1.4, 2.1). Reading and searching
+sessions: session_queries.py."""
 
 from __future__ import annotations
 
@@ -40,17 +38,27 @@ log = logging.getLogger(__name__)
 @post("/api/v1/client/config", status_code=200, tags=["session"])
 async def client_config(data: JSONBody[ClientConfigRequest], gw: GatewayDep) -> ClientConfigResponse:
     return ClientConfigResponse(
+        pjwt_auth_enabled=gw.api_keys is not None,  # the key is exchanged for a JWT (tokens.py)
         use_pyqwest_transport=gw.config.sdk_pyqwest_transport,
         parallel_fwdbwd_chunks=gw.config.parallel_fwdbwd_chunks,
         proto_compress_fwdbwd=gw.config.compress_fwdbwd,
+        sample_use_retrieve_futures=gw.config.sample_use_retrieve_futures,
     )
+
+
+@post("/api/v1/client/dynamic_config", status_code=200, tags=["session"])
+async def client_dynamic_config(data: JSONBody[ClientConfigRequest]) -> dict[str, Any]:
+    # sample_cancel_enabled: an abandoned sample future is cancelled (/api/v1/cancel_future), so its sampler skips
+    # it if it has not started it yet.
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": True, "sample_cancel_max_batch_size": 64}
 
 
 @post("/api/v1/create_session", status_code=200, tags=["session"])
 async def create_session(data: JSONBody[CreateSessionRequest], gw: GatewayDep,
                          tenant: TenantDep) -> CreateSessionResponse:
     session = Session(session_id=f"sess-{uuid.uuid4().hex[:16]}", tenant=tenant, tags=list(data.tags),
-                      user_metadata=dict(data.user_metadata or {}), project_id=data.project_id)
+                      user_metadata=dict(data.user_metadata or {}), project_id=data.project_id,
+                      display_name=data.display_name)
     await asyncio.to_thread(gw.registry.put_session, session)
     gw.remember_session(session)
     return CreateSessionResponse(session_id=session.session_id)
@@ -59,23 +67,25 @@ async def create_session(data: JSONBody[CreateSessionRequest], gw: GatewayDep,
 @post("/api/v1/session_heartbeat", status_code=200, tags=["session"])
 async def session_heartbeat(data: JSONBody[SessionHeartbeatRequest], gw: GatewayDep,
                             tenant: TenantDep) -> SessionHeartbeatResponse:
-    session = await gw.session(data.session_id, tenant)
-    if session.finished:
+    def beat(session: Session) -> None:
+        if not session.finished:
+            session.last_heartbeat = time.time()
+
+    if (await gw.update_session(data.session_id, tenant, beat)).finished:
         raise ClientException(status_code=410, detail=f"session {data.session_id!r} is finished")
-    session.last_heartbeat = time.time()
-    await asyncio.to_thread(gw.registry.put_session, session)
     return SessionHeartbeatResponse()
 
 
 @post("/api/v1/sessions/{session_id:str}/finish", status_code=200, tags=["session"])
 async def finish_session(session_id: PathId, data: JSONBody[FinishSessionRequest], gw: GatewayDep,
                          tenant: TenantDep) -> dict[str, str]:
-    session = await gw.session(session_id, tenant)
-    if not session.finished:  # the first finish reason wins
-        session.finished = True
-        session.user_metadata = {**session.user_metadata,
-                                 "finish_reason": data.reason.type if data.reason else "success"}
-        await asyncio.to_thread(gw.registry.put_session, session)
+    def finish(session: Session) -> None:
+        if not session.finished:  # the first finish reason wins
+            session.finished = True
+            session.user_metadata = {**session.user_metadata,
+                                     "finish_reason": data.reason.type if data.reason else "success"}
+
+    await gw.update_session(session_id, tenant, finish)
     return {"session_id": session_id, "status": "finished"}
 
 
@@ -130,5 +140,5 @@ async def healthz(gw: GatewayDep) -> dict[str, Any]:
     return await health_report(gw)
 
 
-ROUTES = [client_config, create_session, session_heartbeat, finish_session, telemetry, get_server_capabilities,
-          healthz]
+ROUTES = [client_config, client_dynamic_config, create_session, session_heartbeat, finish_session, telemetry,
+          get_server_capabilities, healthz]

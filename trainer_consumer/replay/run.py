@@ -32,13 +32,15 @@ import msgspec
 
 from artifact_store import Checkpoint, CheckpointStore, MemoryObjectStore, ObjectStore, TinkerPath
 from bus_events import EventType, Reply, decode_envelope, decode_payload
+from bus_events import payloads as p
+from bus_events.results import outcome
+from bus_runtime.log_reader import LogRecord
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
-from trainer_consumer.replay.event_log import LogRecord
 from trainer_consumer.replay.fingerprint import adapter_sha256
 from trainer_consumer.replay.report import (
     EventEntry,
@@ -107,7 +109,7 @@ class _Recorder:
         entry = EventEntry(seq_id=env.seq_id, type=env.type.value, request_id=env.request_id,
                            step=state.step if state is not None else None)
         if own is not None:
-            self.results[env.request_id] = msgspec.to_builtins(own, builtin_types=(bytes,))
+            self.results[env.request_id] = outcome(own)
             entry.ok = own.error is None
             if own.error is not None:
                 entry.error = own.error.message
@@ -233,6 +235,8 @@ def _collect_live_result(record: LogRecord, live: ObjectStore | None, into: dict
         env = decode_envelope(record.value)
         if env.type != EventType.RESULT or env.request_id in into:
             return  # a result re-published after a crash or for a duplicate: the first one counts
-        into[env.request_id] = msgspec.to_builtins(decode_payload(env, live), builtin_types=(bytes,))
+        payload = decode_payload(env, live)
+        assert isinstance(payload, p.Result)
+        into[env.request_id] = outcome(payload)
     except Exception as exc:
         log.debug("live reply at %s[%d]@%d unreadable: %s", record.topic, record.partition, record.offset, exc)
