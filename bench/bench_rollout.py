@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=1, help="rollout client processes (whole groups each)")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes on the one port (up --gateways)")
     parser.add_argument("--lone", type=int, default=20, help="lone 1-token requests during the first round")
     parser.add_argument("--lone-delay", type=float, default=0.5, help="seconds into the round the first one goes")
     parser.add_argument("--profile", default=None,
@@ -192,7 +193,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = [rng.integers(3, vocab, args.prompt_len).tolist() for _ in range(args.groups)]
-    with running_stack(model_dir, args.device, work / "stack.log") as url:
+    with running_stack(model_dir, args.device, work / "stack.log", gateways=args.gateways) as url:
         plan = Plan(url, str(model_dir), prompts, args.group_size, args.new_tokens,
                     [True] * args.rounds + [False] * args.rounds, args.lone, args.lone_delay)
         bench(plan, args.clients, Path(args.profile) if args.profile else None)

@@ -18,7 +18,8 @@ from tinker_bus.infra import stop_process
 
 
 @contextlib.contextmanager
-def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float = 600) -> Iterator[str]:
+def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float = 600,
+                  gateways: int = 1) -> Iterator[str]:
     """Yield the gateway's base URL once /healthz is healthy; stop everything on exit."""
     from moto.server import ThreadedMotoServer
 
@@ -32,6 +33,7 @@ def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float
     cmd = [sys.executable, "-m", "tinker_bus", "up", "--ephemeral", "--port", str(port), "--broker-port", "0",
            "--s3-endpoint", f"{host}:{s3_port}", "--s3-access-key", "bench", "--s3-secret-key", "bench",
            "--base-model", str(model_dir), "--device", device, "--data-dir", str(log_path.parent / "stack")]
+    cmd += ["--gateways", str(gateways)]
     if importlib.util.find_spec("faust") is None:  # the GPU box gets the bus wheels without faust-streaming
         cmd.append("--no-metrics")
     with open(log_path, "ab") as log:

@@ -21,14 +21,19 @@ OUR_PACKAGES = ("trainer_consumer", "sampler_consumer", "bus_runtime", "bus_even
 
 
 def role_pids(roles: Iterable[str]) -> dict[str, int]:
-    """The pid of each running `python -m tinker_bus <role>` part."""
+    """The pid of each running `python -m tinker_bus <role>` process (role, role-2, ... when there are several)."""
     import psutil
 
     wanted, pids = set(roles), {}
     for proc in psutil.process_iter(["cmdline"]):
         argv = proc.info["cmdline"] or []
         if len(argv) >= 4 and argv[1:3] == ["-m", "tinker_bus"] and argv[3] in wanted:
-            pids[argv[3]] = proc.pid
+            name = argv[3]
+            for n in range(2, 64):  # `up --gateways N`: gateway, gateway-2, ...
+                if name not in pids:
+                    break
+                name = f"{argv[3]}-{n}"
+            pids[name] = proc.pid
     return pids
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import uvicorn
 
@@ -22,6 +23,19 @@ def make_server(settings: BusSettings, *, api_keys: dict[str, str] | None, port:
     app = create_app(settings, api_keys, config)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                          timeout_keep_alive=75, access_log=False))
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT: several gateway processes bind the same port and the kernel spreads
+    new connections over them. One event loop per process is what a 2,048-call rollout round saturates (issue 13);
+    any gateway answers any future (its listener reads every reply), so which one a connection lands on is free."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 async def run_gateway(settings: BusSettings, *, api_keys: dict[str, str] | None = None, port: int = DEFAULT_PORT,

@@ -76,6 +76,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         trainer_env=trainer_backend_env(args),
         metrics=args.metrics,
+        gateways=args.gateways,
     )
     # This process talks through the rich console; library INFO lines would only interleave with it.
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -83,7 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from bus_gateway.server import make_server
+    from bus_gateway.server import make_server, shared_port_socket
 
     settings = settings_from_args(args)
     asyncio.run(prepare_bus(settings))
@@ -92,7 +93,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     log.info("gateway on http://%s:%d (Kafka %s, S3 %s)", args.host, gateway_port(args),
              settings.kafka_bootstrap, settings.s3_endpoint)
     # uvicorn handles SIGINT / SIGTERM itself: it stops accepting, drains, runs the app's shutdown hooks.
-    server.run()
+    server.run(sockets=[shared_port_socket(args.host, gateway_port(args))] if args.reuse_port else None)
     return 0
 
 
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--s3-port", type=int, default=9000, help="local SeaweedFS S3 port, 0 = any free (default 9000)")
     up.add_argument("--health-timeout", type=float, default=600.0, metavar="SECONDS",
                     help="give up if /healthz is not healthy by then (default 600)")
+    up.add_argument("--gateways", type=int, default=1, metavar="N",
+                    help="gateway processes sharing the port (SO_REUSEPORT); more for many concurrent SDK calls")
     up.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
                     help="run the metrics part (dashboard curves); --no-metrics where faust-streaming is absent")
     _gateway_options(up)
@@ -227,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = sub.add_parser("gateway", parents=[common], help="the HTTP gateway (Tinker API) alone")
     gateway.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 inside a container)")
+    gateway.add_argument("--reuse-port", action="store_true",
+                         help="share the port with other gateway processes (SO_REUSEPORT; `up --gateways N`)")
     _gateway_options(gateway)
     bus_options(gateway, for_up=False)
     gateway.set_defaults(func=cmd_gateway)

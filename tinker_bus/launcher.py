@@ -74,6 +74,7 @@ class StackOptions:
     health_timeout_s: float = 600.0
     log_level: str = "INFO"  # of the child processes
     trainer_env: dict[str, str] = field(default_factory=dict)  # TINKER_BUS_TRAINER_* from flags (backend, TP)
+    gateways: int = 1  # gateway processes on the one port (SO_REUSEPORT when more than one)
     metrics: bool = True  # the faust-streaming metrics part (dashboard curves); training and sampling do not need it
 
 
@@ -140,7 +141,10 @@ class Stack:
             partitions = ", ".join(f"{t.removeprefix(prefix + '.')} {n}" for t, n in self.settings.topics.all().items())
             line["where"] = f"{prefix}.* [dim]partitions: {partitions}[/]"
         self._prepare_base_models()
-        self._spawn("gateway", ["--host", "127.0.0.1", "--port", str(self.options.gateway_port)], self.gateway_url)
+        shared = ["--reuse-port"] if self.options.gateways > 1 else []
+        for index in range(self.options.gateways):
+            self._spawn("gateway", ["--host", "127.0.0.1", "--port", str(self.options.gateway_port), *shared],
+                        self.gateway_url, name="gateway" if index == 0 else f"gateway-{index + 1}")
         trainer = TrainerConfig.from_env({**os.environ, **self.options.trainer_env})
         where = (f"backend megatron, tensor parallel over {trainer.megatron_tp_size} processes / GPUs"
                  if trainer.megatron_tp_size > 1 else f"backend {trainer.backend}, device {self.settings.device}")
@@ -200,15 +204,17 @@ class Stack:
                     raise StartupError(str(exc)) from exc
                 line["where"] = name if path == name else f"{name} [dim]{path}[/]"
 
-    def _spawn(self, role: str, args: list[str], where: str, extra_env: dict[str, str] | None = None) -> None:
+    def _spawn(self, role: str, args: list[str], where: str, extra_env: dict[str, str] | None = None,
+               name: str | None = None) -> None:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1",
                "TINKER_BUS_LOG_LEVEL": self.options.log_level, **(extra_env or {})}
         env.pop("PORT", None)  # the gateway gets its port as --port; PORT must not leak into anything else
         env["TINKER_BUS_API_KEYS"] = format_api_keys(self.options.api_keys or {})
-        command, log = [sys.executable, "-m", "tinker_bus", role, *args], self.logs / f"{role}.log"
-        child = Child(role, _popen(command, env, log), log, command, env)
+        name = name or role
+        command, log = [sys.executable, "-m", "tinker_bus", role, *args], self.logs / f"{name}.log"
+        child = Child(name, _popen(command, env, log), log, command, env)
         self.children.append(child)
-        out.started_process(role, where, child.proc.pid, child.log)
+        out.started_process(name, where, child.proc.pid, child.log)
 
     def _launch(self, child: Child) -> None:
         child.proc = _popen(child.command, child.env, child.log)
