@@ -134,7 +134,7 @@ def test_prompt_cache_hit_tokens_count_the_cached_full_pages(base):
     try:
         first = _one(engine, GenRequest(PROMPT, params, num_samples=3))
         again = _one(engine, GenRequest(PROMPT, params, num_samples=3))
-        longer = _one(engine, GenRequest(PROMPT + [77, 78, 79], params))
+        longer = _one(engine, GenRequest([*PROMPT, 77, 78, 79], params))
         other_tenant = _one(engine, GenRequest(PROMPT, params, cache_namespace="someone-else"))
         with_logprobs = _one(engine, GenRequest(PROMPT, params, prompt_logprobs=True))
     finally:
