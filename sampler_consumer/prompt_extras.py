@@ -35,7 +35,7 @@ class PromptExtras:
         rows, ids = len(request.prompt) - 1, request.target_prompt_ids
         k = request.prompt_alt_tokens_k
         return cls(
-            targets=None if ids is None else torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device),
+            targets=None if ids is None else torch.from_numpy(np.array(ids, dtype=np.int64)).to(device),
             target_logprobs=None if ids is None else np.full(ids.shape, math.nan, dtype=np.float32),
             alt_k=k, temperature=request.params.temperature,
             seed=sample_seed(request.params.seed, ALT_TOKENS_SAMPLE),
