@@ -141,7 +141,9 @@ async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
                               ({"data": [1, 2], "dtype": "float32", "shape": [2, 1]}, "target_prompt_logprobs.dtype"),
                               ({"data": [-1, -1], "dtype": "int64", "shape": [2, 1]}, "target_prompt_logprobs"),
                               ({"data": [4], "dtype": "int64", "shape": [2, 1], "sparse_crow_indices": [0, 1, 3],
-                                "sparse_col_indices": [0]}, "target_prompt_logprobs.sparse_csr")):
+                                "sparse_col_indices": [0]}, "target_prompt_logprobs.sparse_csr"),
+                              ({"data": [4], "dtype": "int64", "shape": [2, 10**12], "sparse_crow_indices": [0, 1, 1],
+                                "sparse_col_indices": [0]}, "target_prompt_logprobs.shape")):
             bad = await sample(target_prompt_logprobs=target)
             assert bad.status_code == 400 and bad.json()["field"] == field, (target, bad.text)
         bad_top_p = await sample(sampling_params={"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 0.0})

@@ -12,6 +12,7 @@ from litestar import get, post
 from litestar.params import JSONBody
 
 from artifact_store import SamplingSession
+from bus_events import payloads as p
 from bus_events.ids import sampling_session_id_for
 from bus_gateway import submit
 from bus_gateway.csr import csr_to_dense
@@ -72,6 +73,8 @@ def _target_ids(value: dict[str, Any] | None) -> tuple[np.ndarray | None, bool]:
     shape = tensor.shape if tensor.shape is not None else [data.size]
     if any(d < 0 for d in shape):
         raise FieldError(f"{where}.shape", f"negative dimension in {shape}")
+    if math.prod(shape) > p.MAX_PROMPT_OUTPUT_CELLS:  # before a sparse tensor is made dense
+        raise FieldError(f"{where}.shape", f"{shape} exceeds {p.MAX_PROMPT_OUTPUT_CELLS} cells")
     if tensor.sparse_crow_indices is None and tensor.sparse_col_indices is None:
         if math.prod(shape) != data.size:
             raise FieldError(where, f"shape {shape} needs {math.prod(shape)} values, got {data.size}")
