@@ -83,7 +83,7 @@ class PrefillItem:
     rows: list[Row] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)  # every group whose rows are here (prompt logprobs)
     tail_copies: list[tuple[int, int]] = field(default_factory=list)  # (source page, row's own copy)
-    full_prompt: bool = False  # prompt logprobs asked: computed over the whole prompt, no cached prefix
+    full_prompt: bool = False  # prompt logprobs or extras asked: computed over the whole prompt, no cached prefix
 
     @property
     def new_tokens(self) -> int:
