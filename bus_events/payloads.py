@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
 
 from bus_events.tensors import Tensor
 
@@ -104,12 +105,22 @@ class SaveWeights(_Payload):
 
 
 class SaveWeightsForSampler(_Payload):
-    """Sampler weights: named (tinker://<model_id>/sampler_weights/<name>) or ephemeral (no name)."""
+    """Sampler weights: named (tinker://<model_id>/sampler_weights/<name>) or ephemeral (no name). An ephemeral
+    `inflight` save overwrites the model's one shared INFLIGHT_NAME target, which every inflight session samples."""
 
     name: str | None = None
     sampling_session_id: str | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+
+    def __post_init__(self) -> None:
+        if self.kind == "inflight" and (self.name is not None or self.sampling_session_id is None):
+            raise msgspec.ValidationError("kind 'inflight' needs a sampling_session_id and no name: inflight "
+                                          "weights are the model's one shared target")
+
+
+INFLIGHT_NAME = "inflight"  # tinker://<model_id>/sampler_weights/inflight: the mutable target of inflight saves
 
 
 class ExportModel(_Payload):
@@ -161,6 +172,36 @@ class SamplingParams(_Payload):
             raise msgspec.ValidationError(f"top_k must be -1 (no limit) or at least 1, got {self.top_k}")
 
 
+# The most cells [P - 1, K] that target_prompt_logprobs or prompt_alt_tokens may ask for (each answers that many
+# int/float pairs): the bound the SDK says the server puts on len(prompt) * K.
+MAX_PROMPT_OUTPUT_CELLS = 1 << 22
+
+
+def prompt_output_problem(prompt_tokens: int, target_ids: np.ndarray | None, alt_tokens_k: int,
+                          vocab_size: int | None = None) -> str | None:
+    """Why a request's outputs at every prompt position cannot be served (the message starts with the field's
+    name), or None. `target_ids` is target_prompt_logprobs as an integer array; `vocab_size` where known."""
+    rows = prompt_tokens - 1
+    if alt_tokens_k < 0:
+        return f"prompt_alt_tokens_k must be >= 0, got {alt_tokens_k}"
+    if alt_tokens_k and rows * alt_tokens_k > MAX_PROMPT_OUTPUT_CELLS:
+        return f"prompt_alt_tokens_k {alt_tokens_k} x {rows} prompt positions exceeds {MAX_PROMPT_OUTPUT_CELLS} draws"
+    if target_ids is None:
+        return None
+    shape = list(target_ids.shape)
+    if len(shape) != 2 or shape[0] != rows or shape[1] < 1:
+        return f"target_prompt_logprobs must be [len(prompt) - 1, K] = [{rows}, K >= 1], got {shape}"
+    if target_ids.size > MAX_PROMPT_OUTPUT_CELLS:
+        return f"target_prompt_logprobs {shape} exceeds {MAX_PROMPT_OUTPUT_CELLS} cells"
+    if not (target_ids >= 0).any():
+        return "target_prompt_logprobs names no token id (every cell is -1)"
+    high = vocab_size if vocab_size is not None else np.iinfo(np.int64).max
+    bad = target_ids[(target_ids < -1) | (target_ids >= high)]
+    if bad.size:
+        return f"target_prompt_logprobs ids must be -1 (none) or in [0, {high}), got {bad[:5].tolist()}"
+    return None
+
+
 class Sample(_Payload):
     sampling_session_id: str
     prompt: Tensor
@@ -168,10 +209,22 @@ class Sample(_Payload):
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Tensor | None = None  # integer [P - 1, K]; -1 cells ask for nothing
+    prompt_alt_tokens_k: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_samples <= 1024:
             raise msgspec.ValidationError(f"num_samples must be in [1, 1024], got {self.num_samples}")
+        if self.topk_sample_logprobs < 0:
+            raise msgspec.ValidationError(f"topk_sample_logprobs must be >= 0, got {self.topk_sample_logprobs}")
+        target = self.target_prompt_logprobs
+        if target is not None and target.dtype not in ("int32", "int64"):
+            raise msgspec.ValidationError(f"target_prompt_logprobs must hold integer token ids, got {target.dtype}")
+        problem = prompt_output_problem(self.prompt.numel, None if target is None else target.numpy(),
+                                        self.prompt_alt_tokens_k)
+        if problem is not None:
+            raise msgspec.ValidationError(problem)
 
 
 # ----------------------------------------------------------------------------- results
@@ -218,12 +271,6 @@ class ExportResult(_Payload):
     size_bytes: int
 
 
-class SampledSequence(_Payload):
-    tokens: Tensor
-    logprobs: Tensor
-    stop_reason: Literal["stop", "length"]
-
-
 # A padding cell of TopkLogprobs (tinker-protocol.md 3.2): rows with fewer than k entries, and rows the client did
 # not ask for, are filled with this (token id, logprob) pair.
 TOPK_PAD_ID = 0
@@ -235,10 +282,25 @@ class TopkLogprobs(_Payload):
     logprobs: Tensor  # float32 [P, k]
 
 
+class SampledSequence(_Payload):
+    tokens: Tensor
+    logprobs: Tensor
+    stop_reason: Literal["stop", "length"]
+    topk_logprobs: TopkLogprobs | None = None  # [T, k] when the request's topk_sample_logprobs = k > 0
+
+
+class PromptAltTokens(_Payload):
+    tokens: Tensor  # int32 [P - 1, k]: row i draws alternatives to prompt[i + 1]
+    logprobs: Tensor  # float32 [P - 1, k]
+
+
 class SampleResult(_Payload):
     sequences: list[SampledSequence]
     prompt_logprobs: Tensor | None = None  # float32 [P], NaN at position 0
     topk_prompt_logprobs: TopkLogprobs | None = None
+    prompt_cache_hit_tokens: int = 0
+    target_prompt_logprobs: Tensor | None = None  # float32 [P - 1, K], NaN where the request had -1
+    prompt_alt_tokens: PromptAltTokens | None = None
 
 
 class Cancel(_Payload):

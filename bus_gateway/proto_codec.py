@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from bus_events import Tensor, tensor_from_numpy
 from bus_events import payloads as p
 from bus_gateway import proto_schema as pb
+from bus_gateway.csr import csr_to_dense, dense_to_csr
 from bus_gateway.errors import FieldError
 from bus_gateway.validation import check_model_id, text_only
 
@@ -61,19 +62,9 @@ def _tensor(msg: Any, where: str) -> np.ndarray:
 
 
 def _dense_from_csr(csr: Any, dtype: np.dtype, shape: list[int], where: str) -> np.ndarray:
-    if len(shape) != 2:
-        raise FieldError(f"{where}.shape", f"a sparse CSR tensor needs a 2-D shape, got {shape}")
-    values = _array(csr.values, dtype, f"{where}.sparse_csr.values")
-    crow = _array(csr.crow_indices, np.dtype("<i8"), f"{where}.sparse_csr.crow_indices")
-    cols = _array(csr.col_indices, np.dtype("<i8"), f"{where}.sparse_csr.col_indices")
-    rows, width = shape
-    if (crow.size != rows + 1 or cols.size != values.size or (crow.size and (crow[0] != 0 or crow[-1] != values.size))
-            or np.any(np.diff(crow) < 0) or np.any((cols < 0) | (cols >= width))):
-        raise FieldError(f"{where}.sparse_csr", "inconsistent CSR indices for shape " + str(shape))
-    dense = np.zeros(shape, dtype=dtype)
-    row_of_value = np.repeat(np.arange(rows), np.diff(crow))
-    dense[row_of_value, cols] = values
-    return dense
+    return csr_to_dense(_array(csr.values, dtype, f"{where}.sparse_csr.values"),
+                        _array(csr.crow_indices, np.dtype("<i8"), f"{where}.sparse_csr.crow_indices"),
+                        _array(csr.col_indices, np.dtype("<i8"), f"{where}.sparse_csr.col_indices"), shape, where)
 
 
 def _tokens(datum: Any, where: str) -> np.ndarray:
@@ -187,13 +178,46 @@ def _topk(topk: p.TopkLogprobs, target: Any, keep_rows_from: int = 0) -> None:
     target.length, target.k = (ids.shape[0], ids.shape[1]) if ids.ndim == 2 else (0, 0)
 
 
-def encode_sample_response(result: p.SampleResult, prompt_logprobs_last_n: int | None = None) -> bytes:
+def _dense_tensor(values: np.ndarray, dtype: int, target: Any) -> None:
+    target.dtype = dtype
+    target.shape.extend(values.shape)
+    target.dense = np.ascontiguousarray(values).tobytes()
+
+
+def _target_logprobs(scored: Tensor, sparse: bool, target: Any) -> None:
+    """The bus's float32 [P - 1, K] (NaN where nothing was asked) in the request's layout: 0.0 in those cells
+    when dense, left out when sparse CSR (tinker-protocol.md 3.2)."""
+    values = scored.numpy().astype("<f4")
+    asked = ~np.isnan(values)
+    if not sparse:
+        _dense_tensor(np.where(asked, values, np.float32(0)), pb.DTYPE_FLOAT32, target)
+        return
+    listed, crow, cols = dense_to_csr(values, asked)
+    target.dtype = pb.DTYPE_FLOAT32
+    target.shape.extend(values.shape)
+    target.sparse_csr.values = listed.astype("<f4").tobytes()
+    target.sparse_csr.crow_indices = crow.astype("<i8").tobytes()
+    target.sparse_csr.col_indices = cols.astype("<i8").tobytes()
+
+
+def encode_sample_response(result: p.SampleResult, prompt_logprobs_last_n: int | None = None,
+                           target_sparse: bool = False) -> bytes:
     msg = pb.SampleResponse()
     for seq in result.sequences:
         out = msg.sequences.add()
         out.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         out.tokens = seq.tokens.numpy().astype("<i4").tobytes()
         out.logprobs = seq.logprobs.numpy().astype("<f4").tobytes()
+        if seq.topk_logprobs is not None:
+            _topk(seq.topk_logprobs, out.topk_sampled_logprobs)
+    msg.prompt_cache_hit_tokens = result.prompt_cache_hit_tokens
+    if result.target_prompt_logprobs is not None:
+        _target_logprobs(result.target_prompt_logprobs, target_sparse, msg.target_prompt_logprobs)
+    if result.prompt_alt_tokens is not None:
+        _dense_tensor(result.prompt_alt_tokens.tokens.numpy().astype("<i8"), pb.DTYPE_INT64,
+                      msg.prompt_alt_tokens.tokens)
+        _dense_tensor(result.prompt_alt_tokens.logprobs.numpy().astype("<f4"), pb.DTYPE_FLOAT32,
+                      msg.prompt_alt_tokens.logprobs)
     hide_before = 0
     if result.prompt_logprobs is not None:
         values = result.prompt_logprobs.numpy().astype("<f4")

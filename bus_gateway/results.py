@@ -51,7 +51,8 @@ def sample_sequence_ids(sampling_session_id: str, seq_id: int | None, request_id
 def proto_body(fut: Future) -> bytes:
     if fut.request_type == EventType.FORWARD_BACKWARD:
         return proto_codec.encode_forward_backward_output(forward_backward_result(fut))
-    return proto_codec.encode_sample_response(sample_result(fut), fut.context.get("prompt_logprobs_last_n"))
+    return proto_codec.encode_sample_response(sample_result(fut), fut.context.get("prompt_logprobs_last_n"),
+                                              bool(fut.context.get("target_prompt_logprobs_csr")))
 
 
 def _tensor_json(tensor: Tensor) -> dict[str, Any]:

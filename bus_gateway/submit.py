@@ -131,6 +131,9 @@ class SampleInput:
     topk_prompt_logprobs: int = 0
     prompt_field: str = "prompt"
     context: dict[str, Any] = field(default_factory=dict)
+    topk_sample_logprobs: int = 0
+    target_prompt_ids: np.ndarray | None = None  # int64 [P - 1, K], -1 = nothing asked
+    prompt_alt_tokens_k: int = 0
 
 
 async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: SampleInput,
@@ -147,12 +150,21 @@ async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: Sa
         wire_params = sampling_params(request.params, info.vocab_size)
         validate_prompt(request.prompt, info.vocab_size, info.max_positions, wire_params.max_tokens,
                         request.prompt_field)
-        if request.topk_prompt_logprobs and request.topk_prompt_logprobs > info.vocab_size:
-            raise FieldError("topk_prompt_logprobs", f"must be at most the vocabulary size {info.vocab_size}")
+        for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+            if getattr(request, name) > info.vocab_size:
+                raise FieldError(name, f"must be at most the vocabulary size {info.vocab_size}")
+        problem = p.prompt_output_problem(request.prompt.size, request.target_prompt_ids,
+                                          request.prompt_alt_tokens_k, info.vocab_size)
+        if problem is not None:
+            raise FieldError(problem.split(" ", 1)[0], problem)
+        target = request.target_prompt_ids
         return build(p.Sample, "num_samples", sampling_session_id=session.sampling_session_id,
                      prompt=tensor_from_numpy(request.prompt, "int32"), num_samples=request.num_samples,
                      sampling_params=wire_params, prompt_logprobs=request.prompt_logprobs,
-                     topk_prompt_logprobs=request.topk_prompt_logprobs)
+                     topk_prompt_logprobs=request.topk_prompt_logprobs,
+                     topk_sample_logprobs=request.topk_sample_logprobs,
+                     target_prompt_logprobs=None if target is None else tensor_from_numpy(target, "int64"),
+                     prompt_alt_tokens_k=request.prompt_alt_tokens_k)
 
     return await gw.submit(p.Sample, payload, model_id=session.sampling_session_id, seq_id=seq_id, tenant=tenant,
                            context=request.context)

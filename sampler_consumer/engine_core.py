@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bus_events.payloads import prompt_output_problem
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.executor import Executor
 from sampler_consumer.kv_pages import PagePool
@@ -28,7 +29,7 @@ from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.models import BaseModel
 from sampler_consumer.paged_model import PagedModel
 from sampler_consumer.requests import Done, GenFailure, GenOutput, GenRequest, describe
-from sampler_consumer.scheduler import Group, Scheduler, StepPlan
+from sampler_consumer.scheduler import Group, SampledStep, Scheduler, StepPlan
 from sampler_consumer.stops import StopChecker
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,12 @@ class ModelEngine:
         if not 0 <= request.topk_prompt_logprobs <= base.vocab_size:
             return GenFailure(f"topk_prompt_logprobs must be in [0, {base.vocab_size}], got "
                               f"{request.topk_prompt_logprobs}", "user")
-        return None
+        if not 0 <= request.topk_sample_logprobs <= base.vocab_size:
+            return GenFailure(f"topk_sample_logprobs must be in [0, {base.vocab_size}], got "
+                              f"{request.topk_sample_logprobs}", "user")
+        problem = prompt_output_problem(len(request.prompt), request.target_prompt_ids, request.prompt_alt_tokens_k,
+                                        base.vocab_size)
+        return None if problem is None else GenFailure(problem, "user")
 
     def step(self) -> None:
         """Admit, prefill, decode and sample once. A failing part fails only the requests it was running."""
@@ -172,23 +178,23 @@ class ModelEngine:
                                     f"sampling failed in decode: {describe(exc)}")
                 plan = StepPlan(plan.prefills, np.zeros(0, dtype=np.int64), [r for r in plan.sample if not r.done])
         try:
-            tokens, logprobs = self._sample(plan, decode_logits, prefill_logits)
+            sampled = self._sample(plan, decode_logits, prefill_logits)
         except Exception as exc:
             log.exception("sampling %d rows failed", len(plan.sample))
             self.scheduler.fail(_groups(plan.sample) + [g for item in plan.prefills for g in item.groups],
                                 f"sampling failed: {describe(exc)}")
             return
-        self.scheduler.complete(plan, tokens, logprobs, outputs)
+        self.scheduler.complete(plan, sampled.tokens, sampled.logprobs, outputs, sampled.topk)
 
     def _sample(self, plan: StepPlan, decode_logits: torch.Tensor | None,
-                prefill_logits: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+                prefill_logits: torch.Tensor | None) -> SampledStep:
         parts = [] if decode_logits is None else [decode_logits]
         item_of_row = [i for i, item in enumerate(plan.prefills) for row in item.rows
                        if row.group.request.params.max_tokens > 0]
         if item_of_row and prefill_logits is not None:
             parts.append(prefill_logits.index_select(0, torch.tensor(item_of_row, device=prefill_logits.device)))
         if not parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            return SampledStep(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         logits = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts])
         return self.executor.sample(self.scheduler, plan, logits)
 

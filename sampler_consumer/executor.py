@@ -21,9 +21,10 @@ from sampler_consumer.kv_pages import SCRATCH_PAGE
 from sampler_consumer.lora import LoraPlan
 from sampler_consumer.models import BaseModel
 from sampler_consumer.paged_model import DecodeMeta, PagedModel, PrefillMeta
+from sampler_consumer.prompt_extras import PromptExtras
 from sampler_consumer.requests import GenOutput
-from sampler_consumer.sampling import sample_rows
-from sampler_consumer.scheduler import PrefillItem, Scheduler, StepPlan
+from sampler_consumer.sampling import sample_rows, top_logprobs
+from sampler_consumer.scheduler import PrefillItem, SampledStep, Scheduler, StepPlan, TopkRows
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ class Executor:
 
     def _prompt_outputs(self, item: PrefillItem, hidden: torch.Tensor) -> GenOutput:
         """log p(prompt[t] | prompt[:t]) for t >= 1 and the top-k alternatives (the most any group asked),
-        NaN / padding at t = 0; lm_head runs over chunks of positions, never [prompt, vocab] at once."""
+        NaN / padding at t = 0, and a lone group's own extras (prompt_extras.PromptExtras); lm_head runs over
+        chunks of positions, never [prompt, vocab] at once."""
         k = max(group.request.topk_prompt_logprobs for group in item.groups)
         n = len(item.prompt)
         logprobs = np.full(n, math.nan, dtype=np.float32)
         topk_ids = np.full((n, k), TOPK_PAD_ID, dtype=np.int32)
         topk_lps = np.full((n, k), TOPK_PAD_LOGPROB, dtype=np.float32)
+        extras = PromptExtras.of(item.groups[0].request, self.device)  # such a group is its item's only one
         targets = torch.tensor(item.prompt[1:], device=self.device)
         for c0 in range(0, n - 1, self.prompt_logprob_chunk):
             c1 = min(n - 1, c0 + self.prompt_logprob_chunk)
@@ -127,8 +130,13 @@ class Executor:
                 values, ids = chunk.topk(k, dim=-1)
                 topk_ids[1 + c0:1 + c1] = ids.cpu().numpy()
                 topk_lps[1 + c0:1 + c1] = values.cpu().numpy()
-        return GenOutput(sequences=[], prompt_logprobs=logprobs, topk_ids=topk_ids if k else None,
-                         topk_logprobs=topk_lps if k else None)
+            if extras is not None:
+                extras.add_chunk(chunk, c0)
+        out = GenOutput(sequences=[], prompt_logprobs=logprobs, topk_ids=topk_ids if k else None,
+                        topk_logprobs=topk_lps if k else None)
+        if extras is not None:
+            extras.fill(out)
+        return out
 
     @torch.inference_mode()
     def decode(self, scheduler: Scheduler, slots: np.ndarray) -> torch.Tensor:
@@ -208,7 +216,7 @@ class Executor:
         self.model.copy_pages(pairs, self.device)
 
     @torch.inference_mode()
-    def sample(self, scheduler: Scheduler, plan: StepPlan, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, scheduler: Scheduler, plan: StepPlan, logits: torch.Tensor) -> SampledStep:
         slots = np.array([row.slot for row in plan.sample], dtype=np.int64)
         temperature = scheduler.temperature[slots]
         top_k, top_p = scheduler.top_k[slots], scheduler.top_p[slots]
@@ -226,7 +234,13 @@ class Executor:
             logits, on_device(np.where(random, temperature, 1.0).astype(np.float32)), on_device(top_k),
             on_device(top_p), on_device(scheduler.seed[slots]), on_device(scheduler.generated[slots]),
             index(truncating), index(random & ~truncating))
-        return tokens.cpu().numpy(), logprobs.cpu().numpy()
+        topk = None
+        wanted = scheduler.topk_sample[slots]
+        if wanted.any():  # opt-in per request: only its rows, one extra small copy to the host
+            rows = np.flatnonzero(wanted)
+            ids, values = top_logprobs(logits.index_select(0, on_device(rows)), int(wanted.max()))
+            topk = TopkRows(rows, ids.to(torch.int32).cpu().numpy(), values.cpu().numpy())
+        return SampledStep(tokens.cpu().numpy(), logprobs.cpu().numpy(), topk)
 
 
 def _segments(adapter_slots: np.ndarray) -> list[tuple[int, int, int]]:

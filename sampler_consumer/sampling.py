@@ -15,6 +15,7 @@ import secrets
 import torch
 
 SEED_SPACE = 2**63 - 1  # the real service folds any 64-bit seed into [0, 2**63-1)
+ALT_TOKENS_SAMPLE = -1  # the sample index whose seed draws prompt_alt_tokens (samples are 0, 1, ...)
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it stays inside int64, on every device
 
@@ -42,11 +43,16 @@ def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return ((h1 >> 8).double() * 2.0**24 + (h2 >> 8).double()) * 2.0**-48
 
 
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u*total < cdf[i]; `right=True` never picks a zero-probability token."""
+def _inverse_cdf_many(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[R, n] indices for uniforms [R, n]: i with cdf[i-1] <= u*total < cdf[i]; `right=True` never picks a
+    zero-probability token."""
     cdf = probs.cumsum(-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    target = uniforms.to(cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    return _inverse_cdf_many(probs, uniforms.unsqueeze(1)).squeeze(1)
 
 
 def _truncated(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -85,3 +91,24 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
             chosen = _inverse_cdf(torch.softmax(scaled, dim=-1), uniforms.index_select(0, index))
         tokens.index_copy_(0, index, chosen)
     return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [R, k], logprobs [R, k]) of each row's k most likely tokens, descending. A logprob is computed as
+    `sample_rows` computes the sampled token's (logit - logsumexp), so the two agree exactly on a shared token."""
+    logits = logits.float()
+    values, ids = logits.topk(k, dim=-1)
+    return ids, values - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def draw_alternatives(logprobs: torch.Tensor, k: int, temperature: float, seed: int,
+                      first_row: int) -> torch.Tensor:
+    """[C, k] token ids drawn with replacement from each row of log-probabilities [C, V] at `temperature`
+    (0: the argmax k times). Draw j of row r (the request's row first_row + r) uses hashed_uniform(seed,
+    row * k + j), so draws depend on the seed and the row only, not on how the rows are chunked."""
+    if temperature == 0:
+        return logprobs.argmax(dim=-1, keepdim=True).expand(-1, k)
+    rows = torch.arange(first_row, first_row + logprobs.shape[0], device=logprobs.device)
+    steps = rows.unsqueeze(1) * k + torch.arange(k, device=logprobs.device)
+    uniforms = hashed_uniform(torch.full_like(steps, seed), steps)
+    return _inverse_cdf_many(torch.softmax(logprobs / temperature, dim=-1), uniforms)

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -56,7 +56,9 @@ class Group:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.request.prompt_logprobs or self.request.topk_prompt_logprobs > 0
+        """Anything computed over the whole prompt (so no cached prefix): prompt logprobs, top-k, extras."""
+        request = self.request
+        return request.prompt_logprobs or request.topk_prompt_logprobs > 0 or request.wants_prompt_extras
 
 
 @dataclass
@@ -81,7 +83,7 @@ class PrefillItem:
     rows: list[Row] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)  # every group whose rows are here (prompt logprobs)
     tail_copies: list[tuple[int, int]] = field(default_factory=list)  # (source page, row's own copy)
-    full_prompt: bool = False  # prompt logprobs asked: computed over the whole prompt, no cached prefix
+    full_prompt: bool = False  # prompt logprobs or extras asked: computed over the whole prompt, no cached prefix
 
     @property
     def new_tokens(self) -> int:
@@ -97,6 +99,20 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.prefills and len(self.decode) == 0
+
+
+class TopkRows(NamedTuple):
+    """topk_sample_logprobs of one step: for the rows at `positions` of `plan.sample`, ids / logprobs [n, k_max]."""
+
+    positions: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray
+
+
+class SampledStep(NamedTuple):
+    tokens: np.ndarray  # [len(plan.sample)]
+    logprobs: np.ndarray
+    topk: TopkRows | None = None  # None when no row asked for top-k logprobs
 
 
 class Scheduler:
@@ -121,6 +137,7 @@ class Scheduler:
         self.seed = np.zeros(max_rows, dtype=np.int64)
         self.generated = np.zeros(max_rows, dtype=np.int64)
         self.max_tokens = np.zeros(max_rows, dtype=np.int64)
+        self.topk_sample = np.zeros(max_rows, dtype=np.int64)  # topk_sample_logprobs: 0 = not asked
 
     # ------------------------------------------------------------------ intake
     def add(self, request: GenRequest, done: Done) -> None:
@@ -155,7 +172,8 @@ class Scheduler:
                 continue
             if len(self.rows) + request.num_samples > self.max_rows:
                 break
-            key = (request.adapter_key, tuple(request.prompt), group.wants_prompt_logprobs)
+            key = (request.prefix_key, tuple(request.prompt), group.wants_prompt_logprobs,
+                   id(group) if request.wants_prompt_extras else None)
             item = items.get(key)
             if item is None and items and budget < len(request.prompt):
                 break  # this step's prefill is full; the first item always goes, however long
@@ -200,7 +218,7 @@ class Scheduler:
                           f"has {self.pool.num_pages - 1}")
         matched: list[int] = []
         if item is None and not group.wants_prompt_logprobs:
-            digests = page_digests(request.adapter_key, request.prompt, ps, (length - 1) // ps)
+            digests = page_digests(request.prefix_key, request.prompt, ps, (length - 1) // ps)
             matched = self.pool.match(digests)  # the last prompt token is always computed: it gives the logits
         new_prompt_pages = 0 if item is not None else full + (tail > 0) - len(matched)
         need = new_prompt_pages + request.num_samples * (per_row - full) - (1 if item is None and tail else 0)
@@ -210,7 +228,7 @@ class Scheduler:
         first_group = item is None
         if item is None:
             pages = matched + [self.pool.allocate() for _ in range(new_prompt_pages)]
-            item = PrefillItem(list(request.prompt), len(matched) * ps, pages, slot, request.adapter_key,
+            item = PrefillItem(list(request.prompt), len(matched) * ps, pages, slot, request.prefix_key,
                                full_prompt=group.wants_prompt_logprobs)
         group.adapter_slot = slot
         item.groups.append(group)
@@ -245,6 +263,7 @@ class Scheduler:
         self.seed[slot] = sample_seed(params.seed, sample_index)
         self.generated[slot] = 0
         self.max_tokens[slot] = params.max_tokens
+        self.topk_sample[slot] = group.request.topk_sample_logprobs
         group.rows.append(row)
         group.live += 1
         self.rows[slot] = row
@@ -261,13 +280,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
     def complete(self, plan: StepPlan, tokens: np.ndarray, logprobs: np.ndarray,
-                 prompt_outputs: list[GenOutput | None]) -> None:
+                 prompt_outputs: list[GenOutput | None], topk: TopkRows | None = None) -> None:
         """Record the step's sampled tokens (in `plan.sample` order) and finish the rows that stopped."""
         for item, output in zip(plan.prefills, prompt_outputs, strict=True):
             for row in item.rows:
                 self.length[row.slot] = len(item.prompt)
             for group in item.groups:
-                group.output = GenOutput(sequences=[])
+                group.output = GenOutput(sequences=[], prompt_cache_hit_tokens=item.start)
+                if output is not None and group.request.wants_prompt_extras:  # the item's only group
+                    group.output.target_logprobs = output.target_logprobs
+                    group.output.alt_tokens, group.output.alt_logprobs = output.alt_tokens, output.alt_logprobs
                 if output is not None and group.wants_prompt_logprobs:
                     group.output.prompt_logprobs = output.prompt_logprobs if group.request.prompt_logprobs else None
                     k = group.request.topk_prompt_logprobs
@@ -283,6 +305,10 @@ class Scheduler:
         if len(slots):
             self.last_token[slots] = tokens
             self.generated[slots] += 1
+        if topk is not None:  # before any row below finishes and hands its sequence over
+            for position, ids, values in zip(topk.positions.tolist(), topk.ids, topk.logprobs, strict=True):
+                k = self.topk_sample[plan.sample[position].slot]
+                plan.sample[position].sequence.topk.append((ids[:k], values[:k]))
         for row, token, logprob in zip(plan.sample, tokens.tolist(), logprobs.tolist(), strict=True):
             seq = row.sequence
             seq.tokens.append(token)

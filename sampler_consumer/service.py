@@ -8,6 +8,7 @@ session, bad prompt, bad adapter) or a "server" error, whose message is never em
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -29,7 +30,7 @@ from sampler_consumer.engine_core import EngineCore, ModelEngine
 from sampler_consumer.lora import AdapterError
 from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.models import load_base_model
-from sampler_consumer.requests import GenFailure, GenOutput, GenRequest, describe
+from sampler_consumer.requests import GenFailure, GenOutput, GenRequest, Sequence, describe
 from sampler_consumer.stops import StopSpecError, check_stop_spec
 
 log = logging.getLogger(__name__)
@@ -62,19 +63,37 @@ def _prompt_tokens(request: p.Sample) -> list[int]:
     return [int(t) for t in prompt.numpy()]
 
 
-def _to_result(out: GenOutput) -> p.SampleResult:
+def _topk(ids: np.ndarray, logprobs: np.ndarray) -> p.TopkLogprobs:
+    return p.TopkLogprobs(token_ids=tensor_from_numpy(ids, "int32"), logprobs=tensor_from_numpy(logprobs, "float32"))
+
+
+def _sequence(seq: Sequence, topk_sample_logprobs: int) -> p.SampledSequence:
+    topk = None
+    if topk_sample_logprobs:
+        k = topk_sample_logprobs
+        ids = np.stack([i for i, _ in seq.topk]) if seq.topk else np.zeros((0, k), dtype=np.int32)
+        values = np.stack([v for _, v in seq.topk]) if seq.topk else np.zeros((0, k), dtype=np.float32)
+        topk = _topk(ids, values)
+    return p.SampledSequence(tokens=tensor_from_numpy(np.asarray(seq.tokens, dtype=np.int32)),
+                             logprobs=tensor_from_numpy(np.asarray(seq.logprobs, dtype=np.float32)),
+                             stop_reason=seq.stop_reason, topk_logprobs=topk)
+
+
+def _to_result(out: GenOutput, topk_sample_logprobs: int = 0) -> p.SampleResult:
     topk = None
     if out.topk_ids is not None and out.topk_logprobs is not None:
-        topk = p.TopkLogprobs(token_ids=tensor_from_numpy(out.topk_ids), logprobs=tensor_from_numpy(out.topk_logprobs))
+        topk = _topk(out.topk_ids, out.topk_logprobs)
+    alt = None
+    if out.alt_tokens is not None and out.alt_logprobs is not None:
+        alt = p.PromptAltTokens(tokens=tensor_from_numpy(out.alt_tokens, "int32"),
+                                logprobs=tensor_from_numpy(out.alt_logprobs, "float32"))
     return p.SampleResult(
-        sequences=[
-            p.SampledSequence(tokens=tensor_from_numpy(np.asarray(s.tokens, dtype=np.int32)),
-                              logprobs=tensor_from_numpy(np.asarray(s.logprobs, dtype=np.float32)),
-                              stop_reason=s.stop_reason)
-            for s in out.sequences
-        ],
+        sequences=[_sequence(s, topk_sample_logprobs) for s in out.sequences],
         prompt_logprobs=None if out.prompt_logprobs is None else tensor_from_numpy(out.prompt_logprobs),
         topk_prompt_logprobs=topk,
+        prompt_cache_hit_tokens=out.prompt_cache_hit_tokens,
+        target_prompt_logprobs=None if out.target_logprobs is None else tensor_from_numpy(out.target_logprobs),
+        prompt_alt_tokens=alt,
     )
 
 
@@ -102,10 +121,10 @@ class _Merge:
                                    started_at=self.started))
             return
         outputs: list[GenOutput] = self.parts  # type: ignore[assignment]
-        merged = GenOutput(sequences=[s for out in outputs for s in out.sequences],
-                           prompt_logprobs=outputs[0].prompt_logprobs, topk_ids=outputs[0].topk_ids,
-                           topk_logprobs=outputs[0].topk_logprobs)
-        self.reply(make_result(env, _to_result(merged), started_at=self.started))
+        # Everything but the sequences is the prompt's, computed by the first piece (see SamplerService._prepare).
+        merged = dataclasses.replace(outputs[0], sequences=[s for out in outputs for s in out.sequences])
+        self.reply(make_result(env, _to_result(merged, self.prepared.job.request.topk_sample_logprobs),
+                               started_at=self.started))
 
 
 class SamplerService:
@@ -168,10 +187,15 @@ class SamplerService:
             return Prepared(job, error=p.ErrorInfo(message=f"loading {session.model_path if session else '?'} "
                                                            f"failed: {describe(exc)}", category="server"))
         rows = self.config.max_batch_rows
+        target = request.target_prompt_logprobs
         pieces = [GenRequest(prompt=tokens, params=request.sampling_params, adapter=adapter, first_sample=first,
                              num_samples=min(rows, request.num_samples - first),
                              prompt_logprobs=request.prompt_logprobs and first == 0,
-                             topk_prompt_logprobs=request.topk_prompt_logprobs if first == 0 else 0)
+                             topk_prompt_logprobs=request.topk_prompt_logprobs if first == 0 else 0,
+                             topk_sample_logprobs=request.topk_sample_logprobs,
+                             target_prompt_ids=None if target is None or first else target.numpy(),
+                             prompt_alt_tokens_k=0 if first else request.prompt_alt_tokens_k,
+                             cache_namespace=job.env.tenant)
                   for first in range(0, request.num_samples, rows)]
         return Prepared(job, session.base_model, pieces)
 

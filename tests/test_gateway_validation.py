@@ -134,8 +134,18 @@ async def test_sample_prompt_outside_vocab_and_unsupported_options(gw_settings):
         assert out.status_code == 400 and out.json()["field"] == "prompt"
         image = await sample(prompt={"chunks": [{"type": "image", "data": "AA==", "format": "png"}]})
         assert image.status_code == 400 and image.json()["field"] == "prompt.chunks[0]"
-        topk = await sample(topk_sample_logprobs=2)
+        topk = await sample(topk_sample_logprobs=vocab + 1)
         assert topk.status_code == 400 and topk.json()["field"] == "topk_sample_logprobs"
+        for target, field in (({"data": [1, 2], "dtype": "int64", "shape": [1, 2]}, "target_prompt_logprobs"),
+                              ({"data": [1.5, 2], "dtype": "int64", "shape": [2, 1]}, "target_prompt_logprobs.data"),
+                              ({"data": [1, 2], "dtype": "float32", "shape": [2, 1]}, "target_prompt_logprobs.dtype"),
+                              ({"data": [-1, -1], "dtype": "int64", "shape": [2, 1]}, "target_prompt_logprobs"),
+                              ({"data": [4], "dtype": "int64", "shape": [2, 1], "sparse_crow_indices": [0, 1, 3],
+                                "sparse_col_indices": [0]}, "target_prompt_logprobs.sparse_csr"),
+                              ({"data": [4], "dtype": "int64", "shape": [2, 10**12], "sparse_crow_indices": [0, 1, 1],
+                                "sparse_col_indices": [0]}, "target_prompt_logprobs.shape")):
+            bad = await sample(target_prompt_logprobs=target)
+            assert bad.status_code == 400 and bad.json()["field"] == field, (target, bad.text)
         bad_top_p = await sample(sampling_params={"max_tokens": 4, "temperature": 1.0, "top_k": -1, "top_p": 0.0})
         assert bad_top_p.status_code == 400 and bad_top_p.json()["field"] == "sampling_params.top_p"
         assert (await sample()).status_code == 200

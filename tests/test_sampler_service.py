@@ -154,3 +154,25 @@ def test_bad_requests_get_user_errors_and_good_ones_still_succeed(settings, stor
         assert message in result.error.message
         assert result.request_type == "sample"
     assert sequences(replies[-1][1]) == _greedy(_service(settings, store), world.sessions[0])
+
+
+def test_a_split_request_keeps_its_sampling_outputs(settings, store, world):
+    """Issue 16.2 through the service: top-k logprobs on every sequence of every piece, the prompt's outputs
+    (target_prompt_logprobs, prompt_alt_tokens) computed once by the first piece, as an unsplit request has them."""
+    ids = np.full((len(PROMPT) - 1, 2), -1, dtype=np.int64)
+    ids[:, 0] = PROMPT[1:]
+    request = sample_request(world.sessions[0], PROMPT, num_samples=7, topk_sample_logprobs=2, prompt_alt_tokens_k=3,
+                             target_prompt_logprobs=tensor_from_numpy(ids),
+                             params=p.SamplingParams(max_tokens=4, temperature=1.0, seed=5, stop=[]))
+    [(_, whole)] = _service(settings, store).run_batch([job(request)])
+    [(_, split)] = _service(settings, store, max_batch_rows=3).run_batch([job(request)])
+    whole, split = sample_result(whole), sample_result(split)
+    assert len(split.sequences) == 7
+    for a, b in zip(split.sequences, whole.sequences, strict=True):
+        assert a.topk_logprobs.token_ids.shape == [4, 2]
+        np.testing.assert_array_equal(a.topk_logprobs.token_ids.numpy(), b.topk_logprobs.token_ids.numpy())
+    for result in (whole, split):
+        assert result.target_prompt_logprobs.shape == [len(PROMPT) - 1, 2]
+        assert result.prompt_alt_tokens.tokens.shape == [len(PROMPT) - 1, 3]
+    np.testing.assert_array_equal(split.target_prompt_logprobs.numpy(), whole.target_prompt_logprobs.numpy())
+    np.testing.assert_array_equal(split.prompt_alt_tokens.tokens.numpy(), whole.prompt_alt_tokens.tokens.numpy())

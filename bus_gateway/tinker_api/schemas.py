@@ -297,6 +297,16 @@ class SamplerInfo(Reply):
     model_path: str | None = None
 
 
+class TensorDataIn(Body):
+    """The SDK's TensorData JSON (tinker-protocol.md 3.4): dense, or sparse CSR when the index lists are set."""
+
+    data: list[int | float]
+    dtype: str
+    shape: list[int] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
+
+
 class SampleRequest(Body):
     prompt: ModelInput
     sampling_params: SamplingParamsIn

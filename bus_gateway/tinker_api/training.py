@@ -104,12 +104,14 @@ async def save_weights(data: JSONBody[SaveWeightsRequest], gw: GatewayDep, tenan
 def _save_for_sampler(data: SaveWeightsForSamplerRequest, session_id: str) -> p.SaveWeightsForSampler:
     metadata = dict(data.user_metadata or {})
     if data.path is not None:
+        if data.kind == "inflight":
+            raise FieldError("kind", "inflight weights are the model's one shared target: send no path")
         return p.SaveWeightsForSampler(name=checkpoint_name(data.path), ttl_seconds=data.ttl_seconds,
                                        user_metadata=metadata)
     if data.sampling_session_seq_id is not None:
         return p.SaveWeightsForSampler(
             sampling_session_id=sampling_session_id_for(session_id, data.sampling_session_seq_id),
-            ttl_seconds=data.ttl_seconds, user_metadata=metadata)
+            ttl_seconds=data.ttl_seconds, user_metadata=metadata, kind=data.kind)
     raise FieldError("path", "give a checkpoint name (path) or sampling_session_seq_id for an ephemeral save")
 
 

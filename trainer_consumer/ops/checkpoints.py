@@ -85,14 +85,16 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
         raise UserError("save_weights_for_sampler needs a name or a sampling_session_id")
     ephemeral = payload.name is None
     ttl: int | None
-    if ephemeral:
+    if payload.kind == "inflight":  # the model's one mutable target: every inflight session samples its newest
+        name, ttl = p.INFLIGHT_NAME, payload.ttl_seconds or rt.config.ephemeral_ttl_s
+    elif ephemeral:
         suffix = inbound.env.seq_id if inbound.env.seq_id is not None else inbound.env.request_id
         name, ttl = f"ephemeral-{suffix}", payload.ttl_seconds or rt.config.ephemeral_ttl_s
     else:
         name, ttl = check_name(payload.name or ""), payload.ttl_seconds
     path = TinkerPath(state.model_id, "sampler_weights", name)
     adapter = await rt.compute(rt.backend.export_adapter, state.model_id)
-    # An ephemeral name is ours and derived from the seq_id, so a replayed save may overwrite it.
+    # An ephemeral name is ours (derived from the seq_id, or the inflight target), so a save may overwrite it.
     checkpoint = Checkpoint(adapter.config, adapter.weights)
     try:
         await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model, overwrite=ephemeral,
