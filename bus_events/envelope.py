@@ -30,6 +30,7 @@ class EventType(enum.StrEnum):
     SEQ_VOID = "seq_void"
     SAMPLE = "sample"
     RESULT = "result"
+    SAMPLE_DELTA = "sample_delta"
     DEAD_LETTER = "dead_letter"
 
 
@@ -46,6 +47,7 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.SEQ_VOID: p.SeqVoid,
     EventType.SAMPLE: p.Sample,
     EventType.RESULT: p.Result,
+    EventType.SAMPLE_DELTA: p.SampleDelta,
     EventType.DEAD_LETTER: p.DeadLetter,
 }
 

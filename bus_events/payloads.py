@@ -168,6 +168,8 @@ class Sample(_Payload):
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # Also publish SampleDelta events (the tokens so far) on the reply topic while sampling, before the result.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_samples <= 1024:
@@ -239,6 +241,22 @@ class SampleResult(_Payload):
     sequences: list[SampledSequence]
     prompt_logprobs: Tensor | None = None  # float32 [P], NaN at position 0
     topk_prompt_logprobs: TopkLogprobs | None = None
+
+
+class SequenceDelta(_Payload):
+    """New tokens of one sample of a streamed request: they replace whatever followed position `start`."""
+
+    index: int  # the sample (0 .. num_samples-1)
+    start: int  # position of tokens[0] in the sample's generated tokens
+    tokens: list[int]
+    logprobs: list[float]
+
+
+class SampleDelta(_Payload):
+    """Progress of a `sample` request with `stream: true`. Best effort: deltas may be missed, repeated or arrive
+    after the result; the `result` event alone is the answer."""
+
+    sequences: list[SequenceDelta]
 
 
 class Result(_Payload):

@@ -26,6 +26,7 @@ from bus_gateway.bus_listener import BusListener
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.streams import DeltaRouter
 from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.settings import BusSettings, open_object_store
@@ -48,7 +49,8 @@ class Gateway:
         self.checkpoints = CheckpointStore(self.objects)
         self.base_models = BaseModelCatalog(settings.base_models)
         self.futures = FutureTable(settings.result_ttl_s)
-        self.listener = BusListener(settings, self.futures, self.objects)
+        self.deltas = DeltaRouter()  # sampling progress of streamed requests (OpenAI API, stream=true)
+        self.listener = BusListener(settings, self.futures, self.objects, self.deltas)
         self.producer: AIOKafkaProducer | None = None
         self._sweeper: asyncio.Task | None = None
         # Immutable facts (tenant of a session / sampling session) are cached forever; runs briefly,

@@ -125,6 +125,7 @@ class SampleInput:
     topk_prompt_logprobs: int = 0
     prompt_field: str = "prompt"
     context: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False  # the sampler also publishes sample_delta events (bus_gateway.streams)
 
 
 async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: SampleInput,
@@ -146,7 +147,7 @@ async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: Sa
         return build(p.Sample, "num_samples", sampling_session_id=session.sampling_session_id,
                      prompt=tensor_from_numpy(request.prompt, "int32"), num_samples=request.num_samples,
                      sampling_params=wire_params, prompt_logprobs=request.prompt_logprobs,
-                     topk_prompt_logprobs=request.topk_prompt_logprobs)
+                     topk_prompt_logprobs=request.topk_prompt_logprobs, stream=request.stream)
 
     return await gw.submit(p.Sample, payload, model_id=session.sampling_session_id, seq_id=seq_id, tenant=tenant,
                            context=request.context)

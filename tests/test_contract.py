@@ -51,6 +51,8 @@ SAMPLES: dict[EventType, object] = {
     EventType.SAMPLE: p.Sample(sampling_session_id="s:sample:0", prompt=_tok(3), num_samples=2,
                                sampling_params=p.SamplingParams(max_tokens=5, stop=["\n", 7], seed=1)),
     EventType.RESULT: p.Result(request_type="optim_step", result={"metrics": {"grad_norm": 1.5}}),
+    EventType.SAMPLE_DELTA: p.SampleDelta(sequences=[p.SequenceDelta(index=1, start=4, tokens=[9, 8],
+                                                                     logprobs=[-0.5, -1.25])]),
     EventType.DEAD_LETTER: p.DeadLetter(reason="bad", stage="decode", source_topic="t", source_partition=0,
                                         source_offset=5, raw=b"\x00\x01"),
 }
@@ -175,7 +177,8 @@ def test_inline_payload_is_the_map_of_its_fields():
 
 
 def test_every_request_type_has_one_result_schema():
-    requests = set(EventType) - {EventType.SEQ_VOID, EventType.RESULT, EventType.DEAD_LETTER}
+    requests = set(EventType) - {EventType.SEQ_VOID, EventType.RESULT, EventType.SAMPLE_DELTA,
+                                EventType.DEAD_LETTER}
     assert set(RESULT_TYPES) == requests
     info = p.ModelInfo(model_id="m", base_model="b", lora_rank=4, train_attn=True, train_mlp=True,
                        train_unembed=False)
