@@ -40,7 +40,7 @@ class BusListener:
                  deltas: DeltaRouter | None = None) -> None:
         self.settings = settings
         self.table = table
-        self.deltas = deltas or DeltaRouter()
+        self.deltas = deltas if deltas is not None else DeltaRouter()
         self.blob_store = blob_store
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None

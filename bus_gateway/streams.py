@@ -24,6 +24,3 @@ class DeltaRouter:
         queue = self._queues.get(request_id)
         if queue is not None:
             queue.put_nowait(delta)
-
-    def __len__(self) -> int:
-        return len(self._queues)

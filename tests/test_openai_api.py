@@ -40,7 +40,8 @@ async def streamed_chat(oai: openai.AsyncOpenAI, model: str, **params) -> tuple[
 async def test_chat_completion_models_and_streaming(stack_settings, monkeypatch):
     model = stack_settings.base_models[0]
     tokenizer = load_tokenizer(model)
-    prompt_tokens = len(tokenizer.apply_chat_template(QUESTION, tokenize=True, add_generation_prompt=True))
+    prompt_tokens = len(tokenizer.apply_chat_template(QUESTION, tokenize=True, add_generation_prompt=True,
+                                                      return_dict=True)["input_ids"])
     async with running_stack(stack_settings) as url:
         oai = client(url)
         listed = await oai.models.list()
@@ -65,16 +66,23 @@ async def test_chat_completion_models_and_streaming(stack_settings, monkeypatch)
         assert finish == choice.finish_reason
         assert [u.completion_tokens for u in usage] == [whole.usage.completion_tokens]
 
-        # n choices, seeded: reproducible, and a stop string cuts the text before it.
+        # Seeded sampling is reproducible, streamed or not, with n choices too.
+        seeded = dict(temperature=1.0, seed=3, max_tokens=40)
+        sampled = await oai.chat.completions.create(model=model, messages=QUESTION, **seeded)
+        text = sampled.choices[0].message.content
+        pieces, _, _ = await streamed_chat(oai, model, **seeded)
+        assert "".join(pieces) == text and len(set(text)) > 3
         many = await oai.chat.completions.create(model=model, messages=QUESTION, n=3, seed=5, max_tokens=16)
         again = await oai.chat.completions.create(model=model, messages=QUESTION, n=3, seed=5, max_tokens=16)
         assert [c.message.content for c in many.choices] == [c.message.content for c in again.choices]
         assert [c.index for c in many.choices] == [0, 1, 2]
-        stop = choice.message.content[3:5]
-        cut = await oai.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=48,
-                                                stop=[stop])
-        assert cut.choices[0].message.content == choice.message.content[:choice.message.content.index(stop)]
+        # A stop string ends the text before it, streamed or not.
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        cut = await oai.chat.completions.create(model=model, messages=QUESTION, stop=stop, **seeded)
+        assert cut.choices[0].message.content == text[:text.index(stop)]
         assert cut.choices[0].finish_reason == "stop"
+        pieces, finish, _ = await streamed_chat(oai, model, stop=[stop], **seeded)
+        assert "".join(pieces) == text[:text.index(stop)] and finish == "stop"
 
 
 async def test_completions_plain_and_streamed(stack_settings):
@@ -97,6 +105,15 @@ async def test_completions_plain_and_streamed(stack_settings):
             pieces.extend(c.text for c in chunk.choices if c.finish_reason is None)
         assert "".join(pieces) == whole.choices[0].text
 
+        # n samples streamed: each choice's pieces add up to its non-streamed text.
+        seeded = dict(model=model, prompt="Once upon a time", n=2, seed=11, max_tokens=24)
+        expected = [c.text for c in (await oai.completions.create(**seeded)).choices]
+        texts = ["", ""]
+        async for chunk in await oai.completions.create(stream=True, **seeded):
+            for c in chunk.choices:
+                texts[c.index] += c.text
+        assert texts == expected and expected[0] != expected[1]
+
 
 def _train_and_save(url: str, model: str) -> tuple[str, list[int], list[int]]:
     """A LoRA trained one step, saved for the sampler; its path and its greedy answer through the Tinker SDK."""
@@ -108,7 +125,7 @@ def _train_and_save(url: str, model: str) -> tuple[str, list[int], list[int]]:
     training.forward_backward([datum], "cross_entropy").result()
     training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
     path = training.save_weights_for_sampler("openai").result().path
-    sampler = service.create_sampling_client(model_path=path)
+    sampler = service.create_sampling_client(model_path=path).result()
     greedy = types.SamplingParams(max_tokens=10, temperature=0.0)
     sampled = sampler.sample(types.ModelInput.from_ints(tokens[:4]), num_samples=1, sampling_params=greedy).result()
     return path, list(sampled.sequences[0].tokens), tokens[:4]

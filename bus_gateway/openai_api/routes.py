@@ -139,7 +139,8 @@ async def list_models(gw: GatewayDep) -> dict[str, Any]:
 
 @get("/v1/models/{model:path}", tags=["openai"], summary="One served base model")
 async def get_model(model: Annotated[str, PathParameter()], gw: GatewayDep) -> dict[str, Any]:
-    name = model.lstrip("/")
+    # A path parameter keeps its leading slash; a served name may be an absolute path itself.
+    name = model if gw.base_models.is_served(model) else model.removeprefix("/")
     if not gw.base_models.is_served(name):
         raise FieldError("model", f"{name!r} is not served here", 404)
     return _model_card(name)
