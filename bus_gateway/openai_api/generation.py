@@ -125,7 +125,7 @@ def finish_reason(sequence: p.SampledSequence, stopped_by_string: bool) -> str:
 
 def choices(gen: Generation, futures: list[Future]) -> list[Choice]:
     """The answered futures' samples, prompt by prompt (choice index = prompt * n + sample)."""
-    found = []
+    found: list[Choice] = []
     for fut in futures:
         for sequence in sample_result(fut).sequences:
             tokens = sequence.tokens.numpy().tolist()

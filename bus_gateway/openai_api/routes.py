@@ -58,8 +58,8 @@ async def _completion_prompts(tokenizer: Any, prompt: Any) -> list[np.ndarray]:
     prompts = []
     for i, item in enumerate(prompt):
         if isinstance(item, str):
-            ids = await asyncio.to_thread(lambda text=item: tokenizer(text)["input_ids"])
-            prompts.append(np.asarray(ids, dtype=np.int64))
+            encoded = await asyncio.to_thread(tokenizer, item)
+            prompts.append(np.asarray(encoded["input_ids"], dtype=np.int64))
         elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             prompts.append(np.asarray(item, dtype=np.int64))
         else:
