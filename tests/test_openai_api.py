@@ -115,6 +115,43 @@ async def test_completions_plain_and_streamed(stack_settings):
         assert texts == expected and expected[0] != expected[1]
 
 
+def _prompt_logprobs(url: str, model: str, tokens: list[int]) -> list[float | None]:
+    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    sampler = service.create_sampling_client(base_model=model).result()
+    return sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+
+
+async def test_completions_echo_logprobs_for_loglikelihoods(stack_settings):
+    """What eval harnesses send for loglikelihoods: the prompt echoed with its logprobs and top-1 alternatives."""
+    model = stack_settings.base_models[0]
+    tokenizer = load_tokenizer(model)
+    tokens = tokenizer("The quick brown fox jumps")["input_ids"]
+    async with running_stack(stack_settings) as url:
+        oai = client(url)
+        scored = await oai.completions.create(model=model, prompt=tokens, echo=True, logprobs=1, max_tokens=0,
+                                              temperature=0)
+        choice = scored.choices[0]
+        assert choice.text == tokenizer.decode(tokens)
+        assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in tokens]
+        reference = await in_thread(_prompt_logprobs, url, model, tokens)
+        assert choice.logprobs.token_logprobs[0] is None and reference[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(reference[1:], abs=1e-4)
+        assert choice.logprobs.top_logprobs[0] is None
+        for top, own in zip(choice.logprobs.top_logprobs[1:], choice.logprobs.token_logprobs[1:], strict=True):
+            assert len(top) == 1 and max(top.values()) >= own - 1e-5
+
+        greedy = await oai.completions.create(model=model, prompt="The quick brown", echo=True, logprobs=1,
+                                              max_tokens=6, temperature=0)
+        choice = greedy.choices[0]
+        plain = await oai.completions.create(model=model, prompt="The quick brown", max_tokens=6, temperature=0)
+        assert choice.text == "The quick brown" + plain.choices[0].text
+        n = greedy.usage.completion_tokens
+        generated = choice.logprobs.top_logprobs[-n:]  # the sampled token is the most likely one
+        assert [list(top) for top in generated] == [[t] for t in choice.logprobs.tokens[-n:]]
+        assert [top[t] for top, t in zip(generated, choice.logprobs.tokens[-n:], strict=True)] == \
+            choice.logprobs.token_logprobs[-n:]
+
+
 def _train_and_save(url: str, model: str) -> tuple[str, list[int], list[int]]:
     """A LoRA trained one step, saved for the sampler; its path and its greedy answer through the Tinker SDK."""
     service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
@@ -175,8 +212,11 @@ async def test_errors_in_openai_shape(gw_settings):
             assert body["param"] == param, (overrides, body)
             assert param in body["message"] and body["type"], body
         with pytest.raises(openai.BadRequestError) as raised:
-            await oai.completions.create(model=model, prompt="x", echo=True)
+            await oai.completions.create(model=model, prompt="x", echo=True, stream=True)
         assert raised.value.body["param"] == "echo"
+        with pytest.raises(openai.BadRequestError) as raised:  # alternatives of sampled (not greedy) tokens
+            await oai.completions.create(model=model, prompt="x", logprobs=2, max_tokens=4)
+        assert raised.value.body["param"] == "logprobs"
         with pytest.raises(openai.BadRequestError) as raised:
             await oai.completions.create(model=model, prompt=[[1, 2], "x", 3])
         assert raised.value.body["param"] == "prompt[2]"

@@ -19,7 +19,7 @@ from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.openai_api.schemas import Sampling
 from bus_gateway.openai_api.text import visible_text
-from bus_gateway.results import failure, sample_result
+from bus_gateway.results import failure, sample_json, sample_result
 from bus_gateway.sampling_sessions import adhoc_sampling_session
 from bus_gateway.tinker_api.schemas import SamplingParamsIn
 
@@ -30,12 +30,23 @@ ASSUMED_CONTEXT = 2 * CHAT_DEFAULT_MAX_TOKENS  # for a model whose config names 
 
 
 @dataclass
+class Echo:
+    """A completions choice's prompt, when `echo` asked for it: text, tokens, and their logprobs (None at 0)."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float | None] | None = None
+    top: list[list[tuple[int, float]] | None] | None = None  # the k most likely tokens per position
+
+
+@dataclass
 class Choice:
     index: int
     tokens: list[int]
     logprobs: list[float]
     text: str
     finish_reason: str  # "stop" | "length"
+    echo: Echo | None = None
 
 
 @dataclass
@@ -51,6 +62,10 @@ class Generation:
     stops: list[str]
     prompt_field: str
     created: int = field(default_factory=lambda: int(time.time()))
+    # completions: echo the prompt (its texts as given), with its logprobs and top-k when logprobs asks for them
+    echo: list[str] | None = None
+    prompt_logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -101,7 +116,8 @@ def sampling_params(data: Sampling, max_tokens: int, stops: list[str], tokenizer
 
 async def publish(gw: Gateway, tenant: str, gen: Generation, stream: bool = False) -> list[Future]:
     return [await submit.sample(gw, tenant, gen.session, submit.SampleInput(
-        prompt=prompt, num_samples=gen.n, params=gen.params, prompt_field=gen.prompt_field, stream=stream))
+        prompt=prompt, num_samples=gen.n, params=gen.params, prompt_field=gen.prompt_field, stream=stream,
+        prompt_logprobs=gen.prompt_logprobs, topk_prompt_logprobs=gen.top_logprobs if gen.prompt_logprobs else 0))
         for prompt in gen.prompts]
 
 
@@ -126,12 +142,18 @@ def finish_reason(sequence: p.SampledSequence, stopped_by_string: bool) -> str:
 def choices(gen: Generation, futures: list[Future]) -> list[Choice]:
     """The answered futures' samples, prompt by prompt (choice index = prompt * n + sample)."""
     found: list[Choice] = []
-    for fut in futures:
-        for sequence in sample_result(fut).sequences:
+    for i, fut in enumerate(futures):
+        result = sample_result(fut)
+        echo = None
+        if gen.echo is not None:
+            prompt = sample_json(result, [])  # the prompt logprobs only, in the Tinker API's JSON
+            echo = Echo(gen.echo[i], gen.prompts[i].tolist(), prompt.get("prompt_logprobs"),
+                        prompt.get("topk_prompt_logprobs"))
+        for sequence in result.sequences:
             tokens = sequence.tokens.numpy().tolist()
             text, stopped = visible_text(gen.tokenizer, tokens, gen.stops)
             found.append(Choice(len(found), tokens, sequence.logprobs.numpy().tolist(), text,
-                                finish_reason(sequence, stopped)))
+                                finish_reason(sequence, stopped), echo))
     return found
 
 

@@ -47,24 +47,36 @@ def _refuse_chat_extras(data: ChatCompletionRequest) -> None:
                                          "sampled tokens' log probabilities")
 
 
-async def _completion_prompts(tokenizer: Any, prompt: Any) -> list[np.ndarray]:
-    """OpenAI's four prompt forms: a string, strings, token ids, lists of token ids."""
+async def _completion_prompts(tokenizer: Any, prompt: Any) -> tuple[list[np.ndarray], list[str]]:
+    """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids): tokens and texts."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise FieldError("prompt", "give a string, a list of strings, a list of token ids or a list of those")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [np.asarray(prompt, dtype=np.int64)]
-    prompts = []
+        prompt = [prompt]
+    tokens, texts = [], []
     for i, item in enumerate(prompt):
         if isinstance(item, str):
             encoded = await asyncio.to_thread(tokenizer, item)
-            prompts.append(np.asarray(encoded["input_ids"], dtype=np.int64))
+            tokens.append(np.asarray(encoded["input_ids"], dtype=np.int64))
+            texts.append(item)
         elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            prompts.append(np.asarray(item, dtype=np.int64))
+            tokens.append(np.asarray(item, dtype=np.int64))
+            texts.append(await asyncio.to_thread(tokenizer.decode, item) if item else "")
         else:
             raise FieldError(f"prompt[{i}]", "must be a string or a list of token ids")
-    return prompts
+    return tokens, texts
+
+
+def _check_completion_logprobs(data: CompletionRequest) -> None:
+    """Alternatives (logprobs = k > 0) are known for prompt tokens (echo), and for generated ones only when the
+    sampled token is the most likely (greedy, k = 1): what eval harnesses ask for their loglikelihoods."""
+    k = data.logprobs or 0
+    if k and data.max_tokens and not (k == 1 and data.temperature == 0):
+        raise FieldError("logprobs", "alternatives of generated tokens are given only for greedy sampling "
+                                     "(temperature 0) with logprobs=1; for the prompt (echo) any k up to 5 works "
+                                     "with max_tokens=0")
 
 
 async def _respond(gw: Gateway, tenant: str, gen: g.Generation, shape_type: type[Shape], data: Sampling,
@@ -113,18 +125,18 @@ async def chat_completions(data: JSONBody[ChatCompletionRequest], gw: GatewayDep
 
 @post("/v1/completions", status_code=200, tags=["openai"], summary="OpenAI (legacy) completions (stream too)")
 async def completions(data: JSONBody[CompletionRequest], gw: GatewayDep, tenant: TenantDep) -> Response | Stream:
-    if data.echo:
-        raise FieldError("echo", "not supported")
+    if data.echo and data.stream:
+        raise FieldError("echo", "not streamed: use stream=false to echo the prompt")
     if data.suffix:
         raise FieldError("suffix", "not supported (no fill-in-the-middle)")
-    if data.logprobs:
-        raise FieldError("logprobs", "alternatives per token are not supported: use logprobs=0 for the sampled "
-                                     "tokens' log probabilities")
+    _check_completion_logprobs(data)
     session, tokenizer, _ = await _target(gw, tenant, data)
-    prompts = await _completion_prompts(tokenizer, data.prompt)
+    prompts, texts = await _completion_prompts(tokenizer, data.prompt)
     stops = g.stops_of(data)
     gen = g.Generation(data.model, session, tokenizer, prompts,
-                       g.sampling_params(data, data.max_tokens, stops, tokenizer), data.n, stops, "prompt")
+                       g.sampling_params(data, data.max_tokens, stops, tokenizer), data.n, stops, "prompt",
+                       echo=texts if data.echo else None, prompt_logprobs=data.echo and data.logprobs is not None,
+                       top_logprobs=data.logprobs or 0)
     return await _respond(gw, tenant, gen, CompletionShape, data, data.logprobs is not None)
 
 

@@ -79,15 +79,39 @@ class ChatShape(Shape):
 class CompletionShape(Shape):
     id_prefix, whole, piece = "cmpl-", "text_completion", "text_completion"
 
-    def logprob_block(self, tokens: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
+    def _block(self, tokens: Sequence[int], logprobs: list[float | None],
+               top: list[dict[str, float] | None] | None) -> dict[str, Any]:
         texts = _token_texts(self.gen.tokenizer, tokens)
         offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
-        return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _sampled_top(self, tokens: Sequence[int], logprobs: Sequence[float]) -> list[dict[str, float] | None] | None:
+        """Alternatives of generated tokens: only asked for where they are known (routes: greedy, logprobs=1),
+        where the sampled token is the most likely one."""
+        if not self.gen.top_logprobs:
+            return None
+        return [{text: lp} for text, lp in zip(_token_texts(self.gen.tokenizer, tokens), logprobs, strict=True)]
+
+    def logprob_block(self, tokens: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
+        return self._block(tokens, list(logprobs), self._sampled_top(tokens, logprobs))
+
+    def _echo_block(self, choice: Choice) -> dict[str, Any]:
+        echo = choice.echo
+        assert echo is not None
+        blank: list[None] = [None] * len(echo.tokens)
+        top = None
+        if self.gen.top_logprobs:
+            top = [None if row is None else {self.gen.tokenizer.decode([t]): lp for t, lp in row}
+                   for row in echo.top or blank]
+            top += self._sampled_top(choice.tokens, choice.logprobs) or []
+        return self._block([*echo.tokens, *choice.tokens], [*(echo.logprobs or blank), *choice.logprobs], top)
 
     def whole_choice(self, choice: Choice) -> dict[str, Any]:
-        return {"index": choice.index, "text": choice.text,
-                "logprobs": self.logprob_block(choice.tokens, choice.logprobs) if self.logprobs else None,
-                "finish_reason": choice.finish_reason}
+        if choice.echo is None:
+            text, block = choice.text, self.logprob_block(choice.tokens, choice.logprobs) if self.logprobs else None
+        else:
+            text, block = choice.echo.text + choice.text, self._echo_block(choice) if self.logprobs else None
+        return {"index": choice.index, "text": text, "logprobs": block, "finish_reason": choice.finish_reason}
 
     def chunk_choice(self, index: int, text: str, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
