@@ -3,6 +3,11 @@ client against the whole stack (gateway + trainer + sampler in-process on real T
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+from pathlib import Path
+
 import openai
 import pytest
 import tinker
@@ -15,6 +20,7 @@ from bus_runtime.base_models import load_tokenizer
 pytest_plugins = ["gateway_support", "gateway_stack"]
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def client(url: str, key: str = API_KEY) -> openai.AsyncOpenAI:
@@ -223,3 +229,21 @@ async def test_errors_in_openai_shape(gw_settings):
         with pytest.raises(openai.AuthenticationError) as raised:
             await client(url, "tml-wrong").models.list()
         assert raised.value.body["type"] == "authentication_error" and raised.value.body["message"]
+
+
+def _run_readme_example(url: str, model: str) -> str:
+    code = next(c for c in re.findall(r"```python\n(.*?)```", README, re.S) if "from openai import OpenAI" in c)
+    assert '"http://127.0.0.1:8000/v1"' in code and '"HuggingFaceTB/SmolLM2-135M-Instruct"' in code
+    code = code.replace('"http://127.0.0.1:8000/v1"', repr(f"{url}/v1")).replace(
+        '"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(model))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md:openai", "exec"), {})
+    return out.getvalue()
+
+
+async def test_the_readme_example_runs(stack_settings):
+    model = stack_settings.base_models[0]
+    async with running_stack(stack_settings) as url:
+        printed = await in_thread(_run_readme_example, url, model)
+    assert printed.splitlines()[0] == repr([model]) and "completion_tokens=" in printed
