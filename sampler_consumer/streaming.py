@@ -69,6 +69,7 @@ class DeltaPublisher:
         self.core, self.producer, self.settings, self.interval_s = core, producer, settings, interval_s
         self._watched: dict[str, Watched] = {}
         self._wake = asyncio.Event()
+        self._sending: set[asyncio.Task] = set()  # publishes in flight: the next poll does not wait for acks
 
     def watch(self, env: Envelope, pieces: list[GenRequest]) -> None:
         """Stream `env`'s request from now on (call before handing its pieces to the engine)."""
@@ -89,14 +90,15 @@ class DeltaPublisher:
             if not watched:
                 continue
             progress = await asyncio.wrap_future(self.core.call(functools.partial(read_progress, watched=watched)))
-            sends = []
             for item, found in zip(watched, progress, strict=True):
                 if item.env.request_id not in self._watched:
                     continue  # answered while we read
                 delta = item.next_delta(found)
                 if delta is not None:
-                    sends.append(self._publish(item.env, delta))
-            await asyncio.gather(*sends)
+                    # Tasks start in creation order, so each request's deltas reach the producer in order.
+                    task = asyncio.create_task(self._publish(item.env, delta))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
 
     async def _publish(self, request: Envelope, delta: p.SampleDelta) -> None:
         event = make_sample_delta(request, delta)

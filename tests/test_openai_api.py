@@ -44,6 +44,8 @@ async def streamed_chat(oai: openai.AsyncOpenAI, model: str, **params) -> tuple[
 
 
 async def test_chat_completion_models_and_streaming(stack_settings, monkeypatch):
+    # A short delta interval: the 48 decode steps then span many polls, however fast this machine runs them.
+    monkeypatch.setenv("TINKER_BUS_SAMPLER_STREAM_INTERVAL_S", "0.005")
     model = stack_settings.base_models[0]
     tokenizer = load_tokenizer(model)
     prompt_tokens = len(tokenizer.apply_chat_template(QUESTION, tokenize=True, add_generation_prompt=True,

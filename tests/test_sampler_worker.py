@@ -46,9 +46,9 @@ async def _collect(settings, topic: str, want: int, group: str, timeout: float =
 
 
 @contextlib.asynccontextmanager
-async def _running_sampler(settings):
+async def _running_sampler(settings, config: SamplerConfig | None = None):
     ready = asyncio.Event()
-    task = asyncio.create_task(run_sampler(settings, ready=ready, config=SamplerConfig()))
+    task = asyncio.create_task(run_sampler(settings, ready=ready, config=config or SamplerConfig()))
     try:
         await asyncio.wait_for(ready.wait(), 60)
         yield task
@@ -170,7 +170,8 @@ async def test_a_streamed_sample_publishes_its_tokens_as_deltas_before_its_resul
     streamed = job(sample_request(session, PROMPT, num_samples=2, stream=True,
                                   params=p.SamplingParams(max_tokens=64, temperature=1.0, seed=4, stop=[])))
     plain = job(sample_request(session, PROMPT[:3]))
-    async with _running_sampler(settings):
+    # A short interval: the 64 decode steps then span many polls, however fast this machine runs them.
+    async with _running_sampler(settings, SamplerConfig(stream_interval_s=0.005)):
         producer = make_producer(settings)
         await producer.start()
         try:

@@ -38,9 +38,8 @@ async def stream(gw: Gateway, shape: Shape, fut: Future, deltas: asyncio.Queue[p
                 yield event(opening)
         try:
             async with asyncio.timeout(gw.config.sync_sample_timeout_s):
-                while not fut.done.is_set():
-                    delta = await _next(deltas, fut)
-                    for piece in delta.sequences if delta is not None else ():
+                while (delta := await _next(deltas, fut)) is not None:
+                    for piece in delta.sequences:
                         if 0 <= piece.index < gen.n and texts[piece.index].extend(piece.start, piece.tokens,
                                                                                   piece.logprobs):
                             chunk = _chunk(shape, piece.index, texts[piece.index])
@@ -71,9 +70,12 @@ async def stream(gw: Gateway, shape: Shape, fut: Future, deltas: asyncio.Queue[p
 
 
 async def _next(deltas: asyncio.Queue[p.SampleDelta], fut: Future) -> p.SampleDelta | None:
-    """The next delta, or None once the result is in (whichever comes first)."""
+    """The next delta, or None once the result is in and no delta read before it is left (a delta and the result
+    may come in one fetch: the delta still makes its own chunk)."""
     if not deltas.empty():
         return deltas.get_nowait()
+    if fut.done.is_set():
+        return None
     getter = asyncio.ensure_future(deltas.get())
     done = asyncio.ensure_future(fut.done.wait())
     try:
