@@ -222,6 +222,9 @@ async def test_errors_in_openai_shape(gw_settings):
         with pytest.raises(openai.BadRequestError) as raised:
             await oai.completions.create(model=model, prompt="x", echo=True, stream=True)
         assert raised.value.body["param"] == "echo"
+        with pytest.raises(openai.BadRequestError) as raised:
+            await oai.completions.create(model=model, prompt=[10**6], echo=True)
+        assert raised.value.body["param"] == "prompt" and "vocab" in raised.value.body["message"]
         with pytest.raises(openai.BadRequestError) as raised:  # alternatives of sampled (not greedy) tokens
             await oai.completions.create(model=model, prompt="x", logprobs=2, max_tokens=4)
         assert raised.value.body["param"] == "logprobs"

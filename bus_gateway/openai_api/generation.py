@@ -62,8 +62,9 @@ class Generation:
     stops: list[str]
     prompt_field: str
     created: int = field(default_factory=lambda: int(time.time()))
-    # completions: echo the prompt (its texts as given), with its logprobs and top-k when logprobs asks for them
-    echo: list[str] | None = None
+    # completions: echo the prompts (texts as given; None: decode the prompt's token ids), with their logprobs and
+    # top-k when logprobs asks for them
+    echo: list[str | None] | None = None
     prompt_logprobs: bool = False
     top_logprobs: int = 0
 
@@ -147,8 +148,10 @@ def choices(gen: Generation, futures: list[Future]) -> list[Choice]:
         echo = None
         if gen.echo is not None:
             prompt = sample_json(result, [])  # the prompt logprobs only, in the Tinker API's JSON
-            echo = Echo(gen.echo[i], gen.prompts[i].tolist(), prompt.get("prompt_logprobs"),
-                        prompt.get("topk_prompt_logprobs"))
+            tokens = gen.prompts[i].tolist()
+            given = gen.echo[i]
+            text = given if given is not None else str(gen.tokenizer.decode(tokens))
+            echo = Echo(text, tokens, prompt.get("prompt_logprobs"), prompt.get("topk_prompt_logprobs"))
         for sequence in result.sequences:
             tokens = sequence.tokens.numpy().tolist()
             text, stopped = visible_text(gen.tokenizer, tokens, gen.stops)

@@ -47,15 +47,17 @@ def _refuse_chat_extras(data: ChatCompletionRequest) -> None:
                                          "sampled tokens' log probabilities")
 
 
-async def _completion_prompts(tokenizer: Any, prompt: Any) -> tuple[list[np.ndarray], list[str]]:
-    """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids): tokens and texts."""
+async def _completion_prompts(tokenizer: Any, prompt: Any) -> tuple[list[np.ndarray], list[str | None]]:
+    """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids): tokens, and texts where
+    given."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise FieldError("prompt", "give a string, a list of strings, a list of token ids or a list of those")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = [prompt]
-    tokens, texts = [], []
+    tokens: list[np.ndarray] = []
+    texts: list[str | None] = []
     for i, item in enumerate(prompt):
         if isinstance(item, str):
             encoded = await asyncio.to_thread(tokenizer, item)
@@ -63,7 +65,7 @@ async def _completion_prompts(tokenizer: Any, prompt: Any) -> tuple[list[np.ndar
             texts.append(item)
         elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             tokens.append(np.asarray(item, dtype=np.int64))
-            texts.append(await asyncio.to_thread(tokenizer.decode, item) if item else "")
+            texts.append(None)  # decoded for echo once the sampler took the ids (they may be out of range)
         else:
             raise FieldError(f"prompt[{i}]", "must be a string or a list of token ids")
     return tokens, texts
