@@ -28,7 +28,14 @@ from bus_events.envelope import (
     new_id,
     payload_bytes,
 )
-from bus_events.results import RESULT_TYPES, Reply, decode_result, make_error_result, make_result
+from bus_events.results import (
+    RESULT_TYPES,
+    Reply,
+    decode_result,
+    make_error_result,
+    make_result,
+    make_sample_delta,
+)
 from bus_events.tensors import Tensor, tensor_from_numpy
 from bus_events.topics import Topics
 
@@ -60,6 +67,7 @@ __all__ = [
     "make_error_result",
     "make_event",
     "make_result",
+    "make_sample_delta",
     "new_id",
     "payload_bytes",
     "payloads",

@@ -31,6 +31,7 @@ class EventType(enum.StrEnum):
     SAMPLE = "sample"
     CANCEL = "cancel"
     RESULT = "result"
+    SAMPLE_DELTA = "sample_delta"
     DEAD_LETTER = "dead_letter"
 
 
@@ -48,6 +49,7 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.SAMPLE: p.Sample,
     EventType.CANCEL: p.Cancel,
     EventType.RESULT: p.Result,
+    EventType.SAMPLE_DELTA: p.SampleDelta,
     EventType.DEAD_LETTER: p.DeadLetter,
 }
 

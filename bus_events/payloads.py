@@ -212,6 +212,8 @@ class Sample(_Payload):
     topk_sample_logprobs: int = 0
     target_prompt_logprobs: Tensor | None = None  # integer [P - 1, K]; -1 cells ask for nothing
     prompt_alt_tokens_k: int = 0
+    # Also publish SampleDelta events (the tokens so far) on the reply topic while sampling, before the result.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_samples <= 1024:
@@ -309,6 +311,22 @@ class Cancel(_Payload):
 
     request_id: str  # the request to skip; it must be of the cancel event's tenant
     reason: str = ""
+
+
+class SequenceDelta(_Payload):
+    """New tokens of one sample of a streamed request: they replace whatever followed position `start`."""
+
+    index: int  # the sample (0 .. num_samples-1)
+    start: int  # position of tokens[0] in the sample's generated tokens
+    tokens: list[int]
+    logprobs: list[float]
+
+
+class SampleDelta(_Payload):
+    """Progress of a `sample` request with `stream: true`. Best effort: deltas may be missed, repeated or arrive
+    after the result; the `result` event alone is the answer."""
+
+    sequences: list[SequenceDelta]
 
 
 class Result(_Payload):

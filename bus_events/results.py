@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from bus_events import payloads as p
-from bus_events.envelope import ContractError, Envelope, EventType, make_event
+from bus_events.envelope import ContractError, Envelope, Event, EventType, make_event
 
 # What `Result.result` holds for each request type once it succeeded (docs/events.md, "results").
 RESULT_TYPES: dict[EventType, type[msgspec.Struct]] = {
@@ -70,6 +70,12 @@ def make_result(
         tenant=request.tenant,
         trace_id=request.trace_id,
     )
+
+
+def make_sample_delta(request: Envelope, delta: p.SampleDelta) -> Event:
+    """A `sample_delta` event for a streamed `sample` request: the ids of its eventual result."""
+    return make_event(EventType.SAMPLE_DELTA, delta, model_id=request.model_id, request_id=request.request_id,
+                      seq_id=request.seq_id, tenant=request.tenant, trace_id=request.trace_id)
 
 
 def make_error_result(

@@ -14,7 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ControllerRouterHandler, Scope
 
-from bus_gateway import forward_backward_route, json_api, observability
+from bus_gateway import forward_backward_route, json_api, observability, openai_api
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
 from bus_gateway.config import GatewayConfig
 from bus_gateway.deps import DEPENDENCIES
@@ -77,7 +77,8 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
 
     return Litestar(
         route_handlers=[*[r for r in ROUTES if r not in DATA_ROUTES],
-                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes)],
+                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes),
+                        openai_api.router(config.max_body_bytes)],
         lifespan=[lifespan],
         state=State({"gateway": gateway, "api_keys": api_keys, "tokens": gateway.tokens, "trace_builds": {},
                      **observability.state(gateway.objects)}),

@@ -23,19 +23,24 @@ from aiokafka.structs import ConsumerRecord
 from bus_events import UNANSWERED_EVENTS, BlobStore, EventType
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
+from bus_gateway.streams import DeltaRouter
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.records import Poisoned, decode_record
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_EVENTS = frozenset(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.DEAD_LETTER}
+REQUEST_EVENTS = frozenset(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.SAMPLE_DELTA,
+                                                               EventType.DEAD_LETTER}
+REPLY_EVENTS = {EventType.RESULT, EventType.SAMPLE_DELTA}
 
 
 class BusListener:
-    def __init__(self, settings: BusSettings, table: FutureTable, blob_store: BlobStore) -> None:
+    def __init__(self, settings: BusSettings, table: FutureTable, blob_store: BlobStore,
+                 deltas: DeltaRouter | None = None) -> None:
         self.settings = settings
         self.table = table
+        self.deltas = deltas if deltas is not None else DeltaRouter()
         self.blob_store = blob_store
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
@@ -112,7 +117,7 @@ class BusListener:
             return
         # seq_voids and cancels are read (they are no poison) but promise no result: nothing to track.
         decoded = await decode_record(record.value, self.blob_store,
-                                      {EventType.RESULT, *REQUEST_EVENTS, *UNANSWERED_EVENTS},
+                                      {*REPLY_EVENTS, *REQUEST_EVENTS, *UNANSWERED_EVENTS},
                                       envelope_only=REQUEST_EVENTS | UNANSWERED_EVENTS)
         if isinstance(decoded, Poisoned):
             # Workers dead-letter poison on their topics; the gateway only reads, so it just skips it.
@@ -123,6 +128,9 @@ class BusListener:
         if isinstance(decoded.payload, p.Result):
             self.table.resolve(env.request_id, decoded.payload, tenant=env.tenant, model_id=env.model_id,
                                seq_id=env.seq_id)
+            self.deltas.unsubscribe(env.request_id)  # a stream reads the rest from the result
+        elif isinstance(decoded.payload, p.SampleDelta):
+            self.deltas.deliver(env.request_id, decoded.payload)
         elif env.type in REQUEST_EVENTS:
             self.table.add(Future(env.request_id, env.tenant, env.type.value, env.model_id, env.seq_id,
                                   created_at=env.created_at or record.timestamp / 1000))

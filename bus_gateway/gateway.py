@@ -27,6 +27,7 @@ from bus_gateway.completions import CompletionLog
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.streams import DeltaRouter
 from bus_gateway.tokens import TokenIssuer
 from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
@@ -53,7 +54,8 @@ class Gateway:
         self.futures = FutureTable(settings.result_ttl_s)
         self.completions = CompletionLog(settings.result_ttl_s)  # /api/v1/retrieve_futures
         self.futures.on_resolve.append(self.completions.record)
-        self.listener = BusListener(settings, self.futures, self.objects)
+        self.deltas = DeltaRouter()  # sampling progress of streamed requests (OpenAI API, stream=true)
+        self.listener = BusListener(settings, self.futures, self.objects, self.deltas)
         self.producer: AIOKafkaProducer | None = None
         self._sweeper: asyncio.Task | None = None
         # Immutable facts (tenant of a session / sampling session) are cached forever; runs briefly,

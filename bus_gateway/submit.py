@@ -134,6 +134,7 @@ class SampleInput:
     topk_sample_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # int64 [P - 1, K], -1 = nothing asked
     prompt_alt_tokens_k: int = 0
+    stream: bool = False  # the sampler also publishes sample_delta events (bus_gateway.streams)
 
 
 async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: SampleInput,
@@ -164,7 +165,7 @@ async def sample(gw: Gateway, tenant: str, session: SamplingSession, request: Sa
                      topk_prompt_logprobs=request.topk_prompt_logprobs,
                      topk_sample_logprobs=request.topk_sample_logprobs,
                      target_prompt_logprobs=None if target is None else tensor_from_numpy(target, "int64"),
-                     prompt_alt_tokens_k=request.prompt_alt_tokens_k)
+                     prompt_alt_tokens_k=request.prompt_alt_tokens_k, stream=request.stream)
 
     return await gw.submit(p.Sample, payload, model_id=session.sampling_session_id, seq_id=seq_id, tenant=tenant,
                            context=request.context)

@@ -24,7 +24,10 @@ async def ingest_request(state: MetricsState, raw: bytes | None, blobs: BlobStor
 
 
 async def ingest_reply(state: MetricsState, raw: bytes | None, blobs: BlobStore | None) -> bool:
-    decoded = await decode_record(raw, blobs, {EventType.RESULT})
+    decoded = await decode_record(raw, blobs, {EventType.RESULT, EventType.SAMPLE_DELTA},
+                                  envelope_only={EventType.SAMPLE_DELTA})
+    if not isinstance(decoded, Poisoned) and decoded.env.type == EventType.SAMPLE_DELTA:
+        return True  # streaming progress: the result that follows is what counts
     if isinstance(decoded, Poisoned) or not isinstance(decoded.payload, p.Result):
         return False
     result = decoded.payload

@@ -29,6 +29,8 @@ class SamplerConfig:
     # How long publishing a reply is retried (broker restart...) before the sampler stops uncommitted (its
     # successor re-reads the request and answers it): the trainer's policy too.
     publish_retry_s: float = 300.0
+    # A streamed request (`Sample.stream`) gets a sample_delta with its new tokens this often.
+    stream_interval_s: float = 0.05
     metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT (0: any free port; /healthz lists the URL)
 
     @classmethod

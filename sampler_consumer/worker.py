@@ -35,6 +35,7 @@ from sampler_consumer.config import SamplerConfig
 from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.requests import describe
 from sampler_consumer.service import Prepared, SampleJob, SamplerService
+from sampler_consumer.streaming import DeltaPublisher
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,12 @@ class _SamplerWorker:
         self.replies: asyncio.Queue[tuple[_Queued, Reply]] = asyncio.Queue()
         self.offsets = OffsetTracker()
         self.cancellations = Cancellations(settings.result_ttl_s)
+        self.deltas = DeltaPublisher(service.core, producer, settings, config.stream_interval_s)
 
     async def run(self, ready: asyncio.Event | None) -> None:
         tasks = [asyncio.create_task(self._intake_forever(), name="sampler-intake"),
-                 asyncio.create_task(self._publish_forever(), name="sampler-publish")]
+                 asyncio.create_task(self._publish_forever(), name="sampler-publish"),
+                 asyncio.create_task(self.deltas.run(), name="sampler-deltas")]
         if ready is not None:
             ready.set()
         try:
@@ -148,12 +151,18 @@ class _SamplerWorker:
                 item.base_model = ready.base_model
                 if self._cancelled(item):  # cancelled while its session and adapter were read
                     continue
+                if item.job.request.stream and ready.error is None:
+                    self.deltas.watch(item.job.env, ready.pieces)
                 self.service.submit(ready, functools.partial(self._reply_threadsafe, loop, item))
 
     # ------------------------------------------------------------------ replies
     def _reply_threadsafe(self, loop: asyncio.AbstractEventLoop, item: _Queued, reply: Reply) -> None:
         """Called on the engine thread: the reply joins the publish queue on the event loop's thread."""
-        loop.call_soon_threadsafe(self.replies.put_nowait, (item, reply))
+        loop.call_soon_threadsafe(self._replied, item, reply)
+
+    def _replied(self, item: _Queued, reply: Reply) -> None:
+        self.deltas.forget(item.job.env.request_id)
+        self.replies.put_nowait((item, reply))
 
     async def _publish_forever(self) -> None:
         sending: set[asyncio.Task] = set()

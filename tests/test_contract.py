@@ -54,6 +54,8 @@ SAMPLES: dict[EventType, object] = {
     EventType.CANCEL: p.Cancel(request_id="req-abc", reason="client abandoned it"),
     EventType.RESULT: p.Result(request_type="optim_step", result={"metrics": {"grad_norm": 1.5}},
                                started_at=1700000000.5),
+    EventType.SAMPLE_DELTA: p.SampleDelta(sequences=[p.SequenceDelta(index=1, start=4, tokens=[9, 8],
+                                                                     logprobs=[-0.5, -1.25])]),
     EventType.DEAD_LETTER: p.DeadLetter(reason="bad", stage="decode", source_topic="t", source_partition=0,
                                         source_offset=5, raw=b"\x00\x01"),
 }
@@ -178,7 +180,7 @@ def test_inline_payload_is_the_map_of_its_fields():
 
 
 def test_every_request_type_has_one_result_schema():
-    requests = set(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.DEAD_LETTER}
+    requests = set(EventType) - UNANSWERED_EVENTS - {EventType.RESULT, EventType.SAMPLE_DELTA, EventType.DEAD_LETTER}
     assert set(RESULT_TYPES) == requests
     info = p.ModelInfo(model_id="m", base_model="b", lora_rank=4, train_attn=True, train_mlp=True,
                        train_unembed=False)

@@ -46,9 +46,9 @@ async def _collect(settings, topic: str, want: int, group: str, timeout: float =
 
 
 @contextlib.asynccontextmanager
-async def _running_sampler(settings):
+async def _running_sampler(settings, config: SamplerConfig | None = None):
     ready = asyncio.Event()
-    task = asyncio.create_task(run_sampler(settings, ready=ready, config=SamplerConfig()))
+    task = asyncio.create_task(run_sampler(settings, ready=ready, config=config or SamplerConfig()))
     try:
         await asyncio.wait_for(ready.wait(), 60)
         yield task
@@ -162,3 +162,50 @@ async def test_the_sampler_counts_what_it_answered_on_its_metrics_endpoint(setti
                  and ("cache", "prefix") in labels)
     assert prefix >= 1  # every prefill looks the prompt up
     assert {"running_rows", "waiting_rows"} <= set(sampler.detail)
+
+
+async def test_a_streamed_sample_publishes_its_tokens_as_deltas_before_its_result(settings, store, tiny_dir):
+    settings = dataclasses.replace(settings, device="cpu")
+    session = add_session(Registry(store), "s:sample:stream", str(tiny_dir), None)
+    streamed = job(sample_request(session, PROMPT, num_samples=2, stream=True,
+                                  params=p.SamplingParams(max_tokens=64, temperature=1.0, seed=4, stop=[])))
+    plain = job(sample_request(session, PROMPT[:3]))
+    # A short interval: the 64 decode steps then span many polls, however fast this machine runs them.
+    async with _running_sampler(settings, SamplerConfig(stream_interval_s=0.005)):
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for sample_job in (streamed, plain):
+                await publish(producer, settings.topics.sample, sample_job.env, sample_job.request,
+                              claim_check_bytes=settings.claim_check_bytes)
+        finally:
+            await producer.stop()
+        consumer = make_consumer(settings, settings.topics.replies, group_id="test-stream-replies")
+        await consumer.start()
+        seen: list = []  # (envelope, payload) in partition order, up to both results
+        try:
+            async with asyncio.timeout(60):
+                while sum(env.type == EventType.RESULT for env, _ in seen) < 2:
+                    for records in (await consumer.getmany(timeout_ms=200)).values():
+                        envelopes = [decode_envelope(record.value) for record in records]
+                        seen.extend((env, decode_payload(env)) for env in envelopes)
+        finally:
+            await consumer.stop()
+
+    assert not [env for env, _ in seen if env.type == EventType.SAMPLE_DELTA and env.request_id == plain.env.request_id]
+    mine = [(env, payload) for env, payload in seen if env.request_id == streamed.env.request_id]
+    result_at = next(i for i, (env, _) in enumerate(mine) if env.type == EventType.RESULT)
+    deltas = [payload for env, payload in mine[:result_at] if env.type == EventType.SAMPLE_DELTA]
+    assert len(deltas) > 1, "the tokens did not come in several deltas"
+    assert all(env.model_id == session and env.tenant == streamed.env.tenant for env, _ in mine)
+    rebuilt: dict[int, tuple[list[int], list[float]]] = {0: ([], []), 1: ([], [])}
+    for delta in deltas:
+        for piece in delta.sequences:
+            tokens, logprobs = rebuilt[piece.index]
+            assert piece.start <= len(tokens)
+            tokens[piece.start:], logprobs[piece.start:] = piece.tokens, piece.logprobs
+    final = sequences(mine[result_at][1])
+    for index, (tokens, logprobs, _) in enumerate(final):
+        assert 0 < len(rebuilt[index][0]) <= len(tokens)
+        assert rebuilt[index][0] == tokens[:len(rebuilt[index][0])]
+        assert rebuilt[index][1] == logprobs[:len(rebuilt[index][1])]
