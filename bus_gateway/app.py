@@ -22,14 +22,24 @@ from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
 from bus_gateway.rejections import void_refused_request
-from bus_gateway.tinker_api import checkpoints, exports, futures_api, sampling, sessions, training
+from bus_gateway.tinker_api import (
+    checkpoint_sharing,
+    checkpoints,
+    exports,
+    external_weights,
+    futures_api,
+    sampling,
+    sessions,
+    training,
+)
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
+    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES, *external_weights.ROUTES,
+    *checkpoint_sharing.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
     *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
@@ -68,7 +78,8 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         state=State({"gateway": gateway, "api_keys": api_keys, **observability.state(gateway.objects)}),
         dependencies=DEPENDENCIES,
         middleware=[observability.metrics_middleware,
-                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS])],
+                    DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS,
+                                                                    *external_weights.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,
