@@ -283,15 +283,6 @@ class CheckpointStore:
             (dest / name).write_bytes(data)
         return dest
 
-    def presigned_urls(self, path: TinkerPath, expires_s: int = 3600) -> dict[str, str]:
-        manifest = self._manifest(path)
-        if manifest is None:
-            raise CheckpointNotFound(f"no checkpoint at {path}")
-        return {
-            name: self.objects.presigned_url(f"{path.prefix}{manifest['version']}/{name}", expires_s)
-            for name in manifest["files"]
-        }
-
     def list_run(self, run_id: str) -> list[CheckpointInfo]:
         infos = []
         public = self.publications.published(run_id)

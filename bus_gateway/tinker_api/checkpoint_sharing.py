@@ -5,6 +5,9 @@ Publishing makes a checkpoint readable by every tenant (weights_info, load_weigh
 copy_weights) until its owner unpublishes it; only the owner lists, deletes or changes it. A copy is a new
 checkpoint of the caller's, in a new training run that cannot be trained on, copied inside the object store.
 
+No 409s here: the SDK documents 409 for publishing a public checkpoint, but it retries every 409 for five
+minutes before raising it, so an already public (or already private) checkpoint answers 200 with its state.
+
 search_checkpoints: SDK 0.39's request shape was not available to us; this is the shape of 0.38's
 `POST /api/v1/sessions/search` applied to checkpoints (filters, `owner`, `limit`, an opaque `next_cursor`).
 """
@@ -19,7 +22,6 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, delete, post
-from litestar.exceptions import ClientException
 from litestar.params import FromPath, JSONBody
 
 from artifact_store import CheckpointInfo, TinkerPath, TrainingRun
@@ -47,29 +49,27 @@ CHECKPOINT_ROUTE = "/api/v1/training_runs/{run_id:str}/checkpoints/{kind:str}/{n
 class Publication(Reply):
     tinker_path: str
     public: bool
+    changed: bool  # false: it already was public (publish) or private (unpublish)
 
 
 @post(f"{CHECKPOINT_ROUTE}/publish", status_code=200, tags=["checkpoints"])
 async def publish_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
                              tenant: TenantDep) -> Publication:
-    """Readable by every tenant from now on; 409 if it already is."""
+    """Readable by every tenant from now on."""
     path = checkpoint_path(run_id, kind, name)
     await owned_checkpoint(gw, tenant, path)
-    if not await asyncio.to_thread(gw.checkpoints.publications.publish, path):
-        raise ClientException(status_code=409, detail=f"checkpoint {path} is already public")
-    return Publication(tinker_path=str(path), public=True)
+    changed = await asyncio.to_thread(gw.checkpoints.publications.publish, path)
+    return Publication(tinker_path=str(path), public=True, changed=changed)
 
 
 @delete(f"{CHECKPOINT_ROUTE}/publish", status_code=200, tags=["checkpoints"])
 async def unpublish_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
                                tenant: TenantDep) -> Publication:
-    """Private again: other tenants' next read of it is a 404, download URLs they hold included; 409 if it was
-    not public."""
+    """Private again: other tenants' next read of it is a 404, download URLs they hold included."""
     path = checkpoint_path(run_id, kind, name)
     await owned_checkpoint(gw, tenant, path)
-    if not await asyncio.to_thread(gw.checkpoints.publications.unpublish, path):
-        raise ClientException(status_code=409, detail=f"checkpoint {path} is not public")
-    return Publication(tinker_path=str(path), public=False)
+    changed = await asyncio.to_thread(gw.checkpoints.publications.unpublish, path)
+    return Publication(tinker_path=str(path), public=False, changed=changed)
 
 
 # ------------------------------------------------------------------ copy_weights
@@ -95,8 +95,7 @@ async def _copy_destination(gw: Gateway, tenant: str, data: CopyWeightsRequest, 
         model_id = model_id_for(data.session_id, data.model_seq_id)
         existing = await asyncio.to_thread(gw.registry.get_run, model_id)
         if existing is not None and (existing.tenant != tenant or existing.copied_from != str(source)):
-            raise FieldError("model_seq_id", f"model {model_id!r} already exists; a copy needs an unused slot",
-                             status_code=409)
+            raise FieldError("model_seq_id", f"model {model_id!r} already exists; a copy needs an unused slot")
         return model_id
     if data.destination_project_id is None:
         raise FieldError("destination_project_id", "give destination_project_id, or session_id + model_seq_id")
