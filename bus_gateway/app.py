@@ -26,6 +26,7 @@ from bus_gateway.tinker_api import (
     checkpoint_sharing,
     checkpoints,
     exports,
+    external_uploads,
     external_weights,
     futures_api,
     sampling,
@@ -39,10 +40,11 @@ log = logging.getLogger(__name__)
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
     *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES, *external_weights.ROUTES,
-    *checkpoint_sharing.ROUTES]
+    *checkpoint_sharing.ROUTES, *external_uploads.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
-    *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
+    *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample,
+    *external_uploads.UPLOAD_ROUTES]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -79,7 +81,8 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         dependencies=DEPENDENCIES,
         middleware=[observability.metrics_middleware,
                     DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS,
-                                                                    *external_weights.PUBLIC_PATHS])],
+                                                                    *external_weights.PUBLIC_PATHS,
+                                                                    *external_uploads.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,

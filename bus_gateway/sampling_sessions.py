@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
-from artifact_store import SamplingSession
+from artifact_store import SamplingSession, TinkerPath
 from bus_events.ids import sampling_session_id_for
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
@@ -21,6 +22,19 @@ async def resolve_model_path(gw: Gateway, tenant: str, model_path: str, field: s
         return (await readable_checkpoint(gw, tenant, path))[0].base_model
     except NotFound as exc:
         raise FieldError(field, f"no checkpoint {path} (or it is not yours)", status_code=404) from exc
+
+
+async def still_readable(gw: Gateway, tenant: str, session: SamplingSession) -> None:
+    """A sampling session outlives the publication of the weights it samples: once their owner unpublishes them,
+    other tenants' sessions on them stop sampling (404). The caller's own weights cost a cached run lookup."""
+    if session.model_path is None:
+        return
+    path = TinkerPath.parse(session.model_path)
+    try:
+        await gw.run(path.run_id, tenant)
+    except NotFound:
+        if not await asyncio.to_thread(gw.checkpoints.publications.is_public, path):
+            raise NotFound(f"checkpoint {path} is not published any more") from None
 
 
 async def sampling_target(gw: Gateway, tenant: str, base_model: str | None,

@@ -169,8 +169,9 @@ def sharing(url: str, base_model: str, tmp: Path) -> dict:
     seen["info"] = rest_b.get_weights_info_by_tinker_path(state).result()
     loaded = bob.create_training_client_from_state(state).result()
     seen["bob_loaded"] = _trainer_logprobs(loaded)
-    seen["bob_sample"] = bob.create_sampling_client(model_path=sampler).result().sample(
-        types.ModelInput.from_ints(PROMPT[:3]), 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+    bob_sampler = bob.create_sampling_client(model_path=sampler).result()
+    seen["bob_sample"] = bob_sampler.sample(types.ModelInput.from_ints(PROMPT[:3]), 1,
+                                            types.SamplingParams(max_tokens=2, seed=1)).result()
     urls = rest_b.get_external_weights_urls(external).result().urls
     _download(urls, tmp / "bob")
     seen["bob_peft_dir"] = tmp / "bob"
@@ -184,6 +185,8 @@ def sharing(url: str, base_model: str, tmp: Path) -> dict:
     for path in (state, sampler, external, sampler):
         rest_a.unpublish_checkpoint_from_tinker_path(path).result()
     bob_cannot_read()
+    refused("sample_in_open_session", lambda: bob_sampler.sample(
+        types.ModelInput.from_ints(PROMPT[:3]), 1, types.SamplingParams(max_tokens=2)).result())
     seen["revoked_url"] = _status_of(next(iter(urls.values())))
     seen["copy_info"] = rest_b.get_weights_info_by_tinker_path(seen["copy"]).result()
     seen["copy_sample"] = bob.create_sampling_client(model_path=seen["copy"]).result().sample(
@@ -216,7 +219,8 @@ async def test_publish_shares_with_other_tenants_and_unpublish_revokes(stack_set
             copy_route = seen["copy"].removeprefix("tinker://").split("/", 1)
             publish_url = f"/api/v1/training_runs/{copy_route[0]}/checkpoints/{copy_route[1]}/publish"
             published = [(await client.post(publish_url)).json()["changed"] for _ in range(2)]
-    assert seen["refused"].count("weights_info") == 2 and "copy_of_copy_by_alice" in seen["refused"]
+    assert seen["refused"].count("weights_info") == 2
+    assert {"copy_of_copy_by_alice", "sample_in_open_session"} <= set(seen["refused"])
     assert seen["alice_lists"] == {"weights/state": True, "sampler_weights/shared": True,
                                    "external_weights/ext": True}
     assert seen["info"].base_model == base_model and seen["info"].lora_rank == 4
@@ -280,3 +284,76 @@ async def test_search_checkpoints_own_and_accessible(stack_settings):
     assert [(c["tinker_path"], c["public"]) for c in bob_accessible["checkpoints"]] == [(paths[1], True)]
     assert bad_limit.status_code == 400
     assert all(p.startswith(f"tinker://{model_id}/") for p in paths)
+
+
+async def test_upload_an_adapter_as_external_weights(stack_settings, tmp_path):
+    """SDK 0.39's external_weights_upload_start / _finish (plain HTTP in the shape external_uploads.py documents):
+    an adapter downloaded from one run comes back as a checkpoint of its own that samples the same."""
+    base_model = stack_settings.base_models[0]
+
+    def export(url: str) -> tuple[str, dict[str, str]]:
+        service = tinker.ServiceClient(base_url=url, api_key=KEY_A)
+        training = _trained(service, base_model)
+        sampler = training.save_weights_for_sampler("orig").result().path
+        external = training.save_weights_external("orig").result().path
+        urls = tinker.RestClient(base_url=url, api_key=KEY_A).get_external_weights_urls(external).result().urls
+        _download(urls, tmp_path / "adapter")
+        service.close("success").result()
+        return sampler, urls
+
+    def sample_both(url: str, paths: tuple[str, str]) -> list[list[int]]:
+        service = tinker.ServiceClient(base_url=url, api_key=KEY_A)
+        prompt, params = types.ModelInput.from_ints(PROMPT[:3]), types.SamplingParams(max_tokens=6, seed=11)
+        out = [service.create_sampling_client(model_path=p).result().sample(prompt, 1, params).result()
+               .sequences[0].tokens for p in paths]
+        service.close("success").result()
+        return out
+
+    async with running_stack(stack_settings, api_keys=API_KEYS) as url:
+        sampler, download_urls = await in_thread(export, url)
+        files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def start(name: str, key: str = KEY_A) -> dict:
+                resp = await client.post("/api/v1/external_weights/upload_start", headers={"X-API-Key": key},
+                                         json={"name": name, "base_model": base_model})
+                assert resp.status_code == 200, resp.text
+                return resp.json()
+
+            async def finish(upload: dict, key: str = KEY_A) -> httpx.Response:
+                return await client.post("/api/v1/external_weights/upload_finish", headers={"X-API-Key": key},
+                                         json={"upload_id": upload["upload_id"]})
+
+            upload = await start("imported")
+            puts = [(await client.put(upload["urls"][f], content=files[f])).status_code for f in sorted(files)]
+            by_bob = await finish(upload, KEY_B)
+            done = await finish(upload)
+            again = await finish(upload)  # finished: the upload is gone
+            # A download URL never uploads; an upload URL only takes its own file; unknown models are refused.
+            as_get = await client.put(next(iter(download_urls.values())), content=b"x")
+            token_and_file = next(iter(download_urls.values())).split("/checkpoint_files/")[1]
+            get_as_put = await client.put(f"/api/v1/checkpoint_uploads/{token_and_file}", content=b"x")
+            partial = await start("partial")
+            wrong_file = await client.put(upload["urls"]["adapter_config.json"].replace(
+                "adapter_config.json", "adapter_model.safetensors"), content=b"x")
+            await client.put(partial["urls"]["adapter_config.json"], content=files["adapter_config.json"])
+            missing = await finish(partial)
+            await client.put(partial["urls"]["adapter_model.safetensors"], content=b"\x10" + bytes(20))
+            garbage = await finish(partial)
+            unserved = await client.post("/api/v1/external_weights/upload_start", headers={"X-API-Key": KEY_A},
+                                         json={"name": "x", "base_model": "no/such-model"})
+        tokens = await in_thread(sample_both, url, (sampler, done.json()["tinker_path"]))
+        info = await in_thread(lambda: tinker.RestClient(base_url=url, api_key=KEY_A).get_weights_info_by_tinker_path(
+            done.json()["tinker_path"]).result())
+    assert puts == [200, 200]
+    assert by_bob.status_code == 404 and again.status_code == 404
+    assert done.status_code == 200, done.text
+    assert done.json()["tinker_path"] == upload["tinker_path"]
+    assert upload["tinker_path"].endswith("/external_weights/imported")
+    assert done.json()["size_bytes"] == sum(len(v) for v in files.values())
+    assert tokens[0] == tokens[1]  # the uploaded adapter samples exactly like the run it came from
+    assert info.base_model == base_model and info.lora_rank == 4
+    assert as_get.status_code == 405 and get_as_put.status_code == 403
+    assert wrong_file.status_code == 404
+    assert missing.status_code == 400 and "adapter_model.safetensors was not uploaded" in missing.json()["detail"]
+    assert garbage.status_code == 400 and "safetensors" in garbage.json()["detail"]
+    assert unserved.status_code == 400 and unserved.json()["field"] == "base_model"

@@ -104,17 +104,19 @@ def test_signed_grants_verify_only_unaltered_unexpired_and_from_the_same_key():
     grant = Grant(key="runs/a/external_weights/x/v-1/adapter_model.safetensors",
                   tinker_path="tinker://a/external_weights/x", tenant="alice", expires_at=int(time.time()) + 60)
     token = signer.sign(grant)
-    assert signer.verify(token) == grant
-    assert UrlSigner(derive_key("s3-secret")).verify(token) == grant  # another gateway of the deployment
+    assert signer.verify(token, "GET") == grant
+    assert UrlSigner(derive_key("s3-secret")).verify(token, "GET") == grant  # another gateway of the deployment
     with pytest.raises(InvalidToken, match="signature"):
-        UrlSigner(derive_key("another-secret")).verify(token)
+        UrlSigner(derive_key("another-secret")).verify(token, "GET")
     body, mac = token.split(".")
     forged = signer.sign(Grant(grant.key, grant.tinker_path, "mallory", grant.expires_at)).split(".")[0]
     with pytest.raises(InvalidToken, match="signature"):
-        signer.verify(f"{forged}.{mac}")  # someone else's grant under this signature
+        signer.verify(f"{forged}.{mac}", "GET")  # someone else's grant under this signature
     with pytest.raises(InvalidToken):
-        signer.verify(body)
+        signer.verify(body, "GET")
     with pytest.raises(ExpiredToken, match="expired"):
-        signer.verify(token, now=grant.expires_at + 1)
+        signer.verify(token, "GET", now=grant.expires_at + 1)
+    with pytest.raises(InvalidToken, match="grants GET, not PUT"):  # a download URL never uploads
+        signer.verify(token, "PUT")
     with pytest.raises(ValueError, match="16 bytes"):
         UrlSigner(b"short")

@@ -52,24 +52,24 @@ class Publication(Reply):
     changed: bool  # false: it already was public (publish) or private (unpublish)
 
 
+async def _set_public(gw: Gateway, tenant: str, path: TinkerPath, public: bool) -> Publication:
+    await owned_checkpoint(gw, tenant, path)
+    change = gw.checkpoints.publications.publish if public else gw.checkpoints.publications.unpublish
+    return Publication(tinker_path=str(path), public=public, changed=await asyncio.to_thread(change, path))
+
+
 @post(f"{CHECKPOINT_ROUTE}/publish", status_code=200, tags=["checkpoints"])
 async def publish_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
                              tenant: TenantDep) -> Publication:
     """Readable by every tenant from now on."""
-    path = checkpoint_path(run_id, kind, name)
-    await owned_checkpoint(gw, tenant, path)
-    changed = await asyncio.to_thread(gw.checkpoints.publications.publish, path)
-    return Publication(tinker_path=str(path), public=True, changed=changed)
+    return await _set_public(gw, tenant, checkpoint_path(run_id, kind, name), True)
 
 
 @delete(f"{CHECKPOINT_ROUTE}/publish", status_code=200, tags=["checkpoints"])
 async def unpublish_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
                                tenant: TenantDep) -> Publication:
     """Private again: other tenants' next read of it is a 404, download URLs they hold included."""
-    path = checkpoint_path(run_id, kind, name)
-    await owned_checkpoint(gw, tenant, path)
-    changed = await asyncio.to_thread(gw.checkpoints.publications.unpublish, path)
-    return Publication(tinker_path=str(path), public=False, changed=changed)
+    return await _set_public(gw, tenant, checkpoint_path(run_id, kind, name), False)
 
 
 # ------------------------------------------------------------------ copy_weights

@@ -89,7 +89,7 @@ async def external_weights_urls(run_id: PathId, kind: FromPath[str], name: FromP
      summary="A checkpoint file, through a signed URL from external_weights_urls (no API key)")
 async def checkpoint_file(token: FromPath[str], file: FromPath[str], gw: GatewayDep) -> Stream:
     try:
-        grant = url_signer(gw).verify(token)
+        grant = url_signer(gw).verify(token, "GET")
         path = TinkerPath.parse(grant.tinker_path)
     except (InvalidToken, InvalidPath) as exc:
         raise PermissionDeniedException(detail=str(exc)) from exc

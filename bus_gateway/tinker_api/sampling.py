@@ -12,7 +12,7 @@ from bus_gateway import submit
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
 from bus_gateway.errors import FieldError
 from bus_gateway.results import sample_sequence_ids
-from bus_gateway.sampling_sessions import adhoc_sampling_session, sampling_target
+from bus_gateway.sampling_sessions import adhoc_sampling_session, sampling_target, still_readable
 from bus_gateway.tinker_api.futures_api import promise
 from bus_gateway.tinker_api.schemas import (
     CreateSamplingSessionRequest,
@@ -57,6 +57,7 @@ def _check_unsupported(data: SampleRequest) -> None:
 async def asample(data: JSONBody[SampleRequest], gw: GatewayDep, tenant: TenantDep) -> UntypedFuture:
     if data.sampling_session_id is not None:
         session = await gw.sampling_session(data.sampling_session_id, tenant)
+        await still_readable(gw, tenant, session)
     else:
         session = await adhoc_sampling_session(gw, tenant, data.base_model, data.model_path)
     _check_unsupported(data)
