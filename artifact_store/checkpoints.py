@@ -2,6 +2,9 @@
 
 Layout of one checkpoint at tinker://<run>/<kind>/<name> (S3 prefix runs/<run>/<kind>/<name>/):
 
+Kinds: weights (training state), sampler_weights and external_weights (a PEFT adapter only: what samplers load,
+and what `tinker checkpoint download` hands out).
+
     v-<uuid>/adapter_config.json          PEFT LoRA config
     v-<uuid>/adapter_model.safetensors    PEFT adapter weights
     v-<uuid>/optimizer.safetensors        training state only: AdamW moments, keyed by parameter name
@@ -29,6 +32,7 @@ if TYPE_CHECKING:  # torch and safetensors load on first (de)serialisation: the 
 from artifact_store.flat_tensors import FlatTensors
 from artifact_store.object_store import ObjectStore
 from artifact_store.paths import CHECKPOINT_TYPES, InvalidPath, TinkerPath, run_prefix
+from artifact_store.publication import Publications
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,6 +75,8 @@ class CheckpointInfo:
     base_model: str
     # The manifest version: changes on every save, so (path, version) names one immutable set of weights.
     version: str = ""
+    public: bool = False  # filled only where asked for (list_run, info(with_public=True)): it costs a request
+    files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes
 
     def as_tinker_json(self) -> dict[str, Any]:
         """The SDK's Checkpoint shape (tinker-protocol.md 2.5)."""
@@ -80,7 +86,8 @@ class CheckpointInfo:
             "time": datetime.fromtimestamp(self.created_at, UTC).isoformat(),
             "tinker_path": str(self.path),
             "size_bytes": self.size_bytes,
-            "public": False,
+            "public": self.public,
+            "base_model": self.base_model,  # SDK 0.39's Checkpoint.base_model; older SDKs ignore it
         }
         if self.user_metadata:
             out["user_metadata"] = self.user_metadata
@@ -126,6 +133,7 @@ def _json_default(value: Any) -> Any:
 class CheckpointStore:
     def __init__(self, objects: ObjectStore):
         self.objects = objects
+        self.publications = Publications(objects)
 
     # ------------------------------------------------------------------ write
     def save(
@@ -138,8 +146,6 @@ class CheckpointStore:
         ttl_seconds: int | None = None,
         user_metadata: dict[str, str] | None = None,
     ) -> CheckpointInfo:
-        if not overwrite and self._manifest(path) is not None:
-            raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
         files: dict[str, bytes | memoryview] = {
             ADAPTER_CONFIG: json.dumps(ckpt.adapter_config, sort_keys=True, indent=1, default=_json_default).encode(),
             ADAPTER_WEIGHTS: _safetensors_file(ckpt.adapter_weights),
@@ -147,9 +153,32 @@ class CheckpointStore:
         if path.kind == "weights":
             files[OPTIMIZER] = _safetensors_file(ckpt.optimizer_state or {})
             files[STATE] = json.dumps(ckpt.state, sort_keys=True).encode()
+        return self.save_files(path, files, base_model=base_model, overwrite=overwrite, ttl_seconds=ttl_seconds,
+                               user_metadata=user_metadata)
+
+    def save_files(
+        self,
+        path: TinkerPath,
+        files: dict[str, bytes | memoryview],
+        *,
+        base_model: str,
+        overwrite: bool = False,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> CheckpointInfo:
+        """Write `files` as a new version of `path`, then its manifest (the commit point)."""
+        if not overwrite and self._manifest(path) is not None:
+            raise CheckpointExists(f"{path} already exists (pass overwrite=True to replace it)")
         version = f"v-{uuid.uuid4().hex[:12]}"
         for name, data in files.items():
             self.objects.put_bytes(f"{path.prefix}{version}/{name}", data)
+        meta = {name: {"sha256": _sha(data), "size": len(data)} for name, data in files.items()}
+        return self._commit(path, version, meta, base_model=base_model, ttl_seconds=ttl_seconds,
+                            user_metadata=user_metadata)
+
+    def _commit(self, path: TinkerPath, version: str, files: dict[str, dict[str, Any]], *, base_model: str,
+                ttl_seconds: int | None, user_metadata: dict[str, str] | None) -> CheckpointInfo:
+        """Publish the manifest of `version` (whose files are in place), then drop the version it replaces."""
         now = time.time()
         manifest = {
             "format": 1,
@@ -159,7 +188,7 @@ class CheckpointStore:
             "created_at": now,
             "expires_at": now + ttl_seconds if ttl_seconds else None,
             "user_metadata": user_metadata or {},
-            "files": {name: {"sha256": _sha(data), "size": len(data)} for name, data in files.items()},
+            "files": files,
         }
         previous = self._manifest(path, include_expired=True)
         self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode(),
@@ -179,7 +208,7 @@ class CheckpointStore:
             return None
         return manifest
 
-    def _info(self, path: TinkerPath, manifest: dict[str, Any]) -> CheckpointInfo:
+    def _info(self, path: TinkerPath, manifest: dict[str, Any], public: bool = False) -> CheckpointInfo:
         return CheckpointInfo(
             path=path,
             created_at=manifest["created_at"],
@@ -188,13 +217,15 @@ class CheckpointStore:
             user_metadata=manifest.get("user_metadata", {}),
             base_model=manifest["base_model"],
             version=manifest["version"],
+            public=public,
+            files={name: meta["size"] for name, meta in manifest["files"].items()},
         )
 
-    def info(self, path: TinkerPath) -> CheckpointInfo:
+    def info(self, path: TinkerPath, with_public: bool = False) -> CheckpointInfo:
         manifest = self._manifest(path)
         if manifest is None:
             raise CheckpointNotFound(f"no checkpoint at {path}")
-        return self._info(path, manifest)
+        return self._info(path, manifest, with_public and self.publications.is_public(path))
 
     def _read_verified(self, path: TinkerPath, only: tuple[str, ...] | None = None
                        ) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -252,17 +283,9 @@ class CheckpointStore:
             (dest / name).write_bytes(data)
         return dest
 
-    def presigned_urls(self, path: TinkerPath, expires_s: int = 3600) -> dict[str, str]:
-        manifest = self._manifest(path)
-        if manifest is None:
-            raise CheckpointNotFound(f"no checkpoint at {path}")
-        return {
-            name: self.objects.presigned_url(f"{path.prefix}{manifest['version']}/{name}", expires_s)
-            for name in manifest["files"]
-        }
-
     def list_run(self, run_id: str) -> list[CheckpointInfo]:
         infos = []
+        public = self.publications.published(run_id)
         for key in self.objects.list_keys(run_prefix(run_id)):
             if not key.endswith(f"/{MANIFEST}"):
                 continue
@@ -279,7 +302,7 @@ class CheckpointStore:
             if manifest.get("expires_at") and manifest["expires_at"] < time.time():
                 self._sweep_expired(path, manifest["version"])
                 continue
-            infos.append(self._info(path, manifest))
+            infos.append(self._info(path, manifest, path in public))
         return sorted(infos, key=lambda i: i.created_at)
 
     def _sweep_expired(self, path: TinkerPath, version: str) -> None:
@@ -297,11 +320,31 @@ class CheckpointStore:
         self.objects.put_bytes(f"{path.prefix}{MANIFEST}", json.dumps(manifest, indent=1).encode(),
                                "application/json")
 
+    def copy(self, src: TinkerPath, dst: TinkerPath, *, ttl_seconds: int | None = None) -> CheckpointInfo:
+        """A new checkpoint at `dst` with `src`'s files, copied inside the store (no byte passes through us).
+        Overwrites `dst`: a retried copy lands on the same path with the same bytes. The source's expiry is not
+        inherited."""
+        manifest = self._manifest(src)
+        if manifest is None:
+            raise CheckpointNotFound(f"no checkpoint at {src}")
+        version = f"v-{uuid.uuid4().hex[:12]}"
+        for name in manifest["files"]:
+            self.objects.copy(f"{src.prefix}{manifest['version']}/{name}", f"{dst.prefix}{version}/{name}")
+        return self._commit(dst, version, manifest["files"], base_model=manifest["base_model"],
+                            ttl_seconds=ttl_seconds, user_metadata=manifest.get("user_metadata"))
+
+    def file_key(self, info: CheckpointInfo, name: str) -> str:
+        """The object key of one file of exactly the version `info` describes."""
+        if name not in info.files:
+            raise CheckpointNotFound(f"{info.path} has no file {name!r}")
+        return f"{info.path.prefix}{info.version}/{name}"
+
     def delete(self, path: TinkerPath) -> bool:
-        """Manifest first, so the checkpoint disappears atomically; then its files."""
+        """Manifest first, so the checkpoint disappears atomically; then its publication and its files."""
         key = f"{path.prefix}{MANIFEST}"
         existed = self.objects.exists(key)
         if existed:
             self.objects.delete(key)
+        self.publications.unpublish(path)
         self.objects.delete_prefix(path.prefix)
         return existed

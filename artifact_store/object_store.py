@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import S3Error
 
 MISSING_KEY_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
@@ -45,6 +46,13 @@ class ObjectStore(Protocol):
         """The object's bytes, or None if there is no such key (one request, no exists() race)."""
         ...
     def exists(self, key: str) -> bool: ...
+    def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes piece by piece (FileNotFoundError if there is none): a download streams, it does not
+        hold a whole adapter in memory."""
+        ...
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy: the bytes never leave the store."""
+        ...
     def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -114,6 +122,22 @@ class MinioObjectStore:
                 return False
             raise
 
+    def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            resp = self._client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in MISSING_KEY_CODES:
+                raise FileNotFoundError(f"no object {key!r} in bucket {self.bucket!r}") from exc
+            raise
+        try:
+            yield from resp.stream(chunk_bytes)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        self._client.copy_object(self.bucket, dst_key, CopySource(self.bucket, src_key))
+
     def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]:
         for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=recursive):
             if obj.object_name is not None:
@@ -181,6 +205,14 @@ class MemoryObjectStore:
 
     def exists(self, key: str) -> bool:
         return self.get_bytes_or_none(key) is not None
+
+    def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        data = memoryview(self.get_bytes(key))
+        for start in range(0, len(data), chunk_bytes):
+            yield bytes(data[start:start + chunk_bytes])
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        self.put_bytes(dst_key, self.get_bytes(src_key))
 
     def list_keys(self, prefix: str, recursive: bool = True) -> Iterator[str]:
         with self._lock:

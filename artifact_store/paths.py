@@ -6,8 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-CheckpointKind = Literal["weights", "sampler_weights"]
-CHECKPOINT_TYPES: dict[str, str] = {"weights": "training", "sampler_weights": "sampler"}
+CheckpointKind = Literal["weights", "sampler_weights", "external_weights"]
+# Path segment -> the SDK's checkpoint_type. external_weights: a PEFT adapter exported for use outside tinker
+# (save_weights_external), laid out like sampler weights.
+CHECKPOINT_TYPES: dict[str, str] = {"weights": "training", "sampler_weights": "sampler",
+                                    "external_weights": "external"}
 _NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -33,10 +36,10 @@ class TinkerPath:
             raise InvalidPath(f"{path!r} is not a tinker:// path")
         parts = path[len("tinker://"):].split("/")
         if len(parts) != 3 or not all(parts):
-            raise InvalidPath(f"{path!r} must be tinker://<run_id>/<weights|sampler_weights>/<name>")
+            raise InvalidPath(f"{path!r} must be tinker://<run_id>/<weights|sampler_weights|external_weights>/<name>")
         run_id, kind, name = parts
         if kind not in CHECKPOINT_TYPES:
-            raise InvalidPath(f"{path!r}: kind must be 'weights' or 'sampler_weights', got {kind!r}")
+            raise InvalidPath(f"{path!r}: kind must be one of {', '.join(CHECKPOINT_TYPES)}, got {kind!r}")
         return cls(run_id, kind, check_name(name))  # type: ignore[arg-type]
 
     def __str__(self) -> str:

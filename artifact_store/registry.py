@@ -35,6 +35,8 @@ class TrainingRun:
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
     unloaded: bool = False
+    # A run made by copy_weights holds only that copy (tinker://...): it is born unloaded, never trained.
+    copied_from: str | None = None
 
     @property
     def lora_rank(self) -> int:

@@ -24,6 +24,7 @@ class EventType(enum.StrEnum):
     OPTIM_STEP = "optim_step"
     SAVE_WEIGHTS = "save_weights"
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"
     GET_INFO = "get_info"
     UNLOAD_MODEL = "unload_model"
     EXPORT_MODEL = "export_model"
@@ -42,6 +43,7 @@ PAYLOAD_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.OPTIM_STEP: p.OptimStep,
     EventType.SAVE_WEIGHTS: p.SaveWeights,
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.SaveWeightsForSampler,
+    EventType.SAVE_WEIGHTS_EXTERNAL: p.SaveWeightsExternal,
     EventType.GET_INFO: p.GetInfo,
     EventType.UNLOAD_MODEL: p.UnloadModel,
     EventType.EXPORT_MODEL: p.ExportModel,
@@ -80,6 +82,7 @@ TRAINING_EVENTS = frozenset(
         EventType.OPTIM_STEP,
         EventType.SAVE_WEIGHTS,
         EventType.SAVE_WEIGHTS_FOR_SAMPLER,
+        EventType.SAVE_WEIGHTS_EXTERNAL,
         EventType.GET_INFO,
         EventType.UNLOAD_MODEL,
         EventType.EXPORT_MODEL,

@@ -123,6 +123,14 @@ class SaveWeightsForSampler(_Payload):
 INFLIGHT_NAME = "inflight"  # tinker://<model_id>/sampler_weights/inflight: the mutable target of inflight saves
 
 
+class SaveWeightsExternal(_Payload):
+    """The adapter in PEFT format under tinker://<model_id>/external_weights/<name>, for use outside tinker
+    (`tinker checkpoint download`, external_weights_urls)."""
+
+    name: str
+    ttl_seconds: int | None = None
+
+
 class ExportModel(_Payload):
     """Merge a checkpoint's LoRA (tinker://<model_id>/{weights,sampler_weights}/<name>) into its base model and
     store the full model under runs/<model_id>/exports/<kind>-<name>/. No seq_id: it reads S3, not the live adapter."""
@@ -264,6 +272,7 @@ class PathResult(_Payload):
     path: str | None = None
     sampling_session_id: str | None = None
     model_id: str | None = None
+    size_bytes: int | None = None  # save_weights_external: the checkpoint's total size
 
 
 class ExportResult(_Payload):

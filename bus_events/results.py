@@ -18,6 +18,7 @@ RESULT_TYPES: dict[EventType, type[msgspec.Struct]] = {
     EventType.OPTIM_STEP: p.OptimStepResult,
     EventType.SAVE_WEIGHTS: p.PathResult,
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.PathResult,
+    EventType.SAVE_WEIGHTS_EXTERNAL: p.PathResult,
     EventType.UNLOAD_MODEL: p.PathResult,
     EventType.EXPORT_MODEL: p.ExportResult,
     EventType.SAMPLE: p.SampleResult,

@@ -23,8 +23,11 @@ from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
 from bus_gateway.rejections import void_refused_request
 from bus_gateway.tinker_api import (
+    checkpoint_sharing,
     checkpoints,
     exports,
+    external_uploads,
+    external_weights,
     futures_api,
     futures_batch,
     identity,
@@ -42,10 +45,12 @@ log = logging.getLogger(__name__)
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
     *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES,
-    *identity.ROUTES, *futures_batch.ROUTES, *session_queries.ROUTES, *session_traces.ROUTES]
+    *identity.ROUTES, *futures_batch.ROUTES, *session_queries.ROUTES, *session_traces.ROUTES,
+    *external_weights.ROUTES, *checkpoint_sharing.ROUTES, *external_uploads.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
-    *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]
+    *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample,
+    *external_uploads.UPLOAD_ROUTES]
 
 
 async def capture_idempotency_key(request: Request) -> None:
@@ -85,7 +90,9 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
         dependencies=DEPENDENCIES,
         middleware=[observability.metrics_middleware,
                     DefineMiddleware(ApiKeyMiddleware, exclude=[*PUBLIC_PATHS, *observability.PUBLIC_PATHS,
-                                                                *session_traces.PUBLIC_PATHS])],
+                                                                *session_traces.PUBLIC_PATHS,
+                                                                *external_weights.PUBLIC_PATHS,
+                                                                *external_uploads.PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         after_exception=[log_unexpected, void_refused_request],
         before_request=capture_idempotency_key,

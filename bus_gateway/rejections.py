@@ -34,6 +34,7 @@ VOIDABLE_ROUTES = {
     "/optim_step": EventType.OPTIM_STEP,
     "/api/v1/save_weights": EventType.SAVE_WEIGHTS,
     "/api/v1/save_weights_for_sampler": EventType.SAVE_WEIGHTS_FOR_SAMPLER,
+    "/api/v1/save_weights_external": EventType.SAVE_WEIGHTS_EXTERNAL,
     "/api/v1/load_weights": EventType.LOAD_WEIGHTS,
 }
 

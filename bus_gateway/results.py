@@ -125,6 +125,12 @@ def json_body(fut: Future) -> dict[str, Any]:
             raise MalformedResult("worker's save_weights_for_sampler result has neither path nor sampling_session_id")
         return _without_none({"path": saved.path, "sampling_session_id": saved.sampling_session_id,
                               "type": "save_weights_for_sampler"})
+    if kind == EventType.SAVE_WEIGHTS_EXTERNAL:
+        external = typed_result(fut)
+        if external.path is None:
+            raise MalformedResult("worker's save_weights_external result has no path")
+        return _without_none({"path": external.path, "size_bytes": external.size_bytes,
+                              "type": "save_weights_external"})
     if kind == EventType.UNLOAD_MODEL:
         return {"model_id": fut.model_id, "type": "unload_model"}
     return dict(body)

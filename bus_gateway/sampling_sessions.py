@@ -1,26 +1,40 @@
-"""What a sampling request samples: a served base model, or an owned checkpoint's weights on its base model."""
+"""What a sampling request samples: a served base model, or a readable checkpoint's weights on its base model."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 
-from artifact_store import CheckpointNotFound, SamplingSession
+from artifact_store import SamplingSession, TinkerPath
 from bus_events.ids import sampling_session_id_for
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
 from bus_gateway.submit import require_served
+from bus_gateway.tinker_api.checkpoints import readable_checkpoint
 from bus_gateway.validation import parse_path
 
 
 async def resolve_model_path(gw: Gateway, tenant: str, model_path: str, field: str = "model_path") -> str:
-    """The base model of an owned checkpoint (sampler or training state; both hold a PEFT adapter)."""
+    """The base model of a checkpoint the caller may read, its own or a published one (every kind holds a PEFT
+    adapter)."""
     path = parse_path(model_path, field)
     try:
-        await gw.run(path.run_id, tenant)
-        return (await asyncio.to_thread(gw.checkpoints.info, path)).base_model
-    except (NotFound, CheckpointNotFound) as exc:
+        return (await readable_checkpoint(gw, tenant, path))[0].base_model
+    except NotFound as exc:
         raise FieldError(field, f"no checkpoint {path} (or it is not yours)", status_code=404) from exc
+
+
+async def still_readable(gw: Gateway, tenant: str, session: SamplingSession) -> None:
+    """A sampling session outlives the publication of the weights it samples: once their owner unpublishes them,
+    other tenants' sessions on them stop sampling (404). The caller's own weights cost a cached run lookup."""
+    if session.model_path is None:
+        return
+    path = TinkerPath.parse(session.model_path)
+    try:
+        await gw.run(path.run_id, tenant)
+    except NotFound:
+        if not await asyncio.to_thread(gw.checkpoints.publications.is_public, path):
+            raise NotFound(f"checkpoint {path} is not published any more") from None
 
 
 async def sampling_target(gw: Gateway, tenant: str, base_model: str | None,

@@ -115,6 +115,11 @@ async def save_weights_for_sampler(gw: Gateway, tenant: str, model_id: str, seq_
     return await gw.submit(p.SaveWeightsForSampler, payload, model_id=model_id, seq_id=seq_id, tenant=tenant)
 
 
+async def save_weights_external(gw: Gateway, tenant: str, model_id: str, seq_id: int | None,
+                                payload: Build[p.SaveWeightsExternal]) -> Future:
+    return await gw.submit(p.SaveWeightsExternal, payload, model_id=model_id, seq_id=seq_id, tenant=tenant)
+
+
 async def unload(gw: Gateway, tenant: str, model_id: str) -> Future:
     return await gw.submit(p.UnloadModel, p.UnloadModel, model_id=model_id, seq_id=None, tenant=tenant)
 

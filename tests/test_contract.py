@@ -45,6 +45,7 @@ SAMPLES: dict[EventType, object] = {
     EventType.OPTIM_STEP: p.OptimStep(adam_params=p.AdamParams(learning_rate=1e-3, grad_clip_norm=1.0)),
     EventType.SAVE_WEIGHTS: p.SaveWeights(name="step-1", ttl_seconds=60),
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: p.SaveWeightsForSampler(sampling_session_id="s:sample:0"),
+    EventType.SAVE_WEIGHTS_EXTERNAL: p.SaveWeightsExternal(name="download", ttl_seconds=3600),
     EventType.GET_INFO: p.GetInfo(),
     EventType.UNLOAD_MODEL: p.UnloadModel(),
     EventType.EXPORT_MODEL: p.ExportModel(path="tinker://m/sampler_weights/final", dtype="bfloat16"),

@@ -2,12 +2,14 @@
 
 The SDK's checkpoint_id is `<kind>/<name>` (it contains a slash), so routes take it as two segments.
 Ephemeral sampler saves (names starting `ephemeral-`) are internal and never listed.
+Only the owner lists, deletes or changes a checkpoint; reading one (weights_info, loading, sampling, download
+URLs, copying) is also open to other tenants once its owner published it (checkpoint_sharing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -23,7 +25,6 @@ from bus_gateway.tinker_api.schemas import (
     CheckpointsList,
     CheckpointTtlRequest,
     Cursor,
-    ExternalWeightsUrls,
     TrainingRunOut,
     TrainingRunsList,
     WeightsInfoRequest,
@@ -35,7 +36,7 @@ PageLimit = Annotated[int, QueryParameter(ge=1, le=1000)]
 PageOffset = Annotated[int, QueryParameter(ge=0)]
 
 
-def _iso(timestamp: float) -> str:
+def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
@@ -54,7 +55,7 @@ async def training_run_out(gw: Gateway, run: TrainingRun) -> TrainingRunOut:
             for kind in ("weights", "sampler_weights")}
     return TrainingRunOut(
         training_run_id=run.model_id, base_model=run.base_model, model_owner=run.tenant, is_lora=True,
-        last_request_time=_iso(run.last_request_time), lora_rank=run.lora_rank,
+        last_request_time=iso(run.last_request_time), lora_rank=run.lora_rank,
         last_checkpoint=last["weights"], last_sampler_checkpoint=last["sampler_weights"],
         user_metadata={k: str(v) for k, v in run.user_metadata.items()} or None,
     )
@@ -68,7 +69,23 @@ async def owned_checkpoint(gw: Gateway, tenant: str, path: TinkerPath) -> Checkp
         raise NotFound(f"checkpoint {path} not found") from exc
 
 
-def _path(run_id: str, kind: str, name: str) -> TinkerPath:
+async def readable_checkpoint(gw: Gateway, tenant: str, path: TinkerPath) -> tuple[CheckpointInfo, TrainingRun]:
+    """A checkpoint the caller may read, and the run that holds it: the caller's own, or one its owner published.
+    Any other looks exactly like a missing one (404). Publication is read on every call, never cached, so
+    unpublishing revokes at once."""
+    try:
+        info = await asyncio.to_thread(gw.checkpoints.info, path, True)
+    except CheckpointNotFound as exc:
+        raise NotFound(f"checkpoint {path} not found") from exc
+    if not info.public:
+        return info, await gw.run(path.run_id, tenant)
+    run = await asyncio.to_thread(gw.registry.get_run, path.run_id)
+    if run is None:
+        raise NotFound(f"checkpoint {path} not found")
+    return info, run
+
+
+def checkpoint_path(run_id: str, kind: str, name: str) -> TinkerPath:
     return parse_path(f"tinker://{run_id}/{kind}/{name}", "checkpoint_id")
 
 
@@ -105,7 +122,7 @@ async def list_user_checkpoints(gw: GatewayDep, tenant: TenantDep, limit: PageLi
         tags=["checkpoints"])
 async def delete_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
                             tenant: TenantDep) -> dict[str, str]:
-    path = _path(run_id, kind, name)
+    path = checkpoint_path(run_id, kind, name)
     await owned_checkpoint(gw, tenant, path)
     await asyncio.to_thread(gw.checkpoints.delete, path)
     return {"deleted": str(path)}
@@ -116,32 +133,19 @@ async def delete_checkpoint(run_id: PathId, kind: FromPath[str], name: FromPath[
 async def set_checkpoint_ttl(run_id: PathId, kind: FromPath[str], name: FromPath[str],
                              data: JSONBody[CheckpointTtlRequest], gw: GatewayDep,
                              tenant: TenantDep) -> dict[str, str]:
-    path = _path(run_id, kind, name)
+    path = checkpoint_path(run_id, kind, name)
     await owned_checkpoint(gw, tenant, path)
     await asyncio.to_thread(gw.checkpoints.set_ttl, path, data.ttl_seconds)
     return {"tinker_path": str(path)}
 
 
-@get("/api/v1/training_runs/{run_id:str}/checkpoints/{kind:str}/{name:str}/external_weights_urls",
-     tags=["checkpoints"])
-async def external_weights_urls(run_id: PathId, kind: FromPath[str], name: FromPath[str], gw: GatewayDep,
-                                tenant: TenantDep) -> ExternalWeightsUrls:
-    path = _path(run_id, kind, name)
-    await owned_checkpoint(gw, tenant, path)
-    expires_s = 3600
-    urls = await asyncio.to_thread(gw.checkpoints.presigned_urls, path, expires_s)
-    return ExternalWeightsUrls(urls=urls, expires=(datetime.now(UTC) + timedelta(seconds=expires_s)).isoformat())
-
-
 @post("/api/v1/weights_info", status_code=200, tags=["checkpoints"])
 async def weights_info(data: JSONBody[WeightsInfoRequest], gw: GatewayDep, tenant: TenantDep) -> WeightsInfoResponse:
-    path = parse_path(data.tinker_path, "tinker_path")
-    info = await owned_checkpoint(gw, tenant, path)
-    run = await gw.run(path.run_id, tenant)
+    info, run = await readable_checkpoint(gw, tenant, parse_path(data.tinker_path, "tinker_path"))
     return WeightsInfoResponse(base_model=info.base_model, is_lora=True, lora_rank=run.lora_rank,
                                train_unembed=run.lora.train_unembed, train_mlp=run.lora.train_mlp,
                                train_attn=run.lora.train_attn)
 
 
 ROUTES = [get_training_run, list_training_runs, list_checkpoints, list_user_checkpoints, delete_checkpoint,
-          set_checkpoint_ttl, external_weights_urls, weights_info]
+          set_checkpoint_ttl, weights_info]

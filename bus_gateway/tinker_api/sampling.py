@@ -19,7 +19,7 @@ from bus_gateway.csr import csr_to_dense
 from bus_gateway.deps import GatewayDep, PathId, TenantDep
 from bus_gateway.errors import FieldError
 from bus_gateway.results import sample_sequence_ids
-from bus_gateway.sampling_sessions import adhoc_sampling_session, sampling_target
+from bus_gateway.sampling_sessions import adhoc_sampling_session, sampling_target, still_readable
 from bus_gateway.tinker_api.futures_api import promise
 from bus_gateway.tinker_api.schemas import (
     CreateSamplingSessionRequest,
@@ -91,6 +91,7 @@ def _target_ids(value: dict[str, Any] | None) -> tuple[np.ndarray | None, bool]:
 async def asample(data: JSONBody[SampleRequest], gw: GatewayDep, tenant: TenantDep) -> UntypedFuture:
     if data.sampling_session_id is not None:
         session = await gw.sampling_session(data.sampling_session_id, tenant)
+        await still_readable(gw, tenant, session)
     else:
         session = await adhoc_sampling_session(gw, tenant, data.base_model, data.model_path)
     _check_options(data)

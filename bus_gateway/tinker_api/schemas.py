@@ -341,6 +341,7 @@ class CheckpointOut(Reply):
     public: bool = False
     user_metadata: dict[str, str] | None = None
     expires_at: str | None = None
+    base_model: str | None = None  # SDK 0.39
 
 
 class CheckpointsList(Reply):

@@ -8,7 +8,6 @@ import asyncio
 from litestar import Request, post
 from litestar.params import JSONBody
 
-from artifact_store import CheckpointNotFound
 from bus_events import payloads as p
 from bus_events.ids import is_model_id, model_id_for, sampling_session_id_for, session_of_model
 from bus_gateway import submit
@@ -16,6 +15,7 @@ from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
 from bus_gateway.proto_codec import decode_forward_backward, decompress_zstd
+from bus_gateway.tinker_api.checkpoints import readable_checkpoint
 from bus_gateway.tinker_api.futures_api import promise
 from bus_gateway.tinker_api.schemas import (
     CreateModelRequest,
@@ -129,9 +129,8 @@ async def _load_weights(gw: Gateway, tenant: str, data: LoadWeightsRequest) -> p
     if path.kind != "weights":
         raise FieldError("path", "load_weights needs a training-state path tinker://<run>/weights/<name>")
     try:
-        await gw.run(path.run_id, tenant)
-        info = await asyncio.to_thread(gw.checkpoints.info, path)
-    except (NotFound, CheckpointNotFound) as exc:
+        info, _ = await readable_checkpoint(gw, tenant, path)  # the caller's, or a published one
+    except NotFound as exc:
         raise FieldError("path", f"no checkpoint {path} (or it is not yours)", status_code=404) from exc
     if data.base_model is not None and data.base_model != info.base_model:
         raise FieldError("base_model", f"checkpoint {path} was trained on {info.base_model!r}, "

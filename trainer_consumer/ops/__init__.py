@@ -28,5 +28,6 @@ HANDLERS: dict[EventType, Handler] = {
     EventType.LOAD_WEIGHTS: checkpoints.load_weights,
     EventType.SAVE_WEIGHTS: checkpoints.save_weights,
     EventType.SAVE_WEIGHTS_FOR_SAMPLER: checkpoints.save_weights_for_sampler,
+    EventType.SAVE_WEIGHTS_EXTERNAL: checkpoints.save_weights_external,
     EventType.EXPORT_MODEL: export.export_model,
 }

@@ -1,4 +1,5 @@
-"""Op handlers that move adapters between the backend and S3: save_weights, save_weights_for_sampler, load_weights.
+"""Op handlers that move adapters between the backend and S3: save_weights, save_weights_for_sampler,
+save_weights_external, load_weights.
 
 The snapshot is taken on the compute thread in seq_id order (a save sees every earlier optim_step); the upload
 runs on an I/O thread, so other models keep computing while it goes out.
@@ -93,20 +94,35 @@ async def save_weights_for_sampler(rt: Runtime, stream: ModelStream, inbound: In
     else:
         name, ttl = check_name(payload.name or ""), payload.ttl_seconds
     path = TinkerPath(state.model_id, "sampler_weights", name)
-    adapter = await rt.compute(rt.backend.export_adapter, state.model_id)
     # An ephemeral name is ours (derived from the seq_id, or the inflight target), so a save may overwrite it.
-    checkpoint = Checkpoint(adapter.config, adapter.weights)
-    try:
-        await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model, overwrite=ephemeral,
-                    ttl_seconds=ttl, user_metadata=payload.user_metadata)
-    except CheckpointExists:  # the path is this model's own: equal weights there are this save, applied before
-        if not await rt.io(_saved_by, rt, path, lambda existing: _same_weights(existing, checkpoint)):
-            raise
+    await _save_adapter(rt, state, path, overwrite=ephemeral, ttl_seconds=ttl, user_metadata=payload.user_metadata)
     if payload.sampling_session_id is not None:
         session = SamplingSession(sampling_session_id=payload.sampling_session_id, base_model=state.base_model,
                                   tenant=state.tenant, model_path=str(path))
         await rt.io(rt.storage.registry.put_sampling_session, session)
     return p.PathResult(path=str(path), sampling_session_id=payload.sampling_session_id)
+
+
+async def save_weights_external(rt: Runtime, stream: ModelStream, inbound: Inbound,
+                                payload: p.SaveWeightsExternal) -> p.PathResult:
+    state = require_state(stream, inbound)
+    path = TinkerPath(state.model_id, "external_weights", check_name(payload.name))
+    info = await _save_adapter(rt, state, path, overwrite=False, ttl_seconds=payload.ttl_seconds, user_metadata={})
+    return p.PathResult(path=str(path), size_bytes=info.size_bytes)
+
+
+async def _save_adapter(rt: Runtime, state: ModelState, path: TinkerPath, *, overwrite: bool,
+                        ttl_seconds: int | None, user_metadata: dict[str, str]) -> CheckpointInfo:
+    """The live adapter (PEFT files only) at `path`, as of this event's place in the model's seq_id order."""
+    adapter = await rt.compute(rt.backend.export_adapter, state.model_id)
+    checkpoint = Checkpoint(adapter.config, adapter.weights)
+    try:
+        return await rt.io(rt.storage.checkpoints.save, path, checkpoint, base_model=state.base_model,
+                           overwrite=overwrite, ttl_seconds=ttl_seconds, user_metadata=user_metadata)
+    except CheckpointExists:  # the path is this model's own: equal weights there are this save, applied before
+        if not await rt.io(_saved_by, rt, path, lambda existing: _same_weights(existing, checkpoint)):
+            raise
+        return await rt.io(rt.storage.checkpoints.info, path)
 
 
 def spec_from_checkpoint(checkpoint: Checkpoint, record: TrainingStateRecord | None, base_model: str,
@@ -132,7 +148,8 @@ def spec_from_checkpoint(checkpoint: Checkpoint, record: TrainingStateRecord | N
 
 def _read_checkpoint(rt: Runtime, path: TinkerPath, tenant: str) -> tuple[Checkpoint, CheckpointInfo]:
     run = rt.storage.registry.get_run(path.run_id)
-    if run is not None and run.tenant != tenant:  # another tenant's checkpoint looks exactly like a missing one
+    # Another tenant's checkpoint looks exactly like a missing one, unless it is published.
+    if run is not None and run.tenant != tenant and not rt.storage.checkpoints.publications.is_public(path):
         raise CheckpointNotFound(f"no checkpoint at {path}")
     return rt.storage.checkpoints.load_with_info(path)
 

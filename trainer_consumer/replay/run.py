@@ -58,7 +58,7 @@ from trainer_consumer.snapshots import SnapshotStore
 log = logging.getLogger(__name__)
 
 NO_GAP_TIMEOUT_S = 1e9
-SAVES = (EventType.SAVE_WEIGHTS, EventType.SAVE_WEIGHTS_FOR_SAMPLER)
+SAVES = (EventType.SAVE_WEIGHTS, EventType.SAVE_WEIGHTS_FOR_SAMPLER, EventType.SAVE_WEIGHTS_EXTERNAL)
 OUTPUT_NAME = "replay-output"
 
 AppliedProgress = Callable[[int, int], None]  # (events applied, optimizer steps applied)
