@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bus_events import BlobStore, Envelope, encode_event
-from bus_events.signing import TenantKeys, signature_headers
+from bus_events.signing import SIGNATURE_HEADER, TenantKeys, sign, signature_headers
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,11 @@ async def publish(
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
     signing_keys: TenantKeys | None = None,
+    signing_key: bytes | None = None,
 ) -> None:
     """Encode (claim-checking big payloads off the event loop) and send keyed by model_id; signed as the
-    envelope's tenant when `signing_keys` has its key (bus_events.signing)."""
+    envelope's tenant when `signing_keys` has its key, or with `signing_key` (a reply: the workers' key)
+    (bus_events.signing)."""
     if blob_store is not None:
         raw = await asyncio.to_thread(
             encode_event, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes
@@ -91,6 +93,8 @@ async def publish(
     else:
         raw = encode_event(env, payload, claim_check_bytes=claim_check_bytes)
     headers = signature_headers(signing_keys, env.tenant, raw) if signing_keys else None
+    if signing_key is not None:
+        headers = [(SIGNATURE_HEADER, sign(signing_key, raw))]
     await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers)
 
 
@@ -103,6 +107,7 @@ async def publish_with_retry(
     retry_s: float,
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
+    signing_key: bytes | None = None,
 ) -> None:
     """`publish`, retried with backoff while the broker is away (restart, failover) for up to `retry_s`; then the
     last error is raised, and the caller stops without committing (its successor re-reads and answers)."""
@@ -110,7 +115,8 @@ async def publish_with_retry(
     delay = RETRY_DELAY_S[0]
     while True:
         try:
-            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes)
+            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes,
+                          signing_key=signing_key)
             return
         except Exception as exc:
             if time.monotonic() + delay > deadline:

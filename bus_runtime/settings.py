@@ -37,10 +37,17 @@ class BusSettings:
     # Per-tenant event signing keys, `tenant=secret,...` (bus_events/signing.py, docs/events.md "Event identity").
     # Empty: requests are not signed nor checked (development mode, like a gateway without API keys).
     event_keys: str = ""
+    # The workers' key for replies (docs/events.md "Event identity"): trainers and samplers sign every result with
+    # it, the gateway drops results not signed with it. Empty: replies are not signed nor checked.
+    reply_key: str = ""
 
     @property
     def tenant_keys(self) -> dict[str, bytes]:
         return parse_tenant_keys(self.event_keys)
+
+    @property
+    def reply_signing_key(self) -> bytes | None:
+        return self.reply_key.encode() if self.reply_key else None
 
     @property
     def s3(self) -> S3Config:
