@@ -6,7 +6,8 @@ answerable by any gateway after it), so it cannot simply resume where it stopped
 that may be inside the window. Tansu answers offsets_for_times with offset 0 when it has no answer
 (local-infra.md 2.1), which made every restart read the whole log (issue 20 item 1). So while reading, the
 listener notes marks (timestamp, offset) per partition: "every record before `offset` was produced at or before
-`timestamp`" (CreateTime, per partition in produce order). At start, a partition begins at its latest mark older
+`timestamp`" (CreateTime, per partition in produce order), at least every ttl/32 of record time apart, the newest
+following the reader. At start, a partition begins at its latest mark older
 than the window (less a clock-skew margin); without one it falls back to offsets_for_times.
 
 One JSON document per topic prefix, `gateway/listener-marks/<prefix>.json`: {"<topic>/<partition>": [[ts_ms,
@@ -74,11 +75,15 @@ class ListenerMarks:
         return max(older) if older else None
 
     def note(self, tp: TopicPartition, timestamp_ms: int, offset: int, now_ms: int) -> None:
-        """The listener reached `offset`, whose record was produced at `timestamp_ms`."""
+        """The listener read the record at `offset`, produced at `timestamp_ms`."""
         found = self.marks.setdefault(_name(tp), [])
-        if found and (timestamp_ms - found[-1][0] < self.every_ms or offset <= found[-1][1]):
+        mark = (timestamp_ms, offset + 1)  # every record before offset + 1 is at most this old
+        if found and mark[1] <= found[-1][1]:
             return
-        found.append((timestamp_ms, offset))
+        if len(found) >= 2 and timestamp_ms - found[-2][0] < self.every_ms:
+            found[-1] = mark  # the newest mark follows the reader until it is every_ms past the one before
+        else:
+            found.append(mark)
         # Keep the latest mark outside the window (the next start) and all newer ones.
         cutoff = self.cutoff_ms(now_ms)
         outside = [i for i, (ts, _) in enumerate(found) if ts < cutoff]
