@@ -1,6 +1,7 @@
 """Identity on the bus (issue 20 item 8), on the real Tansu broker and S3: the workers sign their replies with the
 reply key, and the gateway's bus listener drops results and requests that are not signed as they should be, so a
-producer that can write a topic cannot answer, pre-empt or shadow another tenant's future."""
+producer that can write a topic cannot answer, pre-empt or shadow another tenant's future; replay checks the
+events it replays like the live trainer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gateway_support import API_KEYS, HEADERS_A, BusProbe, gateway_client, retri
 from metrics_support import scrape
 from sampler_support import add_session, sample_request
 from test_gateway_validation import PROTO, _fb_body
-from trainer_support import BusHarness, bus_settings
+from trainer_support import BusHarness, adam, bus_settings, fb, random_data
 
 from artifact_store import Registry
 from bus_events import EventType, encode_event, make_event, make_result
@@ -26,6 +27,9 @@ from bus_runtime.settings import BusSettings
 from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
 from sampler_consumer.worker import run_sampler
+from tinker_bus.log_tools import export_log
+from trainer_consumer.replay import ReplayRequest, replay_model
+from trainer_consumer.replay.event_log import iterate_file, model_key_filter, read_bus, read_file
 
 pytest_plugins = ["gateway_support"]
 
@@ -146,3 +150,51 @@ async def test_the_gateway_ignores_requests_on_the_bus_not_signed_by_their_tenan
         await bus.next_event(EventType.GET_INFO)  # the forgery itself, then alice's request is on the bus
         request, _ = await bus.next_event(EventType.FORWARD_BACKWARD)
         assert request.request_id == promised.json()["request_id"]
+
+
+async def test_replay_skips_events_not_signed_by_their_tenant_from_the_bus_and_from_an_export(settings, store,
+                                                                                              tiny, tmp_path):
+    """Replay checks signatures like the live trainer: a forged or unsigned event in the log is skipped (counted as
+    `unverified`) and voids nothing, from the broker and from an export-log file, a claim-checked event included
+    (its signature covers the record as it was on the bus)."""
+    signed = dataclasses.replace(settings, event_keys=TENANT_KEYS)
+    model_id = "alice:train:0"
+    producer = make_producer(signed)
+    await producer.start()
+
+    async def send(kind: EventType, payload, seq: int, key: bytes | None, claim_check: bool = False) -> None:
+        env, body = make_event(kind, payload, model_id=model_id, seq_id=seq, tenant="alice")
+        raw = encode_event(env, body, blob_store=store if claim_check else None,
+                           claim_check_bytes=1 if claim_check else signed.claim_check_bytes)
+        headers = [(SIGNATURE_HEADER, sign(key, raw))] if key else None
+        await producer.send_and_wait(signed.topics.train, raw, key=model_id.encode(), headers=headers)
+
+    try:
+        await send(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny, lora=p.LoraSpec(rank=4, seed=1)), 0,
+                   b"alice-secret")
+        await send(EventType.OPTIM_STEP, adam(), 1, b"bob-secret")  # bob's key, alice's name
+        await send(EventType.GET_INFO, p.GetInfo(), 1, b"alice-secret")
+        await send(EventType.FORWARD_BACKWARD, fb(random_data(5, 2)), 2, None)  # unsigned
+        await send(EventType.FORWARD_BACKWARD, fb(random_data(6, 2)), 2, b"alice-secret", claim_check=True)
+        await send(EventType.OPTIM_STEP, adam(), 3, b"alice-secret")
+    finally:
+        await producer.stop()
+
+    async def replay(records, out, live) -> dict:
+        return await replay_model(records, ReplayRequest(model_id, tmp_path / out, signed.topics.train), live=live,
+                                  device="cpu", tenant_keys=signed.tenant_keys)
+
+    def check(report: dict) -> None:
+        assert [e["type"] for e in report["events"]] == ["create_model", "get_info", "forward_backward",
+                                                         "optim_step"]
+        assert all(e["ok"] for e in report["events"]), report["events"]
+        assert (report["unverified"], report["steps_applied"]) == (2, 1)
+
+    from_bus = await replay(read_bus(signed, [signed.topics.train], model_key_filter([model_id])), "bus", store)
+    check(from_bus)
+    exported = tmp_path / "alice.log"
+    assert await export_log(signed, exported, [model_id], [], with_replies=False) == 6
+    _, records = read_file(exported)
+    from_file = await replay(iterate_file(records), "file", None)  # offline: the claim check is in the file
+    check(from_file)
+    assert from_file["final"]["sha256"] == from_bus["final"]["sha256"]
