@@ -11,6 +11,7 @@ import dataclasses
 
 import msgpack
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import ConsumerRecord
 from gateway_support import API_KEYS, HEADERS_A, BusProbe, gateway_client, retrieve, seed_model
 from metrics_support import scrape
@@ -22,7 +23,7 @@ from artifact_store import Registry
 from bus_events import EventType, encode_event, make_event, make_result
 from bus_events import payloads as p
 from bus_events.signing import SIGNATURE_HEADER, sign, signed_by
-from bus_runtime.kafka_io import make_consumer, make_producer, publish
+from bus_runtime.kafka_io import client_security, ensure_topics, make_consumer, make_producer, publish
 from bus_runtime.settings import BusSettings
 from bus_runtime.testing import make_tiny_model
 from sampler_consumer.config import SamplerConfig
@@ -198,3 +199,36 @@ async def test_replay_skips_events_not_signed_by_their_tenant_from_the_bus_and_f
     from_file = await replay(iterate_file(records), "file", None)  # offline: the claim check is in the file
     check(from_file)
     assert from_file["final"]["sha256"] == from_bus["final"]["sha256"]
+
+
+SASL_ENV = {"TINKER_BUS_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "TINKER_BUS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "TINKER_BUS_KAFKA_SASL_USERNAME": "gateway", "TINKER_BUS_KAFKA_SASL_PASSWORD": "gateway-secret"}
+
+
+async def test_every_bus_client_speaks_sasl_with_the_settings_from_the_environment(settings, caplog):
+    """Tansu cannot log anyone in (docs/local-infra.md "SASL"): without --authentication it refuses every SASL
+    mechanism, with it its user store cannot be filled. So the plumbing is checked against the real broker from the
+    other side: each kind of bus client (admin, producer, consumer) built from TINKER_BUS_KAFKA_* opens its
+    connection with a SCRAM-SHA-512 handshake, which this broker refuses as an unsupported mechanism."""
+    sasl = BusSettings.from_env({**settings.to_env(), **SASL_ENV})
+    assert client_security(sasl) == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
+                                      "sasl_plain_username": "gateway", "sasl_plain_password": "gateway-secret"}
+    attempts: list = [ensure_topics(sasl), make_producer(sasl).start(), make_consumer(sasl, group_id=None).start()]
+    for attempt in attempts:
+        caplog.clear()
+        with pytest.raises(KafkaConnectionError):
+            await attempt
+        assert any("UnsupportedSaslMechanismError" in r.getMessage() for r in caplog.records), caplog.text
+    # The same clients without SASL settings connect (PLAINTEXT is what Tansu speaks).
+    await ensure_topics(settings)
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"TINKER_BUS_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}, "TINKER_BUS_KAFKA_SASL_USERNAME"),
+    ({**SASL_ENV, "TINKER_BUS_KAFKA_SASL_PASSWORD": ""}, "TINKER_BUS_KAFKA_SASL_PASSWORD"),
+    ({"TINKER_BUS_KAFKA_SECURITY_PROTOCOL": "SSL"}, "TINKER_BUS_KAFKA_SECURITY_PROTOCOL"),
+    ({**SASL_ENV, "TINKER_BUS_KAFKA_SASL_MECHANISM": "GSSAPI"}, "TINKER_BUS_KAFKA_SASL_MECHANISM"),
+])
+def test_incomplete_sasl_settings_are_refused_naming_the_variable(env, named):
+    with pytest.raises(ValueError, match=named):
+        client_security(BusSettings.from_env(env))
