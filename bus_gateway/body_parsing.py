@@ -125,9 +125,10 @@ def _pieces(raw: bytes | msgspec.Raw, tp: Any, path: str) -> Any:
         (item,) = typing.get_args(inner) or (Any,)
         if _strip(item) in _NUMBERS:
             items: list[Any] = []
+            run_type = types.GenericAlias(list, (item,))
             for run in _number_runs(raw):
                 try:
-                    items.extend(msgspec.json.decode(run, type=list[item], strict=False))
+                    items.extend(msgspec.json.decode(run, type=run_type, strict=False))
                 except msgspec.ValidationError as exc:  # the index in the run is not the index in the list
                     found_at = _AT.search(str(exc))
                     local = int(found_at.group(1)[1:].split("]")[0]) if found_at else 0
