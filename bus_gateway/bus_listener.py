@@ -39,6 +39,7 @@ from bus_runtime.settings import BusSettings
 log = logging.getLogger(__name__)
 
 REQUEST_EVENTS = frozenset(EventType) - {EventType.RESULT, EventType.DEAD_LETTER, EventType.SEQ_VOID}
+RESULT_EVENTS = frozenset({EventType.RESULT})
 MARKS_SAVE_S = 30.0
 
 
@@ -147,7 +148,10 @@ class BusListener:
                         int(now * 1000))
         if record.timestamp / 1000 < now - self.settings.result_ttl_s:
             return
-        decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT, *REQUEST_EVENTS},
+        # Results only from the reply topic and requests only from the request topics: each topic's check is
+        # the one for what belongs on it.
+        replies = record.topic == self.settings.topics.replies
+        decoded = await decode_record(record.value, self.blob_store, RESULT_EVENTS if replies else REQUEST_EVENTS,
                                       envelope_only=REQUEST_EVENTS, check=self._check(record))
         if isinstance(decoded, Poisoned) and isinstance(decoded.error, UnverifiedEvent):
             self.unverified[record.topic] += 1

@@ -115,6 +115,13 @@ async def test_the_gateway_drops_results_not_signed_with_the_reply_key(gw_settin
 
         key = model_id.encode()
         forged, with_tenant_key, genuine = answer("forged"), answer("alice's own key"), answer("the answer")
+        # A result on a request topic is no result at all (there, only a tenant's signature would be checked).
+        read = (await client.get("/healthz")).json()["components"]["gateway"]["records_read"]
+        await bus.producer.send_and_wait(settings.topics.train, with_tenant_key, key=key, headers=[
+            (SIGNATURE_HEADER, sign(b"alice-secret", with_tenant_key))])
+        async with asyncio.timeout(30):
+            while (await client.get("/healthz")).json()["components"]["gateway"]["records_read"] <= read:
+                await asyncio.sleep(0.05)
         await bus.producer.send_and_wait(settings.topics.replies, forged, key=key)
         await bus.producer.send_and_wait(settings.topics.replies, with_tenant_key, key=key, headers=[
             (SIGNATURE_HEADER, sign(b"alice-secret", with_tenant_key))])

@@ -45,12 +45,12 @@ async def test_a_restarted_gateway_answers_futures_promised_before_the_kill(gw_s
                           unknown_request_grace_s=0.1, long_poll_s=1.0)
     try:
         async with BusProbe(gw_settings) as bus, httpx.AsyncClient(base_url=url, timeout=30) as client:
-            # Records ahead of the request in its partition, each claim-checked (a listener fetches each payload
-            # from S3): a new gateway process needs a while before it reads the request itself.
+            # Results ahead of the answer in its reply partition, each claim-checked (a listener fetches each
+            # payload from S3): a new gateway process needs a while before it reads the answer itself.
             other, _ = make_event(EventType.GET_INFO, p.GetInfo(), model_id=model_id, seq_id=0)
             raw = encode_event(*make_result(other, error=p.ErrorInfo(message="filler", category="user")),
                                blob_store=bus.blobs, claim_check_bytes=1)
-            sends = [await bus.producer.send(gw_settings.topics.train, raw, key=model_id.encode())
+            sends = [await bus.producer.send(gw_settings.topics.replies, raw, key=model_id.encode())
                      for _ in range(FILLER)]
             await asyncio.gather(*sends)
             gateway.start()
