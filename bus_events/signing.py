@@ -4,6 +4,10 @@ of the tenant the API key maps to; a direct producer signs with its own tenant's
 keys accepts a request only when the signature matches the key of the tenant its envelope names, so a producer
 that can reach the broker cannot act as another tenant.
 
+Replies (`result` events on the reply topic) are signed the same way, under the workers' own key
+(TINKER_BUS_REPLY_KEY) instead of a tenant's: only trainers, samplers and the gateway hold it, so a producer that
+can write the reply topic cannot answer anyone's future, not even its own tenant's.
+
 The signature covers the record value byte for byte (the envelope and its inline payload, or the claim check's
 sha256 of a payload in S3), so no canonical re-encoding is involved: sign exactly the bytes you produce.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 SIGNATURE_HEADER = "tinker-bus-sig"
 
@@ -35,6 +39,11 @@ def parse_tenant_keys(spec: str) -> dict[str, bytes]:
 def sign(key: bytes, value: bytes) -> bytes:
     """The header value: hex HMAC-SHA256 of the record value."""
     return hmac.new(key, value, hashlib.sha256).hexdigest().encode()
+
+
+def signature_of(headers: Iterable[tuple[str, bytes]] | None) -> bytes | None:
+    """The record's signature header, if it has one."""
+    return next((v for k, v in headers or () if k == SIGNATURE_HEADER), None)
 
 
 def signed_by(key: bytes, value: bytes, signature: bytes | None) -> bool:

@@ -16,6 +16,7 @@ from litestar.types import ControllerRouterHandler, Scope
 
 from bus_gateway import forward_backward_route, json_api, observability, openai_api
 from bus_gateway.auth import PUBLIC_PATHS, ApiKeyMiddleware, warn_if_development_mode
+from bus_gateway.body_parsing import OffLoopJsonRequest
 from bus_gateway.config import GatewayConfig
 from bus_gateway.deps import DEPENDENCIES
 from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
@@ -47,7 +48,8 @@ ROUTES: list[ControllerRouterHandler] = [
     *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES,
     *identity.ROUTES, *futures_batch.ROUTES, *session_queries.ROUTES, *session_traces.ROUTES,
     *external_weights.ROUTES, *checkpoint_sharing.ROUTES, *external_uploads.ROUTES]
-# The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
+# The routes whose bodies carry data (GatewayConfig.max_body_bytes), parsed off the event loop (body_parsing.py);
+# every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
     *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample,
     *external_uploads.UPLOAD_ROUTES]
@@ -82,7 +84,8 @@ def create_app(settings: BusSettings, api_keys: dict[str, str] | None = None,
 
     return Litestar(
         route_handlers=[*[r for r in ROUTES if r not in DATA_ROUTES],
-                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes),
+                        Router("/", route_handlers=DATA_ROUTES, request_max_body_size=config.max_body_bytes,
+                               request_class=OffLoopJsonRequest),
                         openai_api.router(config.max_body_bytes)],
         lifespan=[lifespan],
         state=State({"gateway": gateway, "api_keys": api_keys, "tokens": gateway.tokens, "trace_builds": {},

@@ -71,6 +71,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.tenant_keys and self.settings.reply_signing_key is None:
+            log.warning("TINKER_BUS_EVENT_KEYS is set but TINKER_BUS_REPLY_KEY is not: results on the bus are not "
+                        "checked, so whoever can write the reply topic can answer any future")
         await asyncio.to_thread(self.objects.ensure_bucket)
         await ensure_topics(self.settings)
         self.producer = make_producer(self.settings)

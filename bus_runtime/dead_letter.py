@@ -43,7 +43,7 @@ async def send_to_dead_letter(
         failed = make_error_result(request_id, model_id or "unknown", DEFAULT_TENANT,
                                    f"rejected by the bus: {reason or 'undecodable event'}")
         await publish(producer, settings.topics.replies, failed.env, failed.payload,
-                      claim_check_bytes=settings.claim_check_bytes)
+                      claim_check_bytes=settings.claim_check_bytes, signing_key=settings.reply_signing_key)
 
 
 async def dead_letter_contract_error(

@@ -11,25 +11,52 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from bus_events import BlobStore, Envelope, encode_event
-from bus_events.signing import TenantKeys, signature_headers
+from bus_events.signing import SIGNATURE_HEADER, TenantKeys, sign, signature_headers
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 << 20
 RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+def client_security(settings: BusSettings) -> dict[str, Any]:
+    """The authentication arguments of every Kafka client of this part: none for PLAINTEXT, else its SASL user
+    (and TLS for SASL_SSL). The broker's ACLs for that principal decide what it may read and write."""
+    protocol, mechanism = settings.kafka_security_protocol, settings.kafka_sasl_mechanism
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"TINKER_BUS_KAFKA_SECURITY_PROTOCOL={protocol!r} is not one of "
+                         f"{', '.join(SECURITY_PROTOCOLS)}")
+    if protocol == "PLAINTEXT":
+        return {}
+    if mechanism not in SASL_MECHANISMS:
+        raise ValueError(f"TINKER_BUS_KAFKA_SASL_MECHANISM={mechanism!r} is not one of {', '.join(SASL_MECHANISMS)}")
+    missing = [name for name, value in (("TINKER_BUS_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
+                                        ("TINKER_BUS_KAFKA_SASL_PASSWORD", settings.kafka_sasl_password)) if not value]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} must be set with TINKER_BUS_KAFKA_SECURITY_PROTOCOL={protocol}")
+    args: dict[str, Any] = {"security_protocol": protocol, "sasl_mechanism": mechanism,
+                            "sasl_plain_username": settings.kafka_sasl_username,
+                            "sasl_plain_password": settings.kafka_sasl_password}
+    if protocol == "SASL_SSL":
+        args["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+    return args
 
 
 async def ensure_topics(settings: BusSettings) -> None:
     """Create every topic with its final partition count; existing topics are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **client_security(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -52,6 +79,7 @@ def make_producer(settings: BusSettings) -> AIOKafkaProducer:
         # two produce hops of every call, issue 14).
         linger_ms=0,
         max_request_size=MAX_REQUEST_BYTES,
+        **client_security(settings),
     )
 
 
@@ -69,6 +97,7 @@ def make_consumer(settings: BusSettings, *topics: str, group_id: str | None) -> 
         max_poll_interval_ms=24 * 3600 * 1000,
         fetch_max_bytes=64 << 20,
         max_partition_fetch_bytes=32 << 20,
+        **client_security(settings),
     )
 
 
@@ -81,9 +110,11 @@ async def publish(
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
     signing_keys: TenantKeys | None = None,
+    signing_key: bytes | None = None,
 ) -> None:
     """Encode (claim-checking big payloads off the event loop) and send keyed by model_id; signed as the
-    envelope's tenant when `signing_keys` has its key (bus_events.signing)."""
+    envelope's tenant when `signing_keys` has its key, or with `signing_key` (a reply: the workers' key)
+    (bus_events.signing)."""
     if blob_store is not None:
         raw = await asyncio.to_thread(
             encode_event, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes
@@ -91,6 +122,8 @@ async def publish(
     else:
         raw = encode_event(env, payload, claim_check_bytes=claim_check_bytes)
     headers = signature_headers(signing_keys, env.tenant, raw) if signing_keys else None
+    if signing_key is not None:
+        headers = [(SIGNATURE_HEADER, sign(signing_key, raw))]
     await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers)
 
 
@@ -103,6 +136,7 @@ async def publish_with_retry(
     retry_s: float,
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
+    signing_key: bytes | None = None,
 ) -> None:
     """`publish`, retried with backoff while the broker is away (restart, failover) for up to `retry_s`; then the
     last error is raised, and the caller stops without committing (its successor re-reads and answers)."""
@@ -110,7 +144,8 @@ async def publish_with_retry(
     delay = RETRY_DELAY_S[0]
     while True:
         try:
-            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes)
+            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes,
+                          signing_key=signing_key)
             return
         except Exception as exc:
             if time.monotonic() + delay > deadline:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
@@ -37,6 +37,8 @@ class LogRecord:
     timestamp: int  # ms since the epoch (the record's CreateTime)
     key: bytes | None
     value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)  # as on the bus: the signature is among them
+    claim: bytes | None = None  # in an export file: the body of the envelope's payload_ref
 
 
 def model_key_filter(model_ids: list[str] | tuple[str, ...] = (),
@@ -73,7 +75,8 @@ async def read_bus(settings: BusSettings, topics: list[str], key_filter: KeyFilt
                 for r in records:
                     read += 1
                     if key_filter(r.key):
-                        yield LogRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value or b"")
+                        yield LogRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value or b"",
+                                        list(r.headers or ()))
             if batches:
                 last_data = time.monotonic()
             for tp in list(pending):

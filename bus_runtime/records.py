@@ -20,7 +20,7 @@ from typing import Literal
 import msgspec
 
 from bus_events import BlobStore, ContractError, Envelope, EventType, decode_envelope, decode_payload
-from bus_events.signing import SIGNATURE_HEADER, TenantKeys, signed_by
+from bus_events.signing import SIGNATURE_HEADER, TenantKeys, signature_of, signed_by
 
 Stage = Literal["decode", "validate"]
 
@@ -38,24 +38,52 @@ class Poisoned:
     env: Envelope | None  # the envelope, when it could be read (to answer or void the request)
 
 
-class SignatureCheck:
+class _SignedRecord:
+    def __init__(self, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None):
+        self.value = value or b""
+        self.signature = signature_of(headers)
+
+    def _unverified(self, key: bytes | None) -> str | None:
+        """Why the record is not signed with `key` (None: it is)."""
+        if key is not None and signed_by(key, self.value, self.signature):
+            return None
+        return "unsigned" if self.signature is None else "signed with another key"
+
+
+class SignatureCheck(_SignedRecord):
     """Consumers' side of bus_events.signing: with tenant keys configured, a request must be signed with the key of
     the tenant its envelope names. Build one per record (it needs the raw value and headers) and pass it as
     `decode_record(..., check=...)`; without keys it accepts everything (development mode)."""
 
     def __init__(self, keys: TenantKeys, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None):
-        self.keys, self.value = keys, value or b""
-        self.signature = next((v for k, v in headers or () if k == SIGNATURE_HEADER), None)
+        super().__init__(value, headers)
+        self.keys = keys
 
     def __call__(self, env: Envelope) -> None:
         if not self.keys:
             return
-        key = self.keys.get(env.tenant)
-        if key is None or not signed_by(key, self.value, self.signature):
-            why = "unsigned" if self.signature is None else "signed with a key that is not tenant's"
+        why = self._unverified(self.keys.get(env.tenant))
+        if why is not None:
             raise UnverifiedEvent(f"event claims tenant {env.tenant!r} but is {why} (header {SIGNATURE_HEADER}: "
                                   "HMAC-SHA256 of the record value under the tenant's key)", env.request_id,
                                   env.model_id)
+
+
+class ReplyCheck(_SignedRecord):
+    """The reply reader's side: a result must be signed with the workers' key (BusSettings.reply_key), so whoever
+    can write the reply topic still cannot answer a future. Without a key it accepts everything."""
+
+    def __init__(self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None):
+        super().__init__(value, headers)
+        self.key = key
+
+    def __call__(self, env: Envelope) -> None:
+        if self.key is None or env.type != EventType.RESULT:
+            return
+        why = self._unverified(self.key)
+        if why is not None:
+            raise UnverifiedEvent(f"result for {env.request_id!r} (tenant {env.tenant!r}) is {why}, not with the "
+                                  f"workers' reply key (header {SIGNATURE_HEADER})", env.request_id, env.model_id)
 
 
 class UnverifiedEvent(ContractError):

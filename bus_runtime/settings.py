@@ -17,6 +17,14 @@ ENV_PREFIX = "TINKER_BUS_"
 @dataclass(frozen=True)
 class BusSettings:
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # Who this part is on the broker (compose/README.md "Kafka principals and ACLs"): PLAINTEXT for the local Tansu
+    # broker, which authenticates no one; SASL_PLAINTEXT / SASL_SSL with the part's own SCRAM (or PLAIN) user,
+    # whose ACLs decide which topics it may read and write (bus_runtime.kafka_io.client_security).
+    kafka_security_protocol: str = "PLAINTEXT"  # kafka_io.SECURITY_PROTOCOLS
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"  # kafka_io.SASL_MECHANISMS
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""  # SASL_SSL: the CA of the brokers' certificates; "" = the system's CAs
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "minioadmin"
     s3_secret_key: str = "minioadmin"
@@ -37,10 +45,17 @@ class BusSettings:
     # Per-tenant event signing keys, `tenant=secret,...` (bus_events/signing.py, docs/events.md "Event identity").
     # Empty: requests are not signed nor checked (development mode, like a gateway without API keys).
     event_keys: str = ""
+    # The workers' key for replies (docs/events.md "Event identity"): trainers and samplers sign every result with
+    # it, the gateway drops results not signed with it. Empty: replies are not signed nor checked.
+    reply_key: str = ""
 
     @property
     def tenant_keys(self) -> dict[str, bytes]:
         return parse_tenant_keys(self.event_keys)
+
+    @property
+    def reply_signing_key(self) -> bytes | None:
+        return self.reply_key.encode() if self.reply_key else None
 
     @property
     def s3(self) -> S3Config:

@@ -104,6 +104,7 @@ class DeltaPublisher:
         event = make_sample_delta(request, delta)
         try:
             await publish(self.producer, self.settings.topics.replies, event.env, event.payload,
-                          claim_check_bytes=self.settings.claim_check_bytes)
+                          claim_check_bytes=self.settings.claim_check_bytes,
+                          signing_key=self.settings.reply_signing_key)  # a reply: the gateway drops unsigned ones
         except Exception as exc:  # the result still answers the request in full
             log.warning("sample_delta for %s not published: %s", request.request_id, exc)

@@ -181,7 +181,8 @@ class _SamplerWorker:
         # sampler that takes over reads it again and answers it.
         await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
                                  retry_s=self.config.publish_retry_s, blob_store=self.objects,
-                                 claim_check_bytes=self.settings.claim_check_bytes)
+                                 claim_check_bytes=self.settings.claim_check_bytes,
+                                 signing_key=self.settings.reply_signing_key)
         self.offsets.finished(item.partition, item.offset)
         error = result.error
         self.metrics.request_done(item.base_model, ok=error is None, seconds=time.monotonic() - item.arrived)

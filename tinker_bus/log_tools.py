@@ -102,7 +102,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         request = ReplayRequest(args.model_id, Path(args.out), train, replies, args.until_seq, args.from_snapshot)
         try:
             report = asyncio.run(replay_model(records, request, live=live, config=config, device=settings.device,
-                                              on_applied=progress.applied, source=source))
+                                              on_applied=progress.applied, source=source,
+                                              tenant_keys=settings.tenant_keys,
+                                              reply_key=settings.reply_signing_key))
         except ReplayError as exc:
             stderr.print(f"[bold red]✗ replay failed:[/] {escape(str(exc))}")
             return 2
@@ -175,7 +177,7 @@ async def export_log(settings: Any, out: Path, model_ids: list[str], session_ids
     """Write the models' training events (and their replies) to `out`; returns the number of records."""
     from bus_runtime.log_reader import model_key_filter, read_bus
     from trainer_consumer.replay.event_log import (
-        inline_claim_check,
+        claim_check_body,
         write_header,
         write_record,
     )
@@ -191,8 +193,8 @@ async def export_log(settings: Any, out: Path, model_ids: list[str], session_ids
         async for record in read_bus(settings, [t for t in topics.values() if t], model_key_filter(model_ids,
                                                                                                    session_ids),
                                      idle_timeout_s=idle_timeout_s, progress=progress.read if progress else None):
-            value = await asyncio.to_thread(inline_claim_check, record.value, objects)
-            write_record(fh, replace(record, value=value))
+            claim = await asyncio.to_thread(claim_check_body, record.value, objects)
+            write_record(fh, replace(record, claim=claim))
             count += 1
             if progress is not None:
                 progress.exported(count)

@@ -178,7 +178,8 @@ class TrainerWorker:
         for env, result in replies:
             await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
                                      retry_s=self.config.publish_retry_s, blob_store=self.objects,
-                                     claim_check_bytes=self.settings.claim_check_bytes)
+                                     claim_check_bytes=self.settings.claim_check_bytes,
+                                 signing_key=self.settings.reply_signing_key)
         if inbound.position is not None:
             tp = TopicPartition(inbound.position.topic, inbound.position.partition)
             self.offsets.finished(tp, inbound.position.offset)

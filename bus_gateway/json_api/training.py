@@ -16,8 +16,9 @@ from litestar.params import JSONBody
 from bus_events import EventType
 from bus_events import payloads as p
 from bus_gateway import submit
+from bus_gateway.body_parsing import decode_body
 from bus_gateway.deps import GatewayDep, TenantDep
-from bus_gateway.errors import FieldError, NotYetKnown
+from bus_gateway.errors import NotYetKnown
 from bus_gateway.futures import Future
 from bus_gateway.gateway import Gateway
 from bus_gateway.json_api.datums import conversation_datums
@@ -60,11 +61,7 @@ async def submit_json_forward_backward(data: JsonForwardBackward, gw: Gateway, t
 
 async def json_forward_backward(request: Request, gw: Gateway, tenant: str) -> JsonPromise:
     """JSON bodies POSTed to /api/v1/forward_backward (the route reads the SDK's protobuf too)."""
-    try:
-        # up to max_body_bytes: parsed off the event loop
-        data = await asyncio.to_thread(msgspec.json.decode, await request.body(), type=JsonForwardBackward)
-    except msgspec.DecodeError as exc:  # ValidationError included: its message names the field ($.data[0]...)
-        raise FieldError("body", str(exc)) from exc
+    data = await decode_body(await request.body(), JsonForwardBackward)  # up to max_body_bytes: off the loop
     return json_promise(await submit_json_forward_backward(data, gw, tenant))
 
 

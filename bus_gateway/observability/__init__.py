@@ -22,8 +22,9 @@ def state(objects: Any) -> dict[str, Any]:
 
 
 def instrument(app_state: Any, gateway: Any) -> None:
-    """Time the started gateway's Kafka produce calls (per request topic)."""
+    """Time the started gateway's Kafka produce calls (per request topic); count what its bus listener drops."""
     metrics: GatewayMetrics = app_state[METRICS_STATE_KEY]
+    metrics.count_unverified(gateway.listener.unverified)
     topics = gateway.settings.topics
     producer = gateway.producer
     producer.send_and_wait = metrics.timed_send(producer.send_and_wait, {topics.train: "train",

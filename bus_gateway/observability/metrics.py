@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from bus_runtime.metrics import LATENCY_BUCKETS_S
 
@@ -36,6 +38,11 @@ class GatewayMetrics:
                                          "Time to publish one event to Kafka (send_and_wait, acks=all)", ["topic"],
                                          buckets=LATENCY_BUCKETS_S, registry=r)
 
+    def count_unverified(self, counts: Mapping[str, int]) -> None:
+        """Export the bus listener's count of records dropped for their signature (per topic; bounded: the
+        bus's topics only)."""
+        self.registry.register(_UnverifiedRecords(counts))
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
@@ -55,3 +62,16 @@ class GatewayMetrics:
                 self.produce_seconds.labels(topic_kinds.get(topic, "other")).observe(time.perf_counter() - start)
 
         return timed
+
+
+class _UnverifiedRecords(Collector):
+    def __init__(self, counts: Mapping[str, int]):
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("tinker_bus_gateway_unverified_records",
+                                     "Bus records the gateway dropped: a request not signed by its tenant, or a "
+                                     "result not signed with the workers' reply key", labels=["topic"])
+        for topic, count in sorted(self.counts.items()):
+            family.add_metric([topic], count)
+        yield family

@@ -115,7 +115,10 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
         # Not ready while the bus listener catches up: it could not yet answer every future any gateway promised.
         "gateway": {"healthy": gw.listener.running and gw.listener.caught_up, "caught_up": gw.listener.caught_up,
                     "futures": len(gw.futures),
-                    "pending_samples": gw.futures.local_pending_samples},
+                    "pending_samples": gw.futures.local_pending_samples,
+                    # records the listener read since start (few after a restart: listener_marks.py), and those
+                    # it dropped for a missing or wrong signature, per topic (docs/events.md "Event identity")
+                    "records_read": gw.listener.records_seen, "unverified": dict(gw.listener.unverified)},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
                   "bootstrap": gw.settings.kafka_bootstrap},

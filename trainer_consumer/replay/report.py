@@ -101,6 +101,7 @@ class ReplayReport(_Entry):
     records_read: int
     events_fed: int
     poisoned: int
+    unverified: int  # of the poisoned: not signed by their tenant (skipped, as the live trainer dead-letters them)
     beyond_until_seq: int
     events_applied: int
     steps_applied: int

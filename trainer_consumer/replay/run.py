@@ -9,6 +9,10 @@ What differs is only around it:
   memory; nothing live changes.
 - No snapshots are written; with `from_snapshot` the model starts from its live auto-snapshot (restore path of
   the engine) and only the events after it are applied.
+- Identity: with tenant keys (TINKER_BUS_EVENT_KEYS) every event must be signed by its tenant, checked by the
+  live trainer's SignatureCheck on the record's bytes and headers as they were on the bus; a forged or unsigned
+  event is skipped without voiding anything (`unverified` in the report), as the live trainer dead-letters it.
+  With the reply key, live replies not signed with it are not compared.
 - Gaps: nothing is voided while records still come (a late seq_id may follow in the log); at the end of the log
   the remaining gaps are voided at once, as the live gap timeout would have.
 
@@ -34,13 +38,16 @@ from artifact_store import Checkpoint, CheckpointStore, MemoryObjectStore, Objec
 from bus_events import EventType, Reply, decode_envelope, decode_payload
 from bus_events import payloads as p
 from bus_events.results import outcome
+from bus_events.signing import TenantKeys
 from bus_runtime.log_reader import LogRecord
+from bus_runtime.records import ReplyCheck, SignatureCheck, UnverifiedEvent
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
 from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
+from trainer_consumer.replay.event_log import RecordBlobs
 from trainer_consumer.replay.fingerprint import adapter_sha256
 from trainer_consumer.replay.report import (
     EventEntry,
@@ -142,7 +149,8 @@ class _Recorder:
 async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest, *, live: ObjectStore | None,
                        config: TrainerConfig | None = None, device: str = "auto",
                        backend: TrainingBackend | None = None, on_applied: AppliedProgress | None = None,
-                       source: dict[str, Any] | None = None) -> dict[str, Any]:
+                       source: dict[str, Any] | None = None, tenant_keys: TenantKeys | None = None,
+                       reply_key: bytes | None = None) -> dict[str, Any]:
     """Replay `request.model_id` from `records`; write its adapter and report.json into `request.out_dir`.
     Returns the report as JSON builtins (what report.json holds; `ReplayReport` is its typed form)."""
     started = time.monotonic()
@@ -158,20 +166,26 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
                            restore=request.from_snapshot, persist=False)
     recorder.engine = engine
     live_results: dict[str, Any] = {}
-    counts = {"records_read": 0, "events_fed": 0, "poisoned": 0, "beyond_until_seq": 0}
+    counts = {"records_read": 0, "events_fed": 0, "poisoned": 0, "unverified": 0, "beyond_until_seq": 0}
     engine.start()
     try:
         async for record in records:
             counts["records_read"] += 1
             if request.replies_topic is not None and record.topic == request.replies_topic:
-                _collect_live_result(record, live, live_results)
+                _collect_live_result(record, live, live_results, reply_key)
                 continue
             if record.topic != request.train_topic or record.key != model_id.encode():
                 continue
+            verify = SignatureCheck(tenant_keys, record.value, record.headers) if tenant_keys else None
             decoded = await decode_training_record(record.value, BusPosition(record.topic, record.partition,
-                                                                              record.offset), live)
+                                                                              record.offset),
+                                                   RecordBlobs(record, live), verify)
             if isinstance(decoded, Poisoned):
                 counts["poisoned"] += 1
+                if isinstance(decoded.error, UnverifiedEvent):
+                    counts["unverified"] += 1
+                    log.warning("replay skips %s[%d]@%d: %s", record.topic, record.partition, record.offset,
+                                decoded.error)
                 if decoded.void is None:
                     continue
                 decoded = decoded.void
@@ -230,12 +244,14 @@ async def replay_model(records: AsyncIterator[LogRecord], request: ReplayRequest
     return report.to_json()
 
 
-def _collect_live_result(record: LogRecord, live: ObjectStore | None, into: dict[str, Any]) -> None:
+def _collect_live_result(record: LogRecord, live: ObjectStore | None, into: dict[str, Any],
+                         reply_key: bytes | None) -> None:
     try:
         env = decode_envelope(record.value)
         if env.type != EventType.RESULT or env.request_id in into:
             return  # a result re-published after a crash or for a duplicate: the first one counts
-        payload = decode_payload(env, live)
+        ReplyCheck(reply_key, record.value, record.headers)(env)
+        payload = decode_payload(env, RecordBlobs(record, live))
         assert isinstance(payload, p.Result)
         into[env.request_id] = outcome(payload)
     except Exception as exc:
