@@ -186,17 +186,19 @@ class HfPeftBackend:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
-        """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
+        """float32 [real positions of the batch, row-major] (or [positions, K]): log p(target) under the active
+        adapter."""
         decoder = base.model.get_decoder()
         hidden = decoder(input_ids=self._to_device(batch.input_ids), use_cache=False).last_hidden_state
         # The real positions are found on the host: a boolean mask on the device would make the host wait for
         # the whole decoder before it could queue the unembedding, the loss and the backward.
         positions = batch.mask.flatten().nonzero().squeeze(1)
         hidden = hidden.flatten(0, 1).index_select(0, self._to_device(positions))
-        targets = self._to_device(batch.targets.flatten()[positions])
+        targets = self._to_device(batch.targets.flatten(0, 1)[positions])
         unembed = base.model.get_output_embeddings()
         weight = frozen_weight(unembed)
-        if weight is not None:
+        # The frozen path's saved direction is the gradient of ONE target's logprob; K targets take the general path.
+        if weight is not None and targets.dim() == 1:
             return frozen_unembed_logprobs(weight, hidden, targets, self.logprob_chunk_tokens, self.logprob_math)
         return target_logprobs(unembed, hidden, targets, self.logprob_chunk_tokens)
 
