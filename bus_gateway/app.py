@@ -22,14 +22,14 @@ from bus_gateway.errors import EXCEPTION_HANDLERS, FieldError, NotFound
 from bus_gateway.futures import IDEMPOTENCY_KEY
 from bus_gateway.gateway import Gateway
 from bus_gateway.rejections import void_refused_request
-from bus_gateway.tinker_api import checkpoints, exports, futures_api, sampling, sessions, training
+from bus_gateway.tinker_api import checkpoints, custom_losses, exports, futures_api, sampling, sessions, training
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
+    *futures_api.ROUTES, *custom_losses.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes); every other one gets max_request_bytes.
 DATA_ROUTES: list[ControllerRouterHandler] = [
     *forward_backward_route.ROUTES, sampling.asample, json_api.training.fwdbwd, json_api.sampling.sample]

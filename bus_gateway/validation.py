@@ -18,7 +18,9 @@ from bus_events import payloads as p
 from bus_events.ids import is_model_id
 from bus_gateway.errors import FieldError
 from bus_gateway.tinker_api.schemas import ID_PATTERN
-from loss_plugins import UnknownLoss, get_loss
+from loss_plugins import UnknownLoss
+from loss_plugins.custom_graph import CustomLossError
+from loss_plugins.registry import resolve
 
 MAX_DATUMS = 100_000
 EPHEMERAL_PREFIX = "ephemeral-"
@@ -88,7 +90,9 @@ def check_finite(values: np.ndarray, field: str) -> None:
 def check_loss_fn(loss_fn: str, loss_fn_config: dict[str, float | str]) -> tuple[str, ...]:
     """The loss's required inputs, after checking the name and the config keys."""
     try:
-        spec = get_loss(loss_fn)
+        spec, loss_fn_config = resolve(loss_fn, loss_fn_config)  # custom: the stored graph's spec, no config
+    except CustomLossError as exc:
+        raise FieldError(exc.field, exc.detail) from exc
     except UnknownLoss as exc:
         raise FieldError("loss_fn", str(exc)) from exc
     for key, value in loss_fn_config.items():

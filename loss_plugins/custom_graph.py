@@ -35,8 +35,8 @@ _TORCH_FUNCTIONS = (
     "exp", "exp2", "expm1", "full_like", "gather", "ge", "gt", "isfinite", "isnan", "le", "log", "log1p", "log2",
     "log_softmax", "logical_and", "logical_not", "logical_or", "logsumexp", "lt", "masked_fill", "max", "maximum",
     "mean", "min", "minimum", "mul", "nan_to_num", "ne", "neg", "ones_like", "pow", "prod", "reciprocal", "relu",
-    "rsqrt", "sigmoid", "sign", "softmax", "sqrt", "square", "squeeze", "stack", "std", "sub", "sum", "tanh", "true_divide",
-    "unsqueeze", "var", "where", "zeros_like",
+    "rsqrt", "sigmoid", "sign", "softmax", "sqrt", "square", "squeeze", "stack", "std", "sub", "sum", "tanh",
+    "true_divide", "unsqueeze", "var", "where", "zeros_like",
 )
 _FUNCTIONAL = ("softplus", "logsigmoid", "log_sigmoid", "relu", "softmax", "log_softmax", "sigmoid", "silu", "gelu",
                "kl_div", "mse_loss", "smooth_l1_loss", "huber_loss")
@@ -189,15 +189,16 @@ def _check_value(where: str, value: Any, seen: set[str]) -> None:
     elif kind == "dict" and isinstance(inner, Mapping):
         for item in inner.values():
             _check_value(where, item, seen)
-    elif kind == "float" and inner in ("inf", "-inf", "nan"):
-        pass
-    elif kind == "ellipsis" and inner is True:
-        pass
-    elif kind == "dtype" and inner in DTYPES:
-        pass
-    else:
+    elif not _ALLOWED_CONSTANTS.get(kind, lambda _: False)(inner):
         # device, layout and memory_format included: the trainer decides where and how a loss runs.
         raise CustomLossError(where, f"argument {{{kind!r}: {inner!r}}} is not allowed")
+
+
+_ALLOWED_CONSTANTS = {
+    "float": lambda v: v in ("inf", "-inf", "nan"),
+    "ellipsis": lambda v: v is True,
+    "dtype": lambda v: v in DTYPES,
+}
 
 
 def _check_output(where: str, args: list) -> None:
@@ -212,9 +213,9 @@ def _check_output(where: str, args: list) -> None:
                                                    "custom/<name>:mean")
 
 
-def loss_config(loss_id: str, loss: CustomLoss) -> dict[str, float | str]:
-    """The forward_backward event's loss_fn_config for a stored custom loss."""
-    return {LOSS_ID: loss_id, GRAPH: loss.to_json()}
+def loss_config(loss_id: str, loss_json: str) -> dict[str, float | str]:
+    """The forward_backward event's loss_fn_config for a stored custom loss (`loss_json`: CustomLoss.to_json())."""
+    return {LOSS_ID: loss_id, GRAPH: loss_json}
 
 
 def spec_of_config(config: Mapping[str, float | str]) -> LossSpec:
@@ -249,7 +250,7 @@ class _Graph:
 
     loss: CustomLoss
 
-    def __call__(self, target_logprobs, inputs, config):  # noqa: ANN001, ANN204 - LossFn's signature
+    def __call__(self, target_logprobs, inputs, config):
         from loss_plugins.custom_run import run_custom_loss
 
         return run_custom_loss(self.loss, target_logprobs, inputs)

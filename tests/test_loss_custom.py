@@ -39,7 +39,7 @@ def _datum(n, seed):
 
 def test_server_result_equals_the_sdks_client_side_run():
     handle, name, inputs, graph = _upload(_weighted_policy, {"logprobs": 1, "weights": 1, "advantages": 1})
-    config = loss_config("loss-1", parse_custom_loss(name, inputs, graph))
+    config = loss_config("loss-1", parse_custom_loss(name, inputs, graph).to_json())
     datums = [_datum(5, 1), _datum(3, 2)]
     # The SDK's reference: per-datum logprobs with gradients, run_loss_handle over SDK Datums.
     sdk_lps = [d["logprobs"].clone().requires_grad_() for d in datums]
@@ -99,7 +99,7 @@ def test_a_graph_that_would_blow_up_memory_is_stopped_before_allocating():
         return loss, {"custom/outer:sum": loss}
 
     _, name, inputs, graph = _upload(outer, {"logprobs": 1})
-    config = loss_config("loss-2", parse_custom_loss(name, inputs, graph))
+    config = loss_config("loss-2", parse_custom_loss(name, inputs, graph).to_json())
     assert compute_loss("custom", torch.ones(10), {}, config).loss.item() == 100.0  # small: fine
     with pytest.raises(LossInputError, match="would hold 1000000 elements"):
         compute_loss("custom", torch.ones(1000), {}, config)
@@ -110,7 +110,7 @@ def test_custom_loss_needs_its_stored_graph_and_declared_ranks():
         compute_loss("custom", torch.ones(3), {}, {"loss_id": "x"})
     assert caught.value.field == "loss_fn_config.loss_id"
     _, name, inputs, graph = _upload(_weighted_policy, {"logprobs": 1, "weights": 1, "advantages": 1})
-    config = loss_config("loss-3", parse_custom_loss(name, inputs, graph))
+    config = loss_config("loss-3", parse_custom_loss(name, inputs, graph).to_json())
     with pytest.raises(LossInputError, match="advantages"):
         compute_loss("custom", torch.ones(3), {"weights": torch.ones(3)}, config)
     with pytest.raises(LossInputError, match="rank 1, but target_tokens has rank 2"):

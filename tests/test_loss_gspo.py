@@ -74,5 +74,5 @@ def test_gspo_names_what_it_rejects():
 
 
 def test_stable_reinforce_is_refused_with_the_reason():
-    with pytest.raises(UnknownLoss, match="stable_reinforce.*not served.*record_stability_info"):
+    with pytest.raises(UnknownLoss, match=r"stable_reinforce.*not served.*record_stability_info"):
         get_loss("stable_reinforce")

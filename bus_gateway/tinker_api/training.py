@@ -16,6 +16,7 @@ from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
 from bus_gateway.proto_codec import decode_forward_backward, decompress_zstd
+from bus_gateway.tinker_api.custom_losses import with_custom_loss
 from bus_gateway.tinker_api.futures_api import promise
 from bus_gateway.tinker_api.schemas import (
     CreateModelRequest,
@@ -77,8 +78,12 @@ async def proto_forward_backward(request: Request, gw: Gateway, tenant: str) -> 
     # Bodies of up to max_body_bytes: parsed off the event loop, so /healthz and other requests never wait on them.
     model_id, seq_id, build = await asyncio.to_thread(decode_forward_backward, body)
     run = await gw.live_run(model_id, tenant)
-    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model,
-                                                 lambda: asyncio.to_thread(build)))
+    session_id = run.session_id or session_of_model(model_id)
+
+    async def payload() -> p.ForwardBackward:
+        return await with_custom_loss(gw, tenant, session_id, await asyncio.to_thread(build))
+
+    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model, payload))
 
 
 @post("/api/v1/optim_step", status_code=200, tags=["training"],
