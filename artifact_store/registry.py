@@ -34,6 +34,7 @@ class TrainingRun:
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
     unloaded: bool = False
+    optimizer: str = "adamw"  # the optimizer family the model was created with (bus_events OptimizerSpec.type)
 
     @property
     def lora_rank(self) -> int:

@@ -139,6 +139,7 @@ class LoraConfig(Body):
 
 class OptimizerConfig(Body):
     type: str = "adamw"
+    version: int | None = None  # dimuon's (SDK 0.38 DimuonOptimizerConfig: 1)
 
 
 class CreateModelRequest(Body):

@@ -47,6 +47,7 @@ class AdapterSpec:
     base_model: str
     lora: p.LoraSpec  # lora.seed is never None here: the engine resolves a missing seed (runtime.default_seed)
     alpha: float = LORA_ALPHA
+    optimizer: str = "adamw"  # the family (bus_events OptimizerSpec.type), fixed for the adapter's life
 
     def __post_init__(self) -> None:
         if self.lora.seed is None:
@@ -114,9 +115,10 @@ class TrainingBackend(Protocol):
         Raises BackendInputError (or loss_plugins.LossInputError / UnknownLoss) for bad input."""
         ...
 
-    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
-        """One AdamW step (decoupled weight decay, global-norm clipping when grad_clip_norm > 0) over the
-        accumulated gradients, then zero them. Returns float metrics, at least grad_norm and learning_rate."""
+    def optim_step(self, model_id: str, params: p.AdamParams | p.DimuonParams) -> dict[str, float]:
+        """One step of the adapter's optimizer family (AdamW: decoupled weight decay; Dimuon: backends/dimuon.py;
+        global-norm clipping when grad_clip_norm > 0) over the accumulated gradients, then zero them. Returns
+        float metrics, at least grad_norm and learning_rate."""
         ...
 
     def discard_gradients(self, model_id: str) -> None:
