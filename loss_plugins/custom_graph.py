@@ -15,13 +15,17 @@ what the trainer computes, and a replay recomputes it): {"loss_id": <id>, "graph
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loss_plugins.spec import LossInputError, LossSpec
+from loss_plugins.spec import LossInputError, LossOutput, LossSpec
+
+if TYPE_CHECKING:
+    import torch
 
 LOSS_ID = "loss_id"
 GRAPH = "graph"
@@ -246,11 +250,11 @@ def _spec(graph_json: str) -> LossSpec:
 
 @dataclass(frozen=True)
 class _Graph:
-    """The loss function of a custom loss: its graph, run by custom_run.py (torch) on first call."""
+    """The loss function of a custom loss: its graph, run by custom_run.py (torch), loaded on the first call the
+    way catalog._Builtin loads the built-ins (custom_run imports this module, not the other way round)."""
 
     loss: CustomLoss
 
-    def __call__(self, target_logprobs, inputs, config):
-        from loss_plugins.custom_run import run_custom_loss
-
-        return run_custom_loss(self.loss, target_logprobs, inputs)
+    def __call__(self, target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+                 config: Mapping[str, float | str]) -> LossOutput:
+        return importlib.import_module("loss_plugins.custom_run").run_custom_loss(self.loss, target_logprobs, inputs)
