@@ -112,6 +112,8 @@ def _check_input(name: str, tensor: Tensor, length: int, target_shape: tuple[int
                                 "(every loss_fn_input needs one entry per model_input token)")
     if target_shape is not None and values.shape != target_shape:
         raise FieldError(field, f"shape {list(values.shape)} differs from target_tokens shape {list(target_shape)}")
+    if values.ndim == 2 and values.shape[1] == 0:
+        raise FieldError(field, f"shape {list(values.shape)}: [N, K] inputs need K ≥ 1 targets per position")
     if name == "target_tokens":
         check_token_ids(values, vocab_size, field)
     else:
@@ -139,6 +141,11 @@ def validate_forward_backward(fb: p.ForwardBackward, vocab_size: int) -> None:
         target = datum.loss_fn_inputs["target_tokens"]
         _check_input("target_tokens", target, tokens.size, None, vocab_size,
                      f"{where}.loss_fn_inputs.target_tokens")
+        first = fb.data[0].loss_fn_inputs["target_tokens"]
+        if tuple(target.shape[1:]) != tuple(first.shape[1:]):  # the trainer stacks every datum's K targets
+            raise FieldError(f"{where}.loss_fn_inputs.target_tokens",
+                             f"shape {list(target.shape)} but data[0]'s is {list(first.shape)}: every datum of a "
+                             "request needs the same number K of targets per position")
         for name, tensor in datum.loss_fn_inputs.items():
             if name != "target_tokens":
                 _check_input(name, tensor, tokens.size, tuple(target.shape), vocab_size,
