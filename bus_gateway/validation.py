@@ -90,12 +90,12 @@ def check_finite(values: np.ndarray, field: str) -> None:
 def check_loss_fn(loss_fn: str, loss_fn_config: dict[str, float | str]) -> tuple[str, ...]:
     """The loss's required inputs, after checking the name and the config keys."""
     try:
-        spec, loss_fn_config = resolve(loss_fn, loss_fn_config)  # custom: the stored graph's spec, no config
+        spec, config = resolve(loss_fn, loss_fn_config)  # custom: the stored graph's spec, no config
     except CustomLossError as exc:
         raise FieldError(exc.field, exc.detail) from exc
     except UnknownLoss as exc:
         raise FieldError("loss_fn", str(exc)) from exc
-    for key, value in loss_fn_config.items():
+    for key, value in config.items():
         if key not in spec.config_defaults:
             allowed = ", ".join(sorted(spec.config_defaults)) or "none"
             raise FieldError(f"loss_fn_config.{key}", f"unknown key for loss_fn {loss_fn!r} (allowed: {allowed})")
