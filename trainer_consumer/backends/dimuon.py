@@ -16,14 +16,12 @@ learning rate (later SDKs add both), so neither is applied. Docs: docs/events.md
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from bus_events import payloads as p
-from trainer_consumer.backends.adamw import NonFiniteGradients
+from trainer_consumer.backends.adamw import clip_global_norm, zero_grads
 from trainer_consumer.backends.base import BackendInputError
 from trainer_consumer.backends.host_copy import to_host
 
@@ -45,19 +43,11 @@ class DimuonOptimizer:
         self.steps = 0
 
     def zero_grad(self) -> None:
-        for param in self.params.values():
-            param.grad = None
+        zero_grads(self.params)
 
     def step(self, params: p.DimuonParams) -> dict[str, float]:
-        grads = [param.grad for param in self.params.values() if param.grad is not None]
-        grad_norm = float(get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(grad_norm):
-            self.zero_grad()
-            raise NonFiniteGradients(f"the accumulated gradients are not finite (grad_norm={grad_norm}); the step was "
-                                     "skipped, the gradients discarded and the weights left unchanged")
+        grad_norm = clip_global_norm(self.params, params.grad_clip_norm)
         clip = params.grad_clip_norm > 0
-        if clip and grads:
-            clip_grads_with_norm_(list(self.params.values()), params.grad_clip_norm, torch.tensor(grad_norm))
         with torch.no_grad():
             for key, param in self.params.items():
                 if param.grad is None:
