@@ -42,8 +42,9 @@ _TORCH_FUNCTIONS = (
     "rsqrt", "sigmoid", "sign", "softmax", "sqrt", "square", "squeeze", "stack", "std", "sub", "sum", "tanh",
     "true_divide", "unsqueeze", "var", "where", "zeros_like",
 )
-_FUNCTIONAL = ("softplus", "logsigmoid", "log_sigmoid", "relu", "softmax", "log_softmax", "sigmoid", "silu", "gelu",
-               "kl_div", "mse_loss", "smooth_l1_loss", "huber_loss")
+_FUNCTIONAL = ("softplus", "logsigmoid", "relu", "softmax", "log_softmax", "sigmoid", "silu", "gelu", "kl_div",
+               "mse_loss", "smooth_l1_loss", "huber_loss")
+_C_NN = ("softplus", "log_sigmoid", "gelu", "silu", "mse_loss", "smooth_l1_loss", "huber_loss")  # F's C builtins
 _OPERATORS = ("abs", "add", "and_", "eq", "floordiv", "ge", "getitem", "gt", "invert", "le", "lt", "mod", "mul", "ne",
               "neg", "or_", "pos", "pow", "sub", "truediv", "xor")
 _MATH = ("exp", "log", "log1p", "sqrt", "tanh", "fabs", "floor", "ceil", "pow")
@@ -52,7 +53,7 @@ _MATH = ("exp", "log", "log1p", "sqrt", "tanh", "fabs", "floor", "ceil", "pow")
 FUNCTIONS: frozenset[str] = frozenset(
     [f"torch.{n}" for n in _TORCH_FUNCTIONS]
     + [f"torch.nn.functional.{n}" for n in _FUNCTIONAL]
-    + [f"torch._C._nn.{n}" for n in _FUNCTIONAL]
+    + [f"torch._C._nn.{n}" for n in _C_NN]
     + [f"torch.special.{n}" for n in ("expit", "logit", "log1p", "expm1", "xlogy", "entr")]
     + [f"operator.{n}" for n in _OPERATORS]
     + [f"math.{n}" for n in _MATH]
@@ -166,6 +167,11 @@ def _check_node(where: str, node: object, seen: set[str]) -> None:
         raise CustomLossError(where, "args must be a list and kwargs an object")
     if op == "call_function" and target == "getattr" and (len(args) != 2 or args[1] not in GETATTR_NAMES):
         raise CustomLossError(f"{where}.args", f"getattr may only read {sorted(GETATTR_NAMES)}")
+    if "out" in kwargs:
+        raise CustomLossError(f"{where}.kwargs", "out= is not allowed: a custom loss writes into no tensor")
+    if op == "call_method" and target == "to" and not all(
+            isinstance(a, Mapping) and ("dtype" in a or "ref" in a) for a in [*args[1:], *kwargs.values()]):
+        raise CustomLossError(f"{where}.args", "to() may only change the dtype: the trainer decides the device")
     _check_value(f"{where}.args", args, seen)
     for value in kwargs.values():
         _check_value(f"{where}.kwargs", value, seen)

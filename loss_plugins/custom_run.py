@@ -4,6 +4,7 @@ closed lists there, datum by datum as the SDK's client-side run_loss_handle does
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -60,35 +61,76 @@ def _decode(value: Any, env: Mapping[str, Any]) -> Any:
     return getattr(torch, inner)  # "dtype": one of custom_graph.DTYPES
 
 
-def _run_graph(loss: CustomLoss, args: Sequence[torch.Tensor], limit: int | None = None) -> Any:
+class _DataDependent(Exception):
+    """The meta device cannot follow the graph past a node whose output shape depends on values."""
+
+
+def _scalar_operands(target: str, call_args: list[Any]) -> list[Any]:
+    """Python operators on plain values: numbers only (no string or list repetition), and pow in floating point
+    (an integer power of an integer can take any time)."""
+    if target == "operator.getitem" or any(isinstance(a, torch.Tensor) for a in call_args):
+        return call_args
+    if not all(isinstance(a, (int, float)) for a in call_args):
+        raise LossInputError(f"{target} on {[type(a).__name__ for a in call_args]}: operators take tensors or numbers")
+    return [float(a) for a in call_args] if target == "operator.pow" else call_args
+
+
+def _call(node: Mapping[str, Any], call_args: list[Any], kwargs: dict[str, Any]) -> Any:
+    op, target = node["op"], node["target"]
+    if op == "call_function":
+        if target.startswith(("operator.", "math.")):
+            call_args = _scalar_operands(target, call_args)
+        return _function(target)(*call_args, **kwargs)
+    receiver, *rest = call_args
+    if not isinstance(receiver, torch.Tensor) or target not in METHODS:
+        raise CustomLossError(f"graph node {node['name']!r}", f"method {target!r} needs a tensor")
+    return getattr(receiver, target)(*rest, **kwargs)
+
+
+def _run_graph(loss: CustomLoss, args: Sequence[torch.Tensor], limit: int) -> Any:
+    """The graph's output for one datum. No tensor may exceed `limit` elements and no integer 2**63 in magnitude;
+    an operation that fails is the loss's error (a "user" error naming the node), never the trainer's."""
     env: dict[str, Any] = {}
     placeholders = iter(args)
+    meta = args[0].device.type == "meta"
     for node in loss.nodes:
-        op, target = node["op"], node["target"]
-        if op == "placeholder":
-            env[node["name"]] = next(placeholders)
+        name = node["name"]
+        if node["op"] == "placeholder":
+            env[name] = next(placeholders)
             continue
         call_args = _decode(node.get("args", []), env)
-        kwargs = {key: _decode(value, env) for key, value in node.get("kwargs", {}).items()}
-        if op == "output":
+        if node["op"] == "output":
             return call_args[0]
-        if op == "call_function":
-            value = _function(target)(*call_args, **kwargs)
-        else:
-            receiver, *rest = call_args
-            if not isinstance(receiver, torch.Tensor) or target not in METHODS:
-                raise CustomLossError(f"graph node {node['name']!r}", f"method {target!r} needs a tensor")
-            value = getattr(receiver, target)(*rest, **kwargs)
-        if limit is not None and isinstance(value, torch.Tensor) and value.numel() > limit:
-            raise LossInputError(f"custom loss {loss.name!r}: node {node['name']!r} would hold {value.numel()} "
-                                 f"elements, more than {limit} ({GROWTH_LIMIT}x the datum's inputs)")
-        env[node["name"]] = value
+        kwargs = {key: _decode(value, env) for key, value in node.get("kwargs", {}).items()}
+        try:
+            value = _call(node, call_args, kwargs)
+        except (LossInputError, CustomLossError):
+            raise
+        except (NotImplementedError, RuntimeError) as exc:
+            if meta:  # e.g. boolean-mask indexing: its size is known only on real data, checked there
+                raise _DataDependent(name) from exc
+            raise LossInputError(f"custom loss {loss.name!r}: node {name!r} ({node['target']}) failed: {exc}") from exc
+        except (ArithmeticError, TypeError, ValueError, IndexError, KeyError) as exc:
+            raise LossInputError(f"custom loss {loss.name!r}: node {name!r} ({node['target']}) failed: {exc}") from exc
+        if isinstance(value, torch.Tensor) and value.numel() > limit:
+            raise LossInputError(f"custom loss {loss.name!r}: node {name!r} would hold {value.numel()} elements, "
+                                 f"more than {limit} ({GROWTH_LIMIT}x the datum's inputs)")
+        if isinstance(value, int) and abs(value) > 2**63:
+            raise LossInputError(f"custom loss {loss.name!r}: node {name!r} computes an integer beyond 2**63")
+        env[name] = value
     raise CustomLossError("graph.nodes", "has no output node")
 
 
+def _limit(args: Sequence[torch.Tensor]) -> int:
+    return GROWTH_FLOOR + GROWTH_LIMIT * sum(a.numel() for a in args)
+
+
 def _check_growth(loss: CustomLoss, args: Sequence[torch.Tensor]) -> None:
+    """Run the graph on the meta device (shapes only, nothing allocated) to stop a blow-up before it happens."""
     meta = [torch.empty(a.shape, dtype=a.dtype, device="meta") for a in args]
-    _run_graph(loss, meta, GROWTH_FLOOR + GROWTH_LIMIT * sum(a.numel() for a in args))
+    # Past a data-dependent shape the real run checks each tensor as it is made.
+    with contextlib.suppress(_DataDependent):
+        _run_graph(loss, meta, _limit(args))
 
 
 def run_custom_loss(loss: CustomLoss, target_logprobs: torch.Tensor,
@@ -113,7 +155,7 @@ def run_custom_loss(loss: CustomLoss, target_logprobs: torch.Tensor,
         if shapes not in checked_shapes:
             _check_growth(loss, args)
             checked_shapes.add(shapes)
-        out = _run_graph(loss, args)
+        out = _run_graph(loss, args, _limit(args))
         value, metrics = out
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             raise LossInputError(f"custom loss {loss.name!r} must return a scalar loss, got "

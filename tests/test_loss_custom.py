@@ -69,7 +69,7 @@ def _node(graph, target):
     (lambda g: g["nodes"][_node(g, "torch.exp")].update(target="os.system"), "target", "not on this server's list"),
     (lambda g: g["nodes"][_node(g, "detach")].update(target="backward"), "target", "tensor method 'backward'"),
     (lambda g: g["nodes"][_node(g, "detach")].update(op="get_attr"), "op", "not allowed"),
-    (lambda g: g["nodes"][_node(g, "torch.exp")]["kwargs"].update(out={"device": "cuda"}), "kwargs", "device"),
+    (lambda g: g["nodes"][_node(g, "torch.exp")]["kwargs"].update(device={"device": "cuda"}), "kwargs", "device"),
     (lambda g: g["nodes"][_node(g, "torch.exp")]["args"].__setitem__(0, {"ref": "nowhere"}), "args",
      "not an earlier node"),
 ])
@@ -117,3 +117,67 @@ def test_custom_loss_needs_its_stored_graph_and_declared_ranks():
         compute_loss("custom", torch.ones(3, 2), {"weights": torch.ones(3, 2), "advantages": torch.ones(3, 2)},
                      config)
     assert json.loads(config["graph"])["name"] == "_weighted_policy"
+
+
+def test_every_allowed_function_name_resolves_to_a_callable():
+    from loss_plugins.custom_graph import FUNCTIONS
+    from loss_plugins.custom_run import _function
+
+    assert all(callable(_function(name)) for name in FUNCTIONS)
+
+
+def _graph(*nodes, output="loss"):
+    """A hand-written graph over logprobs [T]: `nodes` as (name, op, target, args, kwargs)."""
+    body = [{"op": "placeholder", "name": "logprobs", "target": "logprobs", "args": [], "kwargs": {}}]
+    body += [{"op": op, "name": name, "target": target, "args": args, "kwargs": kwargs}
+             for name, op, target, args, kwargs in nodes]
+    body.append({"op": "output", "name": "output", "target": "output",
+                 "args": [{"tuple": [{"ref": output}, {"dict": {}}]}], "kwargs": {}})
+    return {"format": 1, "nodes": body}
+
+
+def _run_graph_json(graph, logprobs):
+    loss = parse_custom_loss("hand", [{"name": "logprobs", "rank": 1}], graph)
+    return compute_loss("custom", logprobs, {}, loss_config("loss-h", loss.to_json()))
+
+
+def test_scalar_tricks_cannot_burn_cpu_or_memory():
+    ref = {"ref": "logprobs"}
+    strings = _graph(("big", "call_function", "operator.mul", ["ab", 10**9], {}), ("loss", "call_method", "sum",
+                                                                                     [ref], {}))
+    with pytest.raises(LossInputError, match="operators take tensors or numbers"):
+        _run_graph_json(strings, torch.ones(3))
+    squaring = [("n0", "call_function", "operator.add", [10, 0], {})]
+    squaring += [(f"n{i}", "call_function", "operator.mul", [{"ref": f"n{i - 1}"}, {"ref": f"n{i - 1}"}], {})
+                 for i in range(1, 40)]
+    with pytest.raises(LossInputError, match="integer beyond 2\\*\\*63"):
+        _run_graph_json(_graph(*squaring, ("loss", "call_method", "sum", [ref], {})), torch.ones(3))
+
+
+def test_device_moves_and_out_arguments_are_refused():
+    ref = {"ref": "logprobs"}
+    with pytest.raises(CustomLossError, match="only change the dtype") as caught:
+        parse_custom_loss("hand", [{"name": "logprobs", "rank": 1}],
+                          _graph(("moved", "call_method", "to", [ref, "cuda"], {}), output="moved"))
+    assert caught.value.field == "graph.nodes[1].args"
+    with pytest.raises(CustomLossError, match="out= is not allowed"):
+        parse_custom_loss("hand", [{"name": "logprobs", "rank": 1}],
+                          _graph(("e", "call_function", "torch.exp", [ref], {"out": ref}), output="e"))
+
+
+def test_data_dependent_shapes_run_and_a_failing_node_is_named():
+    def positive_only(logprobs, weights):
+        kept = logprobs[weights > 0]
+        loss = -kept.sum()
+        return loss, {"custom/kept:sum": (weights > 0).float().sum()}
+
+    _, name, inputs, graph = _upload(positive_only, {"logprobs": 1, "weights": 1})
+    config = loss_config("loss-4", parse_custom_loss(name, inputs, graph).to_json())
+    out = compute_loss("custom", torch.tensor([-1.0, -2.0, -4.0]), {"weights": torch.tensor([1.0, 0.0, 1.0])},
+                       config)
+    assert out.loss.item() == 5.0 and out.metrics["custom/kept:sum"] == 2.0
+    ref = {"ref": "logprobs"}
+    bad = _graph(("r", "call_method", "reshape", [ref, 7, 7], {}), ("loss", "call_method", "sum", [{"ref": "r"}],
+                                                                   {}))
+    with pytest.raises(LossInputError, match="node 'r' \\(reshape\\) failed"):
+        _run_graph_json(bad, torch.ones(3))
