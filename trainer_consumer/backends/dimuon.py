@@ -8,8 +8,8 @@ obtained by a matrix-sign iteration. The matrix sign (polar factor U·Vᵀ of M 
 
     M ← beta1·M + (1 − beta1)·G          W ← W − learning_rate · msign(M)
 
-msign is computed exactly by SVD (LoRA matrices are thin: the SVD of [r, d] costs O(r²d)), where Tinker uses an
-iteration: directions whose singular value is below `RANK_EPS` of the largest are dropped (a zero momentum, such
+msign is computed exactly (through the r×r Gram matrix: LoRA matrices are thin), where Tinker uses an iteration:
+directions whose singular value is below `RANK_EPS` of the largest are dropped (a zero momentum, such
 as lora_A's before lora_B has moved, gives a zero step). 0.38 has no damping and no rank correction of the
 learning rate (later SDKs add both), so neither is applied. Docs: docs/events.md `DimuonParams`.
 """
@@ -30,10 +30,17 @@ RANK_EPS = 1e-7
 
 
 def matrix_sign(m: torch.Tensor) -> torch.Tensor:
-    """The polar factor U·Vᵀ of a 2-D `m` (float32 math), zero along directions with no singular value."""
-    u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
-    keep = (s > RANK_EPS * s.max()) if s.numel() and bool(s.max() > 0) else torch.zeros_like(s, dtype=torch.bool)
-    return ((u * keep.to(u.dtype)) @ vh).to(m.dtype)
+    """The polar factor U·Vᵀ of each matrix of `m` ([..., a, b]), zero along directions with no singular value.
+    A LoRA matrix is thin ([r, d] or [d, r], r ≪ d), so this goes through its r×r Gram matrix: with
+    M·Mᵀ = V·diag(s²)·Vᵀ (float64, so that s² keeps the small singular values), U·Vᵀ = V·diag(1/s)·Vᵀ·M."""
+    if m.shape[-2] > m.shape[-1]:
+        return matrix_sign(m.mT).mT
+    wide = m.double()
+    squares, vectors = torch.linalg.eigh(wide @ wide.mT)
+    top = squares.amax(dim=-1, keepdim=True) if squares.shape[-1] else squares
+    keep = (squares > (RANK_EPS ** 2) * top) & (top > 0)
+    inverse_root = torch.where(keep, squares.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    return ((vectors * inverse_root.unsqueeze(-2)) @ vectors.mT).to(m.dtype) @ m
 
 
 class DimuonOptimizer:
@@ -49,6 +56,7 @@ class DimuonOptimizer:
         grad_norm = clip_global_norm(self.params, params.grad_clip_norm)
         clip = params.grad_clip_norm > 0
         with torch.no_grad():
+            same_shape: dict[tuple[int, ...], list[str]] = {}
             for key, param in self.params.items():
                 if param.grad is None:
                     continue
@@ -56,7 +64,11 @@ class DimuonOptimizer:
                 if momentum is None:
                     momentum = self.momentum[key] = torch.zeros_like(param, dtype=torch.float32)
                 momentum.mul_(params.beta1).add_(param.grad.float(), alpha=1 - params.beta1)
-                param.sub_(params.learning_rate * matrix_sign(momentum).to(param.dtype))
+                same_shape.setdefault(tuple(param.shape), []).append(key)
+            for keys in same_shape.values():  # one batched decomposition per shape, not one per matrix
+                signs = matrix_sign(torch.stack([self.momentum[key] for key in keys]))
+                for key, sign in zip(keys, signs, strict=True):
+                    self.params[key].sub_(params.learning_rate * sign.to(self.params[key].dtype))
         self.steps += 1
         self.zero_grad()
         return {
