@@ -102,6 +102,9 @@ def losses_sequence(url: str, base_model: str) -> dict:
         client.forward_backward(data, "cross_entropy")
         client.optim_step(types.DimuonParams(learning_rate=0.02, beta1=0.9)).result()
     seen["dimuon_resumed"] = [_logprobs(c.forward(data, "cross_entropy").result())[0] for c in (dimuon, resumed)]
+    # Weights only: the new run's optimizer is the one asked for (AdamW unless told), whatever the checkpoint's.
+    seen["from_state"] = [service.create_training_client_from_state(path, **kwargs).result().get_info()
+                          for kwargs in ({}, {"optimizer": types.DimuonOptimizerConfig()})]
     service.close("success").result()
     return seen
 
@@ -132,4 +135,5 @@ async def test_sdk_losses_and_dimuon(stack_settings):
     assert seen["dimuon_info"].optimizer_config.type == "dimuon"
     assert "dimuon optimizer" in seen["dimuon_adam"] and "adamw parameters" in seen["dimuon_adam"]
     np.testing.assert_allclose(*seen["dimuon_resumed"], atol=1e-5)
+    assert [info.optimizer_config.type for info in seen["from_state"]] == ["adamw", "dimuon"]
     assert torch.isfinite(torch.as_tensor(seen["dimuon_after"])).all()
