@@ -57,7 +57,8 @@ def adam_params(params: AdamParamsIn | None, field: str = "adam_params") -> p.Ad
     """The wire AdamParams, field by field from the HTTP body (the wire struct's own checks apply)."""
     params = params or AdamParamsIn()
     if params.type not in ADAM_TYPES:
-        raise FieldError(f"{field}.type", f"optimizer {params.type!r} is not adamw or dimuon")
+        raise FieldError(f"{field}.type", f"optimizer {params.type!r} is not served here (adamw; the Tinker API's "
+                                          "optim_step also takes dimuon)")
     return build(p.AdamParams, field, **{name: getattr(params, name) for name in p.AdamParams.__struct_fields__})
 
 
