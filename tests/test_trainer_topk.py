@@ -72,3 +72,13 @@ def test_topk_shapes_are_checked_naming_the_datum(tiny):
                                        _datum(other[0], other[1][:, :2], other[2][:, :2])], "cross_entropy", {}, True)
     with pytest.raises(BackendInputError, match=r"data\[0\].loss_fn_inputs\['weights'\] has shape"):
         backend.forward_backward("m", [_datum(tokens, targets, weights[:, 0])], "cross_entropy", {}, True)
+
+
+def test_a_backend_without_topk_refuses_two_dimensional_targets_naming_the_datum():
+    from trainer_consumer.backends.batch import check_data
+
+    (tokens, targets, weights), = _data(3, 1)
+    data = [_datum(tokens, targets[:, 0], weights[:, 0]), _datum(tokens, targets, weights)]
+    assert len(check_data(data[:1], vocab_size=200, max_positions=None, top_k_targets=False)) == 1
+    with pytest.raises(BackendInputError, match=r"data\[1\].*is 2-D; this trainer backend computes 1-D"):
+        check_data(data, vocab_size=200, max_positions=None, top_k_targets=False)
