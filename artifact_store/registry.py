@@ -37,6 +37,7 @@ class TrainingRun:
     unloaded: bool = False
     # A run made by copy_weights holds only that copy (tinker://...): it is born unloaded, never trained.
     copied_from: str | None = None
+    optimizer: str = "adamw"  # the optimizer family the model was created with (bus_events OptimizerSpec.type)
 
     @property
     def lora_rank(self) -> int:

@@ -37,7 +37,10 @@ class LoraSpec(_Payload):
 
 
 class OptimizerSpec(_Payload):
-    type: Literal["adamw"] = "adamw"
+    """The optimizer family of a model, fixed at its creation: AdamW, or Dimuon (SDK 0.38 DimuonOptimizerConfig,
+    version 1). Each optim_step then sends that family's parameters."""
+
+    type: Literal["adamw", "dimuon"] = "adamw"
 
 
 class CreateModel(_Payload):
@@ -56,6 +59,9 @@ class LoadWeights(_Payload):
     base_model: str | None = None
     session_id: str | None = None
     user_metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The new model's optimizer family when the load does not take the checkpoint's optimizer state (None: AdamW);
+    # with optimizer=true the model keeps the checkpoint's family.
+    optimizer_config: OptimizerSpec | None = None
 
 
 class Datum(_Payload):
@@ -91,8 +97,29 @@ class AdamParams(_Payload):
             raise msgspec.ValidationError("adam_params.beta1 and beta2 must be < 1")
 
 
+class DimuonParams(_Payload):
+    """One Dimuon step (SDK 0.38 DimuonParams). grad_clip_norm ≤ 0 disables clipping."""
+
+    learning_rate: float
+    grad_clip_norm: float = 0.0
+    beta1: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "grad_clip_norm", "beta1"):
+            value = getattr(self, name)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise msgspec.ValidationError(f"dimuon_params.{name} must be finite, got {value}")
+        if self.learning_rate < 0:
+            raise msgspec.ValidationError(f"dimuon_params.learning_rate must be >= 0, got {self.learning_rate}")
+        if not 0 <= self.beta1 < 1:
+            raise msgspec.ValidationError(f"dimuon_params.beta1 must be in [0, 1), got {self.beta1}")
+
+
 class OptimStep(_Payload):
+    """One optimizer step: `dimuon_params` for a model created with the Dimuon optimizer, else `adam_params`."""
+
     adam_params: AdamParams = msgspec.field(default_factory=AdamParams)
+    dimuon_params: DimuonParams | None = None
 
 
 class SaveWeights(_Payload):

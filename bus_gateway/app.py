@@ -26,6 +26,7 @@ from bus_gateway.rejections import void_refused_request
 from bus_gateway.tinker_api import (
     checkpoint_sharing,
     checkpoints,
+    custom_losses,
     exports,
     external_uploads,
     external_weights,
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ROUTES: list[ControllerRouterHandler] = [
     *sessions.ROUTES, *training.ROUTES, *forward_backward_route.ROUTES, *sampling.ROUTES, *checkpoints.ROUTES,
-    *futures_api.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES,
+    *futures_api.ROUTES, *custom_losses.ROUTES, *exports.ROUTES, *json_api.ROUTES, *observability.ROUTES,
     *identity.ROUTES, *futures_batch.ROUTES, *session_queries.ROUTES, *session_traces.ROUTES,
     *external_weights.ROUTES, *checkpoint_sharing.ROUTES, *external_uploads.ROUTES]
 # The routes whose bodies carry data (GatewayConfig.max_body_bytes), parsed off the event loop (body_parsing.py);

@@ -63,8 +63,17 @@ def adam_params(params: AdamParamsIn | None, field: str = "adam_params") -> p.Ad
     """The wire AdamParams, field by field from the HTTP body (the wire struct's own checks apply)."""
     params = params or AdamParamsIn()
     if params.type not in ADAM_TYPES:
-        raise FieldError(f"{field}.type", f"only AdamW is supported, got optimizer {params.type!r}")
+        raise FieldError(f"{field}.type", f"optimizer {params.type!r} is not served here (adamw; the Tinker API's "
+                                          "optim_step also takes dimuon)")
     return build(p.AdamParams, field, **{name: getattr(params, name) for name in p.AdamParams.__struct_fields__})
+
+
+def optim_step_payload(params: AdamParamsIn | None, field: str = "adam_params") -> p.OptimStep:
+    """The wire OptimStep of an optim_step body: Dimuon's parameters when `type` is "dimuon", else AdamW's."""
+    if params is not None and params.type == "dimuon":
+        return p.OptimStep(dimuon_params=build(p.DimuonParams, field, learning_rate=params.learning_rate,
+                                               grad_clip_norm=params.grad_clip_norm, beta1=params.beta1))
+    return p.OptimStep(adam_params=adam_params(params, field))
 
 
 def sampling_params(params: SamplingParamsIn, vocab_size: int) -> p.SamplingParams:

@@ -18,7 +18,9 @@ from bus_events import payloads as p
 from bus_events.ids import is_model_id
 from bus_gateway.errors import FieldError
 from bus_gateway.tinker_api.schemas import ID_PATTERN
-from loss_plugins import UnknownLoss, get_loss
+from loss_plugins import UnknownLoss
+from loss_plugins.custom_graph import CustomLossError
+from loss_plugins.registry import resolve
 
 MAX_DATUMS = 100_000
 EPHEMERAL_PREFIX = "ephemeral-"
@@ -94,10 +96,12 @@ def check_finite(values: np.ndarray, field: str) -> None:
 def check_loss_fn(loss_fn: str, loss_fn_config: dict[str, float | str]) -> tuple[str, ...]:
     """The loss's required inputs, after checking the name and the config keys."""
     try:
-        spec = get_loss(loss_fn)
+        spec, config = resolve(loss_fn, loss_fn_config)  # custom: the stored graph's spec, no config
+    except CustomLossError as exc:
+        raise FieldError(exc.field, exc.detail) from exc
     except UnknownLoss as exc:
         raise FieldError("loss_fn", str(exc)) from exc
-    for key, value in loss_fn_config.items():
+    for key, value in config.items():
         if key not in spec.config_defaults:
             allowed = ", ".join(sorted(spec.config_defaults)) or "none"
             raise FieldError(f"loss_fn_config.{key}", f"unknown key for loss_fn {loss_fn!r} (allowed: {allowed})")
@@ -114,6 +118,8 @@ def _check_input(name: str, tensor: Tensor, length: int, target_shape: tuple[int
                                 "(every loss_fn_input needs one entry per model_input token)")
     if target_shape is not None and values.shape != target_shape:
         raise FieldError(field, f"shape {list(values.shape)} differs from target_tokens shape {list(target_shape)}")
+    if values.ndim == 2 and values.shape[1] == 0:
+        raise FieldError(field, f"shape {list(values.shape)}: [N, K] inputs need K ≥ 1 targets per position")
     if name == "target_tokens":
         check_token_ids(values, vocab_size, field)
     else:
@@ -141,6 +147,11 @@ def validate_forward_backward(fb: p.ForwardBackward, vocab_size: int) -> None:
         target = datum.loss_fn_inputs["target_tokens"]
         _check_input("target_tokens", target, tokens.size, None, vocab_size,
                      f"{where}.loss_fn_inputs.target_tokens")
+        first = fb.data[0].loss_fn_inputs["target_tokens"]
+        if tuple(target.shape[1:]) != tuple(first.shape[1:]):  # the trainer stacks every datum's K targets
+            raise FieldError(f"{where}.loss_fn_inputs.target_tokens",
+                             f"shape {list(target.shape)} but data[0]'s is {list(first.shape)}: every datum of a "
+                             "request needs the same number K of targets per position")
         for name, tensor in datum.loss_fn_inputs.items():
             if name != "target_tokens":
                 _check_input(name, tensor, tokens.size, tuple(target.shape), vocab_size,

@@ -1,4 +1,4 @@
-"""The five built-in losses of the Tinker API (tinker-protocol.md §4), as pure functions of per-token tensors.
+"""The built-in losses of the Tinker API (tinker-protocol.md §4), as pure functions of per-token tensors.
 Their descriptions live in catalog.py, which loads this module (and torch) on the first loss computed.
 
 Notation: ℓ = target_logprobs (learner), s = inputs["logprobs"] (sampler), A = advantages, w = weights,
@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from loss_plugins.catalog import CLIP_HIGH, CLIP_LOW
-from loss_plugins.spec import LossOutput
+from loss_plugins.catalog import CLIP_HIGH, CLIP_LOW, SEQUENCE_RATIO_MASK
+from loss_plugins.spec import DATUM_INDEX, LossInputError, LossOutput
 
 # exp() of a larger mean NLL is inf, which JSON cannot carry; a perplexity of e^700 is as uninformative anyway.
 _MAX_LOG_PERPLEXITY = 700.0
@@ -106,3 +106,31 @@ def dro(target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
     drift = target_logprobs - inputs["logprobs"]
     loss = -(target_logprobs * inputs["advantages"] - 0.5 * beta * drift * drift).sum()
     return LossOutput(loss, {"loss:sum": float(loss.detach())})
+
+
+def gspo(target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+         config: Mapping[str, float | str]) -> LossOutput:
+    """GSPO-token (Zheng et al. 2025), as Tinker's losses/gspo page defines it. Per datum d, over its tokens M_d with
+    sequence_ratio_mask ≠ 0: log s_d = mean_{t∈M_d} sg[ℓ_t] − s_t (a datum with no such token: s_d = 1). Each
+    token's ratio s_t = s_d · exp(ℓ_t − sg[ℓ_t]) has s_d's value and ℓ_t's gradient, and
+    L = −Σ_t min(s_t·A_t, clip(s_t, lo, hi)·A_t)."""
+    if target_logprobs.dim() != 1:
+        raise LossInputError(f"gspo needs one target logprob per token (1-D target_tokens), got shape "
+                             f"{list(target_logprobs.shape)}")
+    advantages, datum = inputs["advantages"], inputs[DATUM_INDEX]
+    in_ratio = inputs[SEQUENCE_RATIO_MASK] != 0
+    count = int(datum.max()) + 1 if datum.numel() else 0
+    drift = (target_logprobs.detach() - inputs["logprobs"])[in_ratio]
+    totals = torch.zeros(count, dtype=drift.dtype, device=drift.device).index_add(0, datum[in_ratio], drift)
+    tokens = torch.bincount(datum[in_ratio], minlength=count).to(drift.dtype)
+    sequence_log_ratio = totals / tokens.clamp(min=1)  # a datum without masked tokens: 0, a ratio of 1
+    ratio = torch.exp(sequence_log_ratio[datum] + target_logprobs - target_logprobs.detach())
+    low = _setting(CLIP_LOW, inputs, config, ratio)
+    high = _setting(CLIP_HIGH, inputs, config, ratio)
+    clipped_ratio = torch.clamp(ratio, low, high)
+    loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages).sum()
+    with torch.no_grad():
+        outside = (ratio < low) | (ratio > high)
+        metrics = {"loss:sum": float(loss), "clip_fraction:mean": _fraction(outside, advantages != 0),
+                   "sequence_ratio:mean": float(torch.exp(sequence_log_ratio).mean()) if count else 1.0}
+    return LossOutput(loss, metrics)

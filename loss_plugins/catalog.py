@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 CLIP_LOW = "clip_low_threshold"
 CLIP_HIGH = "clip_high_threshold"
+SEQUENCE_RATIO_MASK = "sequence_ratio_mask"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ BUILTIN_LOSSES: tuple[LossSpec, ...] = (
     LossSpec("dro", _Builtin("dro"),
              "DRO −Σ (ℓ·A − ½β(ℓ − s)²), quadratic penalty on drift from the sampler (β = 0.05).",
              required_inputs=_POLICY_INPUTS, config_defaults={"beta": 0.05}),
+    # The GSPO paper's clip range ε_low = 3e-4, ε_high = 4e-4 (Zheng et al. 2025, §5.1), as ratio bounds like ppo's.
+    LossSpec("gspo", _Builtin("gspo"),
+             "GSPO-token −Σ min(s_t·A, clip(s_t, lo, hi)·A): s_t carries the datum's sequence ratio (geometric mean "
+             "of exp(ℓ − s) over sequence_ratio_mask, default all tokens) with ℓ_t's own gradient.",
+             required_inputs=_POLICY_INPUTS, config_defaults={CLIP_LOW: 1.0 - 3e-4, CLIP_HIGH: 1.0 + 4e-4},
+             input_defaults={SEQUENCE_RATIO_MASK: 1.0}, per_datum=True),
     # Not a Tinker built-in: the datum layout (pairs marked by dpo_pair) is documented in loss_plugins/dpo.py.
     # β = 0.1 is the DPO paper's and the cookbook's default.
     LossSpec("dpo", _Builtin("dpo", "loss_plugins.dpo"),
@@ -56,3 +63,10 @@ BUILTIN_LOSSES: tuple[LossSpec, ...] = (
              required_inputs=("ref_logprobs", "dpo_pair"), config_defaults={"beta": 0.1},
              input_defaults={"weights": 1.0}),
 )
+
+# Names of SDK 0.38's LossFnType that this server does not compute, and why: get_loss answers with the reason.
+UNSERVED_LOSSES: Mapping[str, str] = {
+    "stable_reinforce": "its objective is not published, and it needs per-sequence stability info recorded at "
+                        "sampling time (record_stability_info), which this server's sampler does not record; use "
+                        "ppo, cispo or gspo for off-policy RL",
+}

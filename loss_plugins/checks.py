@@ -4,7 +4,7 @@ loss is computed, so describing and looking up losses needs no torch."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -118,3 +118,13 @@ def check_output(name: str, output: LossOutput) -> None:
     for key in metrics:
         if key.count(":") != 1:
             raise ValueError(f"loss {name!r} returned metric key {key!r}; keys must be 'name:reduction'")
+
+
+def datum_index(target_logprobs: torch.Tensor, datum_lengths: Sequence[int] | None) -> torch.Tensor:
+    """int64 [T]: each token's datum number, from the datums' lengths (None: all tokens are one datum)."""
+    total = target_logprobs.shape[0]
+    lengths = [total] if datum_lengths is None else list(datum_lengths)
+    if sum(lengths) != total or any(n < 0 for n in lengths):
+        raise LossInputError(f"datum lengths {lengths} do not add up to the {total} positions of target_logprobs")
+    counts = torch.tensor(lengths, dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(lengths)), counts).to(target_logprobs.device)

@@ -8,16 +8,17 @@ import logging
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from loss_plugins.catalog import BUILTIN_LOSSES
-from loss_plugins.spec import LossFn, LossInputError, LossOutput, LossSpec, UnknownLoss
+from loss_plugins.catalog import BUILTIN_LOSSES, UNSERVED_LOSSES
+from loss_plugins.spec import DATUM_INDEX, LossFn, LossInputError, LossOutput, LossSpec, UnknownLoss
 
 if TYPE_CHECKING:  # torch loads with the first compute_loss (checks.py), never with the registry
     import torch
 
 ENTRY_POINT_GROUP = "tinker_bus.losses"
+CUSTOM = "custom"  # SDK 0.38's server-side custom loss: loss_fn_config names the stored graph (custom_graph.py)
 
 _log = logging.getLogger(__name__)
 _lock = threading.RLock()  # re-entrant: an entry-point callable calls register_loss while plugins are loading
@@ -76,6 +77,8 @@ def get_loss(name: str) -> LossSpec:
     _load_entry_points()
     with _lock:
         spec = _losses.get(name)
+        if spec is None and name in UNSERVED_LOSSES:
+            raise UnknownLoss(f"loss_fn {name!r} is not served here: {UNSERVED_LOSSES[name]}")
         if spec is None:
             raise UnknownLoss(f"unknown loss_fn {name!r}; known losses: {', '.join(sorted(_losses))}")
         return spec
@@ -88,18 +91,21 @@ def list_losses() -> list[LossSpec]:
 
 
 def compute_loss(name: str, target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-                 config: Mapping[str, float | str] | None) -> LossOutput:
+                 config: Mapping[str, float | str] | None, datum_lengths: Sequence[int] | None = None) -> LossOutput:
     """Validate, fill defaults, and run loss `name`. Inputs are cast to target_logprobs' dtype and device (the
-    caller picks the compute precision); inputs the loss does not read are ignored."""
+    caller picks the compute precision); inputs the loss does not read are ignored. `datum_lengths` splits the
+    tokens into the request's datums (None: one datum), for the losses that work datum by datum."""
     from loss_plugins import checks  # torch: only where a loss is computed
 
-    spec = get_loss(name)
+    spec, config = resolve(name, config or {})
     finite = checks.FiniteChecks()
     checks.check_target_logprobs(target_logprobs, finite)
     try:
-        full_config = checked_config(spec, config or {})
+        full_config = checked_config(spec, config)
         checked_inputs = checks.checked_inputs(spec, target_logprobs, inputs, finite)
         checks.check_clip_bounds(checked_inputs, full_config)
+        if spec.per_datum:
+            checked_inputs[DATUM_INDEX] = checks.datum_index(target_logprobs, datum_lengths)
         output = spec.fn(target_logprobs, checked_inputs, full_config)
     except Exception:
         # A finiteness check queued before the failure would have raised first had it run at once: it wins.
@@ -108,6 +114,16 @@ def compute_loss(name: str, target_logprobs: torch.Tensor, inputs: Mapping[str, 
     finite.raise_first()  # on an accelerator: read back with the loss, whose metrics synchronise anyway
     checks.check_output(spec.name, output)
     return output
+
+
+def resolve(name: str, config: Mapping[str, float | str]) -> tuple[LossSpec, Mapping[str, float | str]]:
+    """The spec that computes loss `name` with `config`, and the config it takes. A custom loss (loss_fn "custom")
+    is the traced graph its config carries, with no numeric config of its own."""
+    if name == CUSTOM:
+        from loss_plugins.custom_graph import spec_of_config  # torch-free; the graph is built on first call
+
+        return spec_of_config(config), {}
+    return get_loss(name), config
 
 
 def checked_config(spec: LossSpec, config: Mapping[str, float | str]) -> dict[str, float]:

@@ -32,6 +32,9 @@ class LossSpec:
     # Optional per-token inputs and the constant compute_loss fills them with when a request omits them
     # (cross_entropy: weights -> 1.0). Config keys may also arrive as per-token inputs; those need no entry here.
     input_defaults: Mapping[str, float] = field(default_factory=dict)
+    # The loss works datum by datum (a sequence-level ratio, a per-datum custom loss): compute_loss then adds
+    # inputs[DATUM_INDEX], each token's datum number (int64 [T], 0-based), which no request can set.
+    per_datum: bool = False
 
     @property
     def accepted_inputs(self) -> tuple[str, ...]:
@@ -43,6 +46,10 @@ class LossSpec:
         object.__setattr__(self, "required_inputs", tuple(self.required_inputs))
         object.__setattr__(self, "config_defaults", MappingProxyType(dict(self.config_defaults)))
         object.__setattr__(self, "input_defaults", MappingProxyType(dict(self.input_defaults)))
+
+
+# The input compute_loss adds for a per_datum loss: which datum of the request each token belongs to.
+DATUM_INDEX = "datum_index"
 
 
 class UnknownLoss(ValueError):

@@ -27,18 +27,21 @@ class LoraRecord(p.LoraSpec, kw_only=True, omit_defaults=False, forbid_unknown_f
 
     base_model: str
     alpha: float = LORA_ALPHA
+    optimizer: str = "adamw"  # the optimizer family (files written before Dimuon have none: AdamW)
 
     @classmethod
     def of(cls, spec: AdapterSpec) -> LoraRecord:
         lora = spec.lora
         return cls(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-                   train_unembed=lora.train_unembed, base_model=spec.base_model, alpha=spec.alpha)
+                   train_unembed=lora.train_unembed, base_model=spec.base_model, alpha=spec.alpha,
+                   optimizer=spec.optimizer)
 
     def spec(self, base_model: str | None = None) -> AdapterSpec:
         """The AdapterSpec (on `base_model` instead of the recorded one, when given)."""
         lora = p.LoraSpec(rank=self.rank, seed=self.seed, train_attn=self.train_attn, train_mlp=self.train_mlp,
                           train_unembed=self.train_unembed)
-        return AdapterSpec(base_model=base_model or self.base_model, lora=lora, alpha=self.alpha)
+        return AdapterSpec(base_model=base_model or self.base_model, lora=lora, alpha=self.alpha,
+                           optimizer=self.optimizer)
 
 
 class TrainingStateRecord(msgspec.Struct, kw_only=True):

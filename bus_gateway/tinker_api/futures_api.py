@@ -12,6 +12,7 @@ from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.errors import NotYetKnown
 from bus_gateway.futures import Future
 from bus_gateway.results import PROTO_MEDIA_TYPE, MalformedResult, failure, json_body, proto_body
+from bus_gateway.tinker_api import custom_losses
 from bus_gateway.tinker_api.schemas import RequestFailed, RetrieveFutureRequest, TryAgain, UntypedFuture
 
 PROTO_RESULT_TYPES = (EventType.FORWARD_BACKWARD, EventType.SAMPLE)
@@ -39,6 +40,8 @@ def render_result(fut: Future, accept_proto: bool) -> Response:
       summary="Long-poll a promise: the result, {type: try_again}, or {error, category}")
 async def retrieve_future(data: JSONBody[RetrieveFutureRequest], request: Request, gw: GatewayDep,
                           tenant: TenantDep) -> Response:
+    if (settled := await custom_losses.settled_future(gw, data.request_id, tenant)) is not None:
+        return Response(settled)
     try:
         fut = await gw.future(data.request_id, tenant)
     except NotYetKnown:  # this gateway (just restarted) is still reading the bus: never a final 404

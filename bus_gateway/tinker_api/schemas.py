@@ -39,7 +39,7 @@ class ClientConfigResponse(msgspec.Struct, kw_only=True):
     parallel_fwdbwd_chunks: bool = True
     proto_compress_fwdbwd: bool = True
     sample_use_retrieve_futures: bool = False
-    custom_loss_server_side: bool = False
+    custom_loss_server_side: bool = True  # create_custom_loss: graphs run from a closed list of operations
     sample_join_sampling_session: bool = False
 
 
@@ -139,6 +139,7 @@ class LoraConfig(Body):
 
 class OptimizerConfig(Body):
     type: str = "adamw"
+    version: int | None = None  # dimuon's (SDK 0.38 DimuonOptimizerConfig: 1)
 
 
 class CreateModelRequest(Body):

@@ -16,6 +16,7 @@ from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
 from bus_gateway.proto_codec import decode_forward_backward, decompress_zstd
 from bus_gateway.tinker_api.checkpoints import readable_checkpoint
+from bus_gateway.tinker_api.custom_losses import with_custom_loss
 from bus_gateway.tinker_api.futures_api import promise
 from bus_gateway.tinker_api.schemas import (
     CreateModelRequest,
@@ -25,6 +26,7 @@ from bus_gateway.tinker_api.schemas import (
     LoraConfig,
     ModelData,
     OptimizerConfig,
+    OptimizerConfigOut,
     OptimStepRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
@@ -34,16 +36,22 @@ from bus_gateway.tinker_api.schemas import (
 from bus_gateway.validation import build, checkpoint_name, parse_path
 
 
-def _check_optimizer(config: OptimizerConfig | None, field: str = "optimizer_config") -> None:
-    if config is not None and config.type != "adamw":
-        raise FieldError(f"{field}.type", f"only 'adamw' is supported, got {config.type!r}")
+def _optimizer(config: OptimizerConfig | None, field: str = "optimizer_config") -> p.OptimizerSpec:
+    """The model's optimizer family: AdamW (the default) or Dimuon version 1 (SDK 0.38)."""
+    if config is None:
+        return p.OptimizerSpec()
+    if config.type not in ("adamw", "dimuon"):
+        raise FieldError(f"{field}.type", f"optimizer {config.type!r} is not served (served: adamw, dimuon)")
+    if config.type == "dimuon" and config.version not in (None, 1):
+        raise FieldError(f"{field}.version", f"dimuon version {config.version!r} is not served (served: 1)")
+    return p.OptimizerSpec(type=config.type)  # type: ignore[arg-type]  # checked just above
 
 
 def _create_model(data: CreateModelRequest) -> p.CreateModel:
-    _check_optimizer(data.optimizer_config)
+    optimizer = _optimizer(data.optimizer_config)
     lora = data.lora_config or LoraConfig()
     spec = build(p.LoraSpec, "lora_config", **{name: getattr(lora, name) for name in p.LoraSpec.__struct_fields__})
-    return p.CreateModel(base_model=data.base_model, lora=spec, session_id=data.session_id,
+    return p.CreateModel(base_model=data.base_model, lora=spec, optimizer=optimizer, session_id=data.session_id,
                          user_metadata=dict(data.user_metadata or {}))
 
 
@@ -66,6 +74,7 @@ async def get_info(data: JSONBody[GetInfoRequest], gw: GatewayDep, tenant: Tenan
     return GetInfoResponse(
         model_id=data.model_id, model_name=run.base_model, lora_rank=run.lora_rank,
         model_data=ModelData(model_name=run.base_model, tokenizer_id=run.base_model, arch=arch),
+        optimizer_config=OptimizerConfigOut(type=run.optimizer),
     )
 
 
@@ -77,8 +86,12 @@ async def proto_forward_backward(request: Request, gw: Gateway, tenant: str) -> 
     # Bodies of up to max_body_bytes: parsed off the event loop, so /healthz and other requests never wait on them.
     model_id, seq_id, build = await asyncio.to_thread(decode_forward_backward, body)
     run = await gw.live_run(model_id, tenant)
-    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model,
-                                                 lambda: asyncio.to_thread(build)))
+    session_id = run.session_id or session_of_model(model_id)
+
+    async def payload() -> p.ForwardBackward:
+        return await with_custom_loss(gw, tenant, session_id, await asyncio.to_thread(build))
+
+    return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model, payload))
 
 
 @post("/api/v1/optim_step", status_code=200, tags=["training"],
@@ -88,8 +101,7 @@ async def optim_step(data: JSONBody[OptimStepRequest], gw: GatewayDep, tenant: T
         ("adam_params", data.adam_params), ("optimizer_params", data.optimizer_params),
         ("optim_params", data.optim_params)) if value is not None), ("adam_params", None))
     model_id, _ = await gw.live_model(data.model_id, tenant)
-    fut = await submit.optim_step(gw, tenant, model_id, data.seq_id,
-                                  lambda: p.OptimStep(adam_params=submit.adam_params(params, field)))
+    fut = await submit.optim_step(gw, tenant, model_id, data.seq_id, lambda: submit.optim_step_payload(params, field))
     return promise(fut, model_id=data.model_id)
 
 
@@ -135,9 +147,10 @@ async def _load_weights(gw: Gateway, tenant: str, data: LoadWeightsRequest) -> p
     if data.base_model is not None and data.base_model != info.base_model:
         raise FieldError("base_model", f"checkpoint {path} was trained on {info.base_model!r}, "
                                        f"not {data.base_model!r}")
-    _check_optimizer(data.optimizer_config)
+    optimizer = _optimizer(data.optimizer_config) if data.optimizer_config is not None else None
     return p.LoadWeights(path=str(path), optimizer=data.optimizer, base_model=data.base_model or info.base_model,
-                         session_id=data.session_id, user_metadata=dict(data.user_metadata or {}))
+                         session_id=data.session_id, user_metadata=dict(data.user_metadata or {}),
+                         optimizer_config=optimizer)
 
 
 @post("/api/v1/load_weights", status_code=200, tags=["training"],

@@ -22,6 +22,25 @@ class NonFiniteGradients(RuntimeError):
     pass
 
 
+def zero_grads(params: Mapping[str, torch.nn.Parameter]) -> None:
+    for param in params.values():
+        param.grad = None
+
+
+def clip_global_norm(params: Mapping[str, torch.nn.Parameter], max_norm: float) -> float:
+    """The accumulated gradients' global norm, after scaling them down to `max_norm` when it is > 0. Non-finite
+    gradients are discarded and raise NonFiniteGradients: the step is skipped, the weights left unchanged."""
+    grads = [param.grad for param in params.values() if param.grad is not None]
+    grad_norm = float(get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(grad_norm):
+        zero_grads(params)
+        raise NonFiniteGradients(f"the accumulated gradients are not finite (grad_norm={grad_norm}); the step was "
+                                 "skipped, the gradients discarded and the weights left unchanged")
+    if max_norm > 0 and grads:
+        clip_grads_with_norm_(list(params.values()), max_norm, torch.tensor(grad_norm))
+    return grad_norm
+
+
 class AdapterOptimizer:
     def __init__(self, params: Mapping[str, torch.nn.Parameter]):
         self.params = dict(params)  # PEFT key name -> trainable parameter
@@ -32,18 +51,10 @@ class AdapterOptimizer:
         return torch.optim.AdamW(list(self.params.values()), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
 
     def zero_grad(self) -> None:
-        for param in self.params.values():
-            param.grad = None
+        zero_grads(self.params)
 
     def step(self, adam: p.AdamParams) -> dict[str, float]:
-        grads = [param.grad for param in self.params.values() if param.grad is not None]
-        grad_norm = float(get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(grad_norm):
-            self.zero_grad()
-            raise NonFiniteGradients(f"the accumulated gradients are not finite (grad_norm={grad_norm}); the step was "
-                                     "skipped, the gradients discarded and the weights left unchanged")
-        if adam.grad_clip_norm > 0 and grads:
-            clip_grads_with_norm_(list(self.params.values()), adam.grad_clip_norm, torch.tensor(grad_norm))
+        grad_norm = clip_global_norm(self.params, adam.grad_clip_norm)
         for group in self.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)

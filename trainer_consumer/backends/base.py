@@ -2,13 +2,15 @@
 
 The engine owns ordering, dedupe, the window-failure rule, checkpoints and replies; a backend owns tensors. A
 backend keeps one frozen base model per base-model name and any number of LoRA adapters on it, one per
-model_id, each with its own AdamW state. Calls come from ONE thread (the engine's compute thread), in the
-order the engine decided, so a backend needs no locking and must not reorder anything.
+model_id, each with its own optimizer state (AdamW or Dimuon, per `spec.optimizer`). Calls come from ONE thread
+(the engine's compute thread), in the order the engine decided, so a backend needs no locking and must not
+reorder anything.
 
 Names are the contract between backends: adapter weights use PEFT key names (what `get_peft_model_state_dict`
 writes, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and optimizer state uses
-"<peft key>.exp_avg", "<peft key>.exp_avg_sq" and "<peft key>.step", so a checkpoint written by one backend
-loads into another and into `PeftModel.from_pretrained`.
+"<peft key>.exp_avg", "<peft key>.exp_avg_sq" and "<peft key>.step" (AdamW; a Dimuon adapter's are
+"<peft key>.momentum" and "<peft key>.step"), so a checkpoint written by one backend loads into another and into
+`PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class AdapterSpec:
     base_model: str
     lora: p.LoraSpec  # lora.seed is never None here: the engine resolves a missing seed (runtime.default_seed)
     alpha: float = LORA_ALPHA
+    optimizer: str = "adamw"  # the family (bus_events OptimizerSpec.type), fixed for the adapter's life
 
     def __post_init__(self) -> None:
         if self.lora.seed is None:
@@ -100,7 +103,8 @@ class TrainingBackend(Protocol):
         ...
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
-        """A fresh adapter initialised deterministically from `spec.seed`, with a fresh AdamW state."""
+        """A fresh adapter initialised deterministically from `spec.seed`, with a fresh state of its optimizer
+        family (`spec.optimizer`)."""
         ...
 
     def remove_adapter(self, model_id: str) -> None:
@@ -114,9 +118,10 @@ class TrainingBackend(Protocol):
         Raises BackendInputError (or loss_plugins.LossInputError / UnknownLoss) for bad input."""
         ...
 
-    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
-        """One AdamW step (decoupled weight decay, global-norm clipping when grad_clip_norm > 0) over the
-        accumulated gradients, then zero them. Returns float metrics, at least grad_norm and learning_rate."""
+    def optim_step(self, model_id: str, params: p.AdamParams | p.DimuonParams) -> dict[str, float]:
+        """One step of the adapter's optimizer family (AdamW: decoupled weight decay; Dimuon: backends/dimuon.py;
+        global-norm clipping when grad_clip_norm > 0) over the accumulated gradients, then zero them. Returns
+        float metrics, at least grad_norm and learning_rate."""
         ...
 
     def discard_gradients(self, model_id: str) -> None:
@@ -128,12 +133,13 @@ class TrainingBackend(Protocol):
         ...
 
     def export_optimizer(self, model_id: str) -> dict[str, torch.Tensor]:
-        """AdamW moments keyed "<peft key>.exp_avg|exp_avg_sq|step" (empty before the first step)."""
+        """The optimizer state: AdamW moments keyed "<peft key>.exp_avg|exp_avg_sq|step", or Dimuon's
+        "<peft key>.momentum|step" (empty before the first step)."""
         ...
 
     def load_adapter(self, model_id: str, weights: Mapping[str, torch.Tensor],
                      optimizer_state: Mapping[str, torch.Tensor] | None) -> None:
-        """Overwrite an existing adapter's weights (PEFT names) and, if given, its AdamW moments; else reset the
+        """Overwrite an existing adapter's weights (PEFT names) and, if given, its optimizer state; else reset the
         optimizer. Raises BackendInputError when names or shapes do not match the adapter."""
         ...
 

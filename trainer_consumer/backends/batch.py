@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from bus_events import payloads as p
-from loss_plugins import compute_loss, get_loss
+from loss_plugins import compute_loss
+from loss_plugins.registry import resolve
 from trainer_consumer.backends.base import BackendInputError, ForwardBackwardOutput
 
 TARGET_TOKENS = "target_tokens"
@@ -21,8 +22,8 @@ TARGET_TOKENS = "target_tokens"
 @dataclass(frozen=True)
 class CheckedDatum:
     tokens: np.ndarray  # int64 [N]
-    targets: np.ndarray  # int64 [N]
-    inputs: dict[str, np.ndarray]  # every other loss_fn_input, float32 [N]
+    targets: np.ndarray  # int64 [N] or [N, K]
+    inputs: dict[str, np.ndarray]  # every other loss_fn_input, float32, shaped like targets
 
     @property
     def length(self) -> int:
@@ -36,14 +37,24 @@ class MicroBatch:
     start: int
     stop: int
     input_ids: torch.Tensor  # int64 [B, L]
-    targets: torch.Tensor  # int64 [B, L], 0 on padding
+    targets: torch.Tensor  # int64 [B, L] or [B, L, K], 0 on padding
     mask: torch.Tensor  # bool [B, L], True on real positions
 
 
-def check_data(data: Sequence[p.Datum], *, vocab_size: int, max_positions: int | None) -> list[CheckedDatum]:
+def check_data(data: Sequence[p.Datum], *, vocab_size: int, max_positions: int | None,
+               top_k_targets: bool = True) -> list[CheckedDatum]:
+    """`top_k_targets`: whether the backend computes [N, K] target_tokens (one K for the whole request)."""
     if not data:
         raise BackendInputError("forward_backward needs at least one datum")
-    return [_check_datum(i, d, vocab_size, max_positions) for i, d in enumerate(data)]
+    checked = [_check_datum(i, d, vocab_size, max_positions) for i, d in enumerate(data)]
+    field = f"loss_fn_inputs[{TARGET_TOKENS!r}]"
+    for i, datum in enumerate(checked):
+        if datum.targets.ndim == 2 and not top_k_targets:
+            raise BackendInputError(f"data[{i}].{field} is 2-D; this trainer backend computes 1-D target_tokens only")
+        if datum.targets.shape[1:] != checked[0].targets.shape[1:]:
+            raise BackendInputError(f"data[{i}].{field} has shape {list(datum.targets.shape)} but data[0]'s has "
+                                    f"{list(checked[0].targets.shape)}; every datum of a request needs the same K")
+    return checked
 
 
 def _check_ids(where: str, ids: np.ndarray, vocab_size: int) -> None:
@@ -65,23 +76,22 @@ def _check_datum(index: int, datum: p.Datum, vocab_size: int, max_positions: int
     if TARGET_TOKENS not in datum.loss_fn_inputs:
         raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] is missing")
     targets = datum.loss_fn_inputs[TARGET_TOKENS].numpy()
-    if targets.ndim != 1:
-        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] has shape {list(targets.shape)}: "
-                                "only 1-D target_tokens are supported")
+    # [N]: one target per position; [N, K]: K targets per position (top-k distillation), K ≥ 1.
+    if targets.ndim not in (1, 2) or targets.shape[0] != tokens.shape[0] or 0 in targets.shape:
+        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] has shape {list(targets.shape)} but "
+                                f"tokens has shape {list(tokens.shape)}; it must be [N] or [N, K] with K ≥ 1, "
+                                "aligned with tokens position by position")
     if targets.dtype.kind != "i":
         raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] must be integers, got {targets.dtype}")
-    if targets.shape != tokens.shape:
-        raise BackendInputError(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}] has shape {list(targets.shape)} but "
-                                f"tokens has shape {list(tokens.shape)}; they must align position by position")
     _check_ids(f"{where}.loss_fn_inputs[{TARGET_TOKENS!r}]", targets, vocab_size)
     inputs: dict[str, np.ndarray] = {}
     for key, tensor in datum.loss_fn_inputs.items():
         if key == TARGET_TOKENS:
             continue
         values = tensor.numpy()
-        if values.shape != tokens.shape:
-            raise BackendInputError(f"{where}.loss_fn_inputs[{key!r}] has shape {list(values.shape)} but tokens has "
-                                    f"shape {list(tokens.shape)}")
+        if values.shape != targets.shape:
+            raise BackendInputError(f"{where}.loss_fn_inputs[{key!r}] has shape {list(values.shape)} but "
+                                    f"target_tokens has shape {list(targets.shape)}")
         inputs[key] = values.astype(np.float32)
     return CheckedDatum(tokens.astype(np.int64), targets.astype(np.int64), inputs)
 
@@ -118,7 +128,7 @@ def plan_micro_batches(data: Sequence[CheckedDatum], max_tokens: int) -> list[Mi
 def _pad(data: Sequence[CheckedDatum], start: int, stop: int, length: int) -> MicroBatch:
     size = stop - start
     input_ids = torch.zeros(size, length, dtype=torch.int64)
-    targets = torch.zeros(size, length, dtype=torch.int64)
+    targets = torch.zeros(size, length, *data[start].targets.shape[1:], dtype=torch.int64)
     mask = torch.zeros(size, length, dtype=torch.bool)
     for row, datum in enumerate(data[start:stop]):
         n = datum.length
@@ -138,6 +148,7 @@ def run_forward_backward(
     max_positions: int | None,
     micro_batch_tokens: int,
     logprobs_of: Callable[[MicroBatch], torch.Tensor],
+    top_k_targets: bool = True,
 ) -> ForwardBackwardOutput:
     """The forward_backward plan every backend shares; `logprobs_of(batch)` runs the active adapter's model.
 
@@ -145,22 +156,23 @@ def run_forward_backward(
     loss and its gradient w.r.t. those logprobs, then one forward+backward per micro-batch fed that gradient: exactly
     the gradient of the loss over the whole request, with activations for one micro-batch at a time.
     """
-    get_loss(loss_fn)  # an unknown loss fails before any compute
-    checked = check_data(data, vocab_size=vocab_size, max_positions=max_positions)
+    resolve(loss_fn, loss_fn_config)  # an unknown loss (or custom loss graph) fails before any compute
+    checked = check_data(data, vocab_size=vocab_size, max_positions=max_positions, top_k_targets=top_k_targets)
     inputs = concat_inputs(checked)
+    lengths = [d.length for d in checked]
     batches = plan_micro_batches(checked, micro_batch_tokens)
     if forward_only or len(batches) > 1:
         with torch.no_grad():
             logprobs = torch.cat([logprobs_of(batch) for batch in batches])
     if forward_only:
-        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config, lengths)
     elif len(batches) == 1:
         logprobs = logprobs_of(batches[0])
-        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config, lengths)
         loss.loss.backward()
     else:
         logprobs = logprobs.detach().requires_grad_()
-        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config)
+        loss = compute_loss(loss_fn, logprobs, inputs, loss_fn_config, lengths)
         loss.loss.backward()
         upstream, offset = logprobs.grad, 0
         assert upstream is not None  # the loss was computed from these logprobs
@@ -169,6 +181,6 @@ def run_forward_backward(
             logprobs_of(batch).backward(upstream[offset:offset + count])
             offset += count
     flat = logprobs.detach().float().cpu().numpy()
-    splits = np.cumsum([d.length for d in checked])[:-1]
+    splits = np.cumsum(lengths)[:-1]
     return ForwardBackwardOutput(logprobs=list(np.split(flat, splits)),
                                  metrics={k: float(v) for k, v in loss.metrics.items()})

@@ -38,7 +38,7 @@ import torch
 
 from bus_events import payloads as p
 from bus_runtime.base_models import BaseModelInfo, info_from_config
-from trainer_consumer.backends.adamw import AdapterOptimizer
+from trainer_consumer.backends import optimizers
 from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
 from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
@@ -46,6 +46,7 @@ from trainer_consumer.backends.host_copy import reserve_host, to_host
 from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
 from trainer_consumer.backends.lora_compute import FusedLoraLinear, adopt, frozen_weight, use
+from trainer_consumer.backends.optimizers import AnyOptimizer, make_optimizer
 from trainer_consumer.backends.peft_config import adapter_config, lora_config
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class _Adapter:
     slot: str  # PEFT adapter name (model ids contain ':' and '.', which PEFT names must not)
     base: _Base
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # PEFT key -> parameter
-    optimizer: AdapterOptimizer | None = None
+    optimizer: AnyOptimizer | None = None
 
 
 class HfPeftBackend:
@@ -165,7 +166,7 @@ class HfPeftBackend:
         for param in adapter.params.values():  # PEFT leaves only its active adapter trainable; we train any
             param.requires_grad_(True)
         seeded_init(adapter.params, spec.seed)
-        adapter.optimizer = AdapterOptimizer(adapter.params)
+        adapter.optimizer = make_optimizer(spec.optimizer, adapter.params)
         reserve_host(adapter.params)
         self._models.add(model_id, adapter)
         base.active = None  # PEFT may have switched the active adapter; re-activate on the next op
@@ -187,17 +188,19 @@ class HfPeftBackend:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
-        """float32 [real positions of the batch, row-major]: log p(target) under the active adapter."""
+        """float32 [real positions of the batch, row-major] (or [positions, K]): log p(target) under the active
+        adapter."""
         decoder = base.model.get_decoder()
         hidden = decoder(input_ids=self._to_device(batch.input_ids), use_cache=False).last_hidden_state
         # The real positions are found on the host: a boolean mask on the device would make the host wait for
         # the whole decoder before it could queue the unembedding, the loss and the backward.
         positions = batch.mask.flatten().nonzero().squeeze(1)
         hidden = hidden.flatten(0, 1).index_select(0, self._to_device(positions))
-        targets = self._to_device(batch.targets.flatten()[positions])
+        targets = self._to_device(batch.targets.flatten(0, 1)[positions])
         unembed = base.model.get_output_embeddings()
         weight = frozen_weight(unembed)
-        if weight is not None:
+        # The frozen path's saved direction is the gradient of ONE target's logprob; K targets take the general path.
+        if weight is not None and targets.dim() == 1:
             return frozen_unembed_logprobs(weight, hidden, targets, self.logprob_chunk_tokens, self.logprob_math)
         return target_logprobs(unembed, hidden, targets, self.logprob_chunk_tokens)
 
@@ -210,10 +213,10 @@ class HfPeftBackend:
                                     max_positions=base.info.max_positions, micro_batch_tokens=self.micro_batch_tokens,
                                     logprobs_of=lambda batch: self._logprobs(base, batch))
 
-    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
+    def optim_step(self, model_id: str, params: p.AdamParams | p.DimuonParams) -> dict[str, float]:
         adapter = self._adapter(model_id)
         assert adapter.optimizer is not None
-        return adapter.optimizer.step(params)
+        return optimizers.step(adapter.optimizer, params)
 
     def discard_gradients(self, model_id: str) -> None:
         adapter = self._adapter(model_id)

@@ -29,9 +29,11 @@ def _check_lengths(hidden: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def _logprobs_of_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Shaped like targets: [n] (one target per position) or [n, K] (K targets per position)."""
     logits = logits.float()
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return target_logits - torch.logsumexp(logits, dim=-1)
+    columns = targets.reshape(targets.shape[0], -1)
+    target_logits = logits.gather(-1, columns)
+    return (target_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).reshape(targets.shape)
 
 
 def _chunk_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,8 @@ def _chunk_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def target_logprobs(unembed: Unembed, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """float32 [n]: log_softmax(unembed(hidden))[i, targets[i]] for hidden [n, H] and targets [n]."""
+    """float32 shaped like targets: log_softmax(unembed(hidden))[i, targets[i]] for hidden [n, H] and targets [n]
+    or [n, K]."""
     _check_lengths(hidden, targets)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):

@@ -11,6 +11,7 @@ same seq_id, or sampler weights equal to the ones being saved) is then a success
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import msgspec
@@ -172,6 +173,8 @@ async def load_weights(rt: Runtime, stream: ModelStream, inbound: Inbound, paylo
         base_model = payload.base_model or (record.base_model if record is not None else None) or info.base_model
         rt.check_base_model(base_model)
         spec = spec_from_checkpoint(checkpoint, record, base_model, default_seed(stream.model_id))
+        if not payload.optimizer:  # a fresh optimizer: of the family the request names (AdamW by default)
+            spec = dataclasses.replace(spec, optimizer=(payload.optimizer_config or p.OptimizerSpec()).type)
         state = ModelState(model_id=stream.model_id, tenant=env.tenant, spec=spec, session_id=payload.session_id,
                            user_metadata=dict(payload.user_metadata), step=saved_step, mutations=1)
         await install(rt, state, checkpoint, with_optimizer=payload.optimizer, register_run=True)

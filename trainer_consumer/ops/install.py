@@ -11,7 +11,8 @@ from trainer_consumer.runtime import Runtime
 
 def run_record(state: ModelState) -> TrainingRun:
     return TrainingRun(model_id=state.model_id, base_model=state.base_model, tenant=state.tenant,
-                       lora=state.spec.lora, session_id=state.session_id, user_metadata=state.user_metadata)
+                       lora=state.spec.lora, session_id=state.session_id, user_metadata=state.user_metadata,
+                       optimizer=state.spec.optimizer)
 
 
 def _create_and_load(backend: TrainingBackend, state: ModelState, checkpoint: Checkpoint | None,

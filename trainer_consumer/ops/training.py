@@ -45,7 +45,7 @@ async def create_model(rt: Runtime, stream: ModelStream, inbound: Inbound, paylo
     if lora.seed is None:
         lora = msgspec.structs.replace(lora, seed=default_seed(stream.model_id))
     state = ModelState(model_id=stream.model_id, tenant=inbound.env.tenant,
-                       spec=AdapterSpec(base_model=payload.base_model, lora=lora),
+                       spec=AdapterSpec(base_model=payload.base_model, lora=lora, optimizer=payload.optimizer.type),
                        session_id=payload.session_id, user_metadata=dict(payload.user_metadata))
     await install(rt, state, register_run=True)
     stream.state = state
@@ -89,11 +89,16 @@ async def optim_step(rt: Runtime, stream: ModelStream, inbound: Inbound, payload
             f"optim_step not applied: {failure.request} of this gradient window failed ({failure.message}). "
             "The window's accumulated gradients were discarded and the weights left unchanged; the model "
             "continues from its previous step.", failure.category)
-    metrics = await rt.compute(rt.backend.optim_step, state.model_id, payload.adam_params)
+    family = "dimuon" if payload.dimuon_params is not None else "adamw"
+    if family != state.spec.optimizer:
+        raise UserError(f"model {state.model_id!r} was created with the {state.spec.optimizer} optimizer; its "
+                        f"optim_step must send {state.spec.optimizer} parameters, got {family} parameters")
+    metrics = await rt.compute(rt.backend.optim_step, state.model_id, payload.dimuon_params or payload.adam_params)
     state.window_open = False
     state.step += 1
     state.mutations += 1
-    state.last_adam_params = payload.adam_params
+    if payload.dimuon_params is None:
+        state.last_adam_params = payload.adam_params
     return p.OptimStepResult(metrics=metrics)
 
 

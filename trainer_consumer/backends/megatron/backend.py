@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 
 from bus_events import payloads as p
-from trainer_consumer.backends.base import AdapterExport, AdapterSpec, BaseModelInfo, ForwardBackwardOutput
+from trainer_consumer.backends.base import (
+    AdapterExport,
+    AdapterSpec,
+    BackendInputError,
+    BaseModelInfo,
+    ForwardBackwardOutput,
+)
 from trainer_consumer.backends.megatron.engine import MegatronEngine
 from trainer_consumer.backends.megatron.parallel import (
     control_group,
@@ -100,6 +106,9 @@ class MegatronBackend:
         return self._run("base_model_info", base_model)
 
     def create_adapter(self, model_id: str, spec: AdapterSpec) -> None:
+        if spec.optimizer != "adamw":  # its tensor-parallel optimizer is AdamW's (megatron/optimizer.py)
+            raise BackendInputError(f"optimizer {spec.optimizer!r}: the megatron trainer backend trains with adamw "
+                                    "only; use the hf_peft backend for dimuon")
         self._run("create_adapter", model_id, spec)
 
     def remove_adapter(self, model_id: str) -> None:
@@ -109,7 +118,9 @@ class MegatronBackend:
                          loss_fn_config: Mapping[str, float | str], forward_only: bool) -> ForwardBackwardOutput:
         return self._run("forward_backward", model_id, list(data), loss_fn, dict(loss_fn_config), forward_only)
 
-    def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
+    def optim_step(self, model_id: str, params: p.AdamParams | p.DimuonParams) -> dict[str, float]:
+        if not isinstance(params, p.AdamParams):  # no adapter here is anything but AdamW (create_adapter)
+            raise BackendInputError("the megatron trainer backend steps adamw models only")
         return self._run("optim_step", model_id, params)
 
     def discard_gradients(self, model_id: str) -> None:

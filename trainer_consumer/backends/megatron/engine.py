@@ -133,7 +133,8 @@ class MegatronEngine:
             data, loss_fn, loss_fn_config, forward_only, vocab_size=base.info.vocab_size,
             max_positions=base.info.max_positions, micro_batch_tokens=self.micro_batch_tokens,
             logprobs_of=lambda batch: target_logprobs(base.model, batch, base.shape.vocab_size,
-                                                      self.logprob_chunk_tokens))
+                                                      self.logprob_chunk_tokens),
+            top_k_targets=False)  # its vocabulary-parallel logprobs gather one target per position
 
     def optim_step(self, model_id: str, params: p.AdamParams) -> dict[str, float]:
         return self._adapter(model_id).optimizer.step(params)
