@@ -14,6 +14,10 @@ from bus_runtime.settings import BusSettings, open_object_store
 from tinker_bus.infra import TansuBroker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton reads TRITON_INTERPRET when a kernel module is defined (sampler_consumer.attention, .lora_kernels), and any
+# sampler test may import those before tests/test_sampler_kernels.py runs: without a GPU, interpret from the start.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
