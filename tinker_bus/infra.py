@@ -93,6 +93,9 @@ class SeaweedS3:
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={self.port}",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", "-webdav=false", "-admin.ui=false",
+            # Iceberg and Lance listeners default to fixed ports (8181, 9101): a second or just-stopped instance
+            # would fail to bind them (seen in CI); nothing of ours uses them.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-bucket={','.join(self.buckets)}",
         ]
         out = open(self.log_file or self.data_dir / "weed.out", "ab")  # noqa: SIM115 - owned by the child
