@@ -90,7 +90,18 @@ async def test_a_restored_engine_skips_what_its_snapshot_covers_and_applies_the_
            for kind, payload, seq in events]
 
     async with EngineHarness(tiny, objects, config) as first:
-        for inbound in log[:8]:  # create + 3.5 steps: snapshots at steps 2, then the crash mid-window
+        # create + 3.5 steps: the snapshot after step 2 written, then the crash mid-window. The snapshot is awaited
+        # before the rest goes in: captured later (a slow S3 put), it would cover step 3 as well.
+        for inbound in log[:5]:
+            await first.engine.submit(inbound)
+        await first.reply(log[4].env.request_id)
+        for _ in range(500):
+            point = first.engine.streams["m"].durability.point
+            if point.last_seq is not None and point.last_seq >= 4:
+                break
+            await asyncio.sleep(0.02)
+        await _writes_done(first)
+        for inbound in log[5:8]:
             await first.engine.submit(inbound)
         await first.reply(log[7].env.request_id)
         await _writes_done(first)

@@ -102,8 +102,14 @@ class _Recorder:
         self.changed = asyncio.Event()
 
     async def __call__(self, inbound: Inbound, replies: list[Reply]) -> None:
-        self.finished.add(id(inbound))
-        self.changed.set()
+        try:
+            await self._record(inbound, replies)
+        finally:
+            # Only once its entry is in (a save's entry awaits the sandbox): wait_done must not return before.
+            self.finished.add(id(inbound))
+            self.changed.set()
+
+    async def _record(self, inbound: Inbound, replies: list[Reply]) -> None:
         env = inbound.env
         first_time = env.seq_id is None or env.seq_id not in self.seen_seqs
         if env.seq_id is not None:
