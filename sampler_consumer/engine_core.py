@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from bus_events.payloads import prompt_output_problem
 from sampler_consumer.config import SamplerConfig
-from sampler_consumer.executor import Executor
+from sampler_consumer.executor import Executor, PendingStep
 from sampler_consumer.kv_pages import PagePool
 from sampler_consumer.metrics import SamplerMetrics
 from sampler_consumer.models import BaseModel
@@ -75,12 +76,13 @@ class ModelEngine:
                                  kernels=kernels, prompt_logprob_chunk=config.prompt_logprob_chunk)
         self.steps = 0
         self._window = _Window()
+        self._in_flight: _Launched | None = None  # launched, its tokens not read back yet
         log.info("sampler engine for %s: %d KV pages of %d positions, %d rows, graphs %s, kernels %s", base.name,
                  pages - 1, config.page_size, config.max_batch_rows, self.executor.graphs, kernels)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def _stop_rule(self, request: GenRequest) -> StopChecker:
         return StopChecker(request.params.stop, self.base.eos_ids, self.base.decode)
@@ -114,31 +116,32 @@ class ModelEngine:
         return None if problem is None else GenFailure(problem, "user")
 
     def step(self) -> None:
-        """Admit, prefill, decode and sample once. A failing part fails only the requests it was running."""
+        """Admit and launch one step (prefill, decode, sample), then read back the step launched before it: the
+        device runs this step while the host turns the previous one's tokens into results, so it never waits for
+        the scheduler. A failing part fails only the requests it was running."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
+        launched = None
+        if not plan.empty:
+            self.steps += 1
+            launched = self._launch(plan)
+        landing, self._in_flight = self._in_flight, launched
+        if landing is not None:
+            self._land(landing)
         if plan.empty:
             return
-        self.steps += 1
-        try:
-            self._step(plan)
-        finally:
-            seconds, prefilled = time.perf_counter() - started, sum(item.new_tokens for item in plan.prefills)
-            self._window.add(seconds, len(plan.sample), prefilled)
-            if self._window.due():
-                self._report()
-            if self.metrics is not None:
-                self._observe(plan, seconds, prefilled, self.metrics)
+        seconds, prefilled = time.perf_counter() - started, sum(item.new_tokens for item in plan.prefills)
+        self._window.add(seconds, len(plan.sample), prefilled)
+        if self._window.due():
+            self._report()
+        if self.metrics is not None:
+            self._observe(plan, seconds, prefilled, self.metrics)
 
     def _observe(self, plan: StepPlan, seconds: float, prefilled: int, metrics: SamplerMetrics) -> None:
         s, pool, name = self.scheduler, self.pool, self.base.name
         metrics.engine_step(name, tokens=len(plan.sample), prompt_tokens=prefilled, seconds=seconds,
                             running=len(s.rows), waiting=len(s.waiting),
                             kv_blocks_used=pool.num_pages - 1 - pool.free_pages, kv_blocks_total=pool.num_pages - 1)
-        now = time.monotonic()
-        for item in plan.prefills:  # a prefilled request samples its first token in the same step
-            for group in item.groups:
-                metrics.first_token(name, now - group.added_at)
         lookups, hits = self._prefix_seen
         for _ in range(pool.lookup_hits - hits):
             metrics.cache_lookup("prefix", True)
@@ -155,7 +158,8 @@ class ModelEngine:
                  pool.cached_pages, pool.num_pages - 1, pool.hits)
         self._window = _Window()
 
-    def _step(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> _Launched | None:
+        """Queue the step's device work; None if nothing of it is left to read back."""
         prefill_logits = None
         outputs: list[GenOutput | None] = [None] * len(plan.prefills)
         if plan.prefills:
@@ -166,43 +170,72 @@ class ModelEngine:
                 log.exception("prefill of %d prompts failed", len(plan.prefills))
                 self.scheduler.fail([g for item in plan.prefills for g in item.groups],
                                     f"sampling failed in prefill: {describe(exc)}")
-                plan = StepPlan([], plan.decode, [row for row in plan.sample if not row.done])
+                plan = plan.without_failed(prefills=False)
                 outputs = []
         decode_logits = None
         if len(plan.decode):
             try:
-                decode_logits = self.executor.decode(self.scheduler, plan.decode)
+                decode_logits = self.executor.decode(self.scheduler, plan)
             except Exception as exc:
                 log.exception("decode of %d rows failed", len(plan.decode))
                 self.scheduler.fail(_groups(self.scheduler.rows[s] for s in plan.decode.tolist()),
                                     f"sampling failed in decode: {describe(exc)}")
-                plan = StepPlan(plan.prefills, np.zeros(0, dtype=np.int64), [r for r in plan.sample if not r.done])
+                plan = plan.without_failed()
         try:
-            sampled = self._sample(plan, decode_logits, prefill_logits)
+            pending = self._sample(plan, decode_logits, prefill_logits)
         except Exception as exc:
             log.exception("sampling %d rows failed", len(plan.sample))
-            self.scheduler.fail(_groups(plan.sample) + [g for item in plan.prefills for g in item.groups],
-                                f"sampling failed: {describe(exc)}")
+            self._fail_step(plan, f"sampling failed: {describe(exc)}")
+            return None
+        return _Launched(plan, outputs, pending)
+
+    def _land(self, launched: _Launched) -> None:
+        """Wait for a launched step's tokens and record them (rows finish, answers go out)."""
+        plan = launched.plan
+        try:
+            sampled = launched.pending.wait() if launched.pending is not None else _NOTHING_SAMPLED
+        except Exception as exc:  # an error raised by the device while it ran the step
+            log.exception("a step of %d rows failed on the device", len(plan.sample))
+            self._fail_step(plan, f"sampling failed: {describe(exc)}")
             return
-        self.scheduler.complete(plan, sampled.tokens, sampled.logprobs, outputs, sampled.topk)
+        self.scheduler.complete(plan, sampled.tokens, sampled.logprobs, launched.outputs, sampled.topk)
+        if self.metrics is not None:
+            now = time.monotonic()
+            for item in plan.prefills:  # a prefilled request's first token came with this step
+                for group in item.groups:
+                    self.metrics.first_token(self.base.name, now - group.added_at)
+
+    def _fail_step(self, plan: StepPlan, message: str) -> None:
+        self.scheduler.fail(_groups(plan.sample) + [g for item in plan.prefills for g in item.groups], message)
 
     def _sample(self, plan: StepPlan, decode_logits: torch.Tensor | None,
-                prefill_logits: torch.Tensor | None) -> SampledStep:
+                prefill_logits: torch.Tensor | None) -> PendingStep | None:
         parts = [] if decode_logits is None else [decode_logits]
         item_of_row = [i for i, item in enumerate(plan.prefills) for row in item.rows
                        if row.group.request.params.max_tokens > 0]
         if item_of_row and prefill_logits is not None:
-            parts.append(prefill_logits.index_select(0, torch.tensor(item_of_row, device=prefill_logits.device)))
+            parts.append(prefill_logits.index_select(0, self.executor.upload(np.array(item_of_row, dtype=np.int64))))
         if not parts:
-            return SampledStep(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+            return None
         logits = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts])
         return self.executor.sample(self.scheduler, plan, logits)
 
     def fail_all(self, message: str) -> None:
+        self._in_flight = None
         groups = _groups(self.scheduler.rows.values())
         self.scheduler.fail(groups, message)
         while self.scheduler.waiting:
             self.scheduler.waiting.popleft().done(GenFailure(message, "server"))
+
+
+_NOTHING_SAMPLED = SampledStep(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+
+
+@dataclass
+class _Launched:
+    plan: StepPlan
+    outputs: list[GenOutput | None]  # per prefill item: its prompt logprobs, if asked
+    pending: PendingStep | None  # None: no row samples (max_tokens = 0 prompts only)
 
 
 class _Window:

@@ -5,6 +5,11 @@ input buffers: tokens, positions, cache slots, block tables, lengths and the LoR
 replays. The graph depends on neither the adapters in the batch (they are slot indices in the tiles) nor on the
 rows' lengths (the attention kernel reads them), so nothing is ever recompiled. Padding rows of a bucket write
 to the scratch page and are never read. Elsewhere (CPU) the same forward runs eagerly at the exact batch size.
+
+Nothing here waits for the device: host arrays go up through page-locked staging copies queued on the stream (a
+plain copy from pageable memory would synchronise it), a row's next input token stays on the device (`next_token`,
+by row slot), and a step's sampled tokens come back through copies queued behind it (`PendingStep`), so the
+engine can plan and launch the next step while this one runs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,27 @@ class _Graph:
     logits: torch.Tensor
 
 
+@dataclass
+class PendingStep:
+    """A launched step's sampled tokens, logprobs and top-k rows, copied to the host behind the step's work;
+    `wait` is the step's one host sync."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    topk_positions: np.ndarray | None
+    topk_ids: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+    ready: torch.cuda.Event | None
+
+    def wait(self) -> SampledStep:
+        if self.ready is not None:
+            self.ready.synchronize()
+        topk = None
+        if self.topk_positions is not None and self.topk_ids is not None and self.topk_logprobs is not None:
+            topk = TopkRows(self.topk_positions, self.topk_ids.numpy(), self.topk_logprobs.numpy())
+        return SampledStep(self.tokens.numpy(), self.logprobs.numpy(), topk)
+
+
 class Executor:
     def __init__(self, base: BaseModel, model: PagedModel, *, max_rows: int, max_pages_per_row: int,
                  graphs: bool, kernels: bool, prompt_logprob_chunk: int) -> None:
@@ -54,9 +80,28 @@ class Executor:
         self.slots = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)
         self.block_table = torch.zeros(self.max_rows, max_pages_per_row, device=self.device, dtype=torch.int32)
         self.seq_lens = torch.ones(self.max_rows, device=self.device, dtype=torch.int32)
+        self.next_token = torch.zeros(self.max_rows, device=self.device, dtype=torch.long)  # by row slot
+        self._cuda = self.device.type == "cuda"
         self._tiles: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    # ------------------------------------------------------------------ host <-> device without a sync
+    def _staged(self, array: np.ndarray) -> torch.Tensor:
+        """`array` as a host tensor a non-blocking copy may read later: page-locked on CUDA (torch's caching host
+        allocator keeps the block until the copy that reads it has run), the array itself elsewhere."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        return host.pin_memory() if self._cuda else host
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        return self._staged(array).to(self.device, non_blocking=True)
+
+    def _fill(self, buffer: torch.Tensor, array: np.ndarray) -> None:
+        buffer.copy_(self._staged(array), non_blocking=True)
+
+    def _download(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._cuda)
+        return host.copy_(tensor, non_blocking=True)
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -84,16 +129,14 @@ class Executor:
             positions[i, :len(new)] = new
             slots[i, :len(new)] = pages[new // page_size] * page_size + new % page_size
             table[i, :len(pages)] = pages
-        device = self.device
-        meta = PrefillMeta(torch.from_numpy(table).to(device),
-                           torch.tensor([item.start for item in batch], device=device),
-                           torch.tensor([len(item.prompt) for item in batch], device=device))
+        up = self.upload
+        meta = PrefillMeta(up(table), up(np.array([item.start for item in batch], dtype=np.int64)),
+                           up(np.array([len(item.prompt) for item in batch], dtype=np.int64)))
         self._plan([(i * width, i * width + item.new_tokens, item.adapter_slot) for i, item in enumerate(batch)])
         try:
-            hidden = self.model.forward(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
-                                        torch.from_numpy(slots).to(device).view(-1), meta)
-            last = hidden[torch.arange(rows, device=device),
-                          torch.tensor([item.new_tokens - 1 for item in batch], device=device)]
+            hidden = self.model.forward(up(tokens), up(positions), up(slots).view(-1), meta)
+            last = hidden[torch.arange(rows, device=self.device),
+                          up(np.array([item.new_tokens - 1 for item in batch], dtype=np.int64))]
             self._plan([(i, i + 1, item.adapter_slot) for i, item in enumerate(batch)])
             logits = self.model.head(last).float()
             outputs = [self._prompt_outputs(item, hidden[i]) if item.full_prompt else None
@@ -107,7 +150,7 @@ class Executor:
         if self.kernels and any(slot for _, _, slot in segments):
             from sampler_consumer.lora_kernels import build_tiles
 
-            tiles = torch.tensor(build_tiles(segments), dtype=torch.int32, device=self.device)
+            tiles = self.upload(np.array(build_tiles(segments), dtype=np.int32))
         self.bank.plan(LoraPlan(segments, tiles))
 
     def _prompt_outputs(self, item: PrefillItem, hidden: torch.Tensor) -> GenOutput:
@@ -120,7 +163,7 @@ class Executor:
         topk_ids = np.full((n, k), TOPK_PAD_ID, dtype=np.int32)
         topk_lps = np.full((n, k), TOPK_PAD_LOGPROB, dtype=np.float32)
         extras = PromptExtras.of(item.groups[0].request, self.device)  # such a group is its item's only one
-        targets = torch.tensor(item.prompt[1:], device=self.device)
+        targets = self.upload(np.array(item.prompt[1:], dtype=np.int64))
         for c0 in range(0, n - 1, self.prompt_logprob_chunk):
             c1 = min(n - 1, c0 + self.prompt_logprob_chunk)
             self._plan([(0, c1 - c0, item.adapter_slot)])
@@ -139,20 +182,21 @@ class Executor:
         return out
 
     @torch.inference_mode()
-    def decode(self, scheduler: Scheduler, slots: np.ndarray) -> torch.Tensor:
+    def decode(self, scheduler: Scheduler, plan: StepPlan) -> torch.Tensor:
+        slots, lengths = plan.decode, plan.decode_positions
         rows = len(slots)
         bucket = bucket_of(rows) if self.graphs else rows
-        lengths = scheduler.length[slots]
-        self.tokens[:rows].copy_(torch.from_numpy(scheduler.last_token[slots]))
-        self.positions[:rows].copy_(torch.from_numpy(lengths))
+        # Each row's input is the token its previous step sampled, still on the device (it may not have run yet).
+        torch.index_select(self.next_token, 0, self.upload(slots), out=self.tokens[:rows])
+        self._fill(self.positions[:rows], lengths)
         page_size = scheduler.page_size
         # Only the pages in use travel: entries past a row's length are never read (the kernel stops there).
         width = int(lengths.max()) // page_size + 1
         tables = scheduler.block_table[slots, :width]
         cache_slots = tables[np.arange(rows), lengths // page_size].astype(np.int64) * page_size + lengths % page_size
-        self.slots[:rows].copy_(torch.from_numpy(cache_slots))
-        self.block_table[:rows, :width].copy_(torch.from_numpy(tables))
-        self.seq_lens[:rows].copy_(torch.from_numpy((lengths + 1).astype(np.int32)))
+        self._fill(self.slots[:rows], cache_slots)
+        self._fill(self.block_table[:rows, :width], tables)
+        self._fill(self.seq_lens[:rows], (lengths + 1).astype(np.int32))
         if bucket > rows:  # padding rows: scratch page, length 1
             self.tokens[rows:bucket] = 0
             self.positions[rows:bucket] = 0
@@ -165,7 +209,7 @@ class Executor:
             from sampler_consumer.lora_kernels import build_tiles
 
             tiles = self._tiles_for(bucket)
-            tiles.copy_(torch.tensor(build_tiles(segments, tiles.shape[1]), dtype=torch.int32))
+            self._fill(tiles, np.array(build_tiles(segments, tiles.shape[1]), dtype=np.int32))
         if not self.graphs:
             # Eager: the block table only as wide as the longest row needs (a graph keeps the full width).
             self.bank.plan(LoraPlan(segments, self._tiles.get(bucket)) if lora else None)
@@ -213,34 +257,40 @@ class Executor:
         return self._graphs[(bucket, lora)]
 
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
-        self.model.copy_pages(pairs, self.device)
+        if pairs:
+            self.model.copy_pages(self.upload(np.array([s for s, _ in pairs], dtype=np.int64)),
+                                  self.upload(np.array([d for _, d in pairs], dtype=np.int64)))
 
     @torch.inference_mode()
-    def sample(self, scheduler: Scheduler, plan: StepPlan, logits: torch.Tensor) -> SampledStep:
+    def sample(self, scheduler: Scheduler, plan: StepPlan, logits: torch.Tensor) -> PendingStep:
+        """Queue the sampling of `plan.sample`'s rows (their next inputs stay on the device) and the copies of
+        the results to the host; nothing waits here."""
         slots = np.array([row.slot for row in plan.sample], dtype=np.int64)
         temperature = scheduler.temperature[slots]
         top_k, top_p = scheduler.top_k[slots], scheduler.top_p[slots]
         random = temperature > 0
         truncating = random & ((top_k > 0) | (top_p < 1))
-        device = self.device
-
-        def on_device(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+        up = self.upload
 
         def index(mask: np.ndarray) -> torch.Tensor | None:
-            return on_device(np.flatnonzero(mask)) if mask.any() else None
+            return up(np.flatnonzero(mask)) if mask.any() else None
 
         tokens, logprobs = sample_rows(
-            logits, on_device(np.where(random, temperature, 1.0).astype(np.float32)), on_device(top_k),
-            on_device(top_p), on_device(scheduler.seed[slots]), on_device(scheduler.generated[slots]),
-            index(truncating), index(random & ~truncating))
-        topk = None
+            logits, up(np.where(random, temperature, 1.0).astype(np.float32)), up(top_k), up(top_p),
+            up(scheduler.seed[slots]), up(plan.sample_steps), index(truncating), index(random & ~truncating))
+        self.next_token.index_copy_(0, up(slots), tokens)
+        positions = ids = values = None
         wanted = scheduler.topk_sample[slots]
         if wanted.any():  # opt-in per request: only its rows, one extra small copy to the host
-            rows = np.flatnonzero(wanted)
-            ids, values = top_logprobs(logits.index_select(0, on_device(rows)), int(wanted.max()))
-            topk = TopkRows(rows, ids.to(torch.int32).cpu().numpy(), values.cpu().numpy())
-        return SampledStep(tokens.cpu().numpy(), logprobs.cpu().numpy(), topk)
+            positions = np.flatnonzero(wanted)
+            top_ids, top_values = top_logprobs(logits.index_select(0, up(positions)), int(wanted.max()))
+            ids, values = self._download(top_ids.to(torch.int32)), self._download(top_values)
+        tokens_host, logprobs_host = self._download(tokens), self._download(logprobs)
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingStep(tokens_host, logprobs_host, positions, ids, values, ready)
 
 
 def _segments(adapter_slots: np.ndarray) -> list[tuple[int, int, int]]:

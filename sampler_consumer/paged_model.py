@@ -115,10 +115,7 @@ class PagedModel:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.norm(hidden)
 
-    def copy_pages(self, pairs: list[tuple[int, int]], device: torch.device) -> None:
-        if not pairs:
-            return
-        src = torch.tensor([s for s, _ in pairs], device=device)
-        dst = torch.tensor([d for _, d in pairs], device=device)
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Page dst[i] of every layer's K and V becomes a copy of page src[i]."""
         for cache in (*self.k_cache, *self.v_cache):
             cache.index_copy_(0, dst, cache.index_select(0, src))

@@ -6,6 +6,11 @@ go back at once. Identical prompts of the same adapter version admitted together
 `PrefillItem`, full pages shared, the partial last page copied per row); a later identical prompt reuses the
 cached full pages (PagePool's prefix cache) and prefills only the rest.
 
+The scheduler runs one step ahead of the results: `schedule` leaves the state as it will be after the step
+(lengths, tokens generated), so the engine can launch step n+1 before step n's tokens reach the host. A row that
+turns out to have stopped at step n still decodes in step n + 1 (within pages it was promised); `complete` drops
+that token.
+
 Memory is promised up front: a row is admitted only if the pages for its whole prompt + max_tokens are free or
 evictable beyond what running rows were promised, so a running row never waits for a page and nothing is ever
 preempted. Per-row state the executor needs each step lives in arrays indexed by a row's fixed `slot`.
@@ -95,10 +100,20 @@ class StepPlan:
     prefills: list[PrefillItem]
     decode: np.ndarray  # row slots decoding this step, grouped by adapter slot
     sample: list[Row]  # rows that get a token this step: the decode rows in order, then prefill rows
+    decode_positions: np.ndarray  # per decode row: the position its token is written at (its length before)
+    sample_steps: np.ndarray  # per sampled row: how many tokens it had before this one (its seed's step)
 
     @property
     def empty(self) -> bool:
         return not self.prefills and len(self.decode) == 0
+
+    def without_failed(self, *, prefills: bool = True) -> StepPlan:
+        """This plan less the rows failed since it was made (and less its prefills if `prefills` is False)."""
+        keep = np.array([not row.done for row in self.sample], dtype=bool)
+        decoding = keep[:len(self.decode)]  # the decode rows come first in `sample`
+        return StepPlan(self.prefills if prefills else [], self.decode[decoding],
+                        [row for row, kept in zip(self.sample, keep, strict=True) if kept],
+                        self.decode_positions[decoding], self.sample_steps[keep])
 
 
 class TopkRows(NamedTuple):
@@ -128,14 +143,13 @@ class Scheduler:
         self._free_slots = list(range(max_rows - 1, -1, -1))
         # Per row slot: what the executor reads each step (numpy, gathered by the decode batch's slots).
         self.block_table = np.full((max_rows, max_pages_per_row), SCRATCH_PAGE, dtype=np.int32)
-        self.length = np.zeros(max_rows, dtype=np.int64)  # positions whose KV is written
-        self.last_token = np.zeros(max_rows, dtype=np.int64)
+        self.length = np.zeros(max_rows, dtype=np.int64)  # positions whose KV is written once launched steps ran
         self.adapter_slot = np.zeros(max_rows, dtype=np.int32)
         self.temperature = np.zeros(max_rows, dtype=np.float32)
         self.top_k = np.zeros(max_rows, dtype=np.int64)
         self.top_p = np.ones(max_rows, dtype=np.float32)
         self.seed = np.zeros(max_rows, dtype=np.int64)
-        self.generated = np.zeros(max_rows, dtype=np.int64)
+        self.generated = np.zeros(max_rows, dtype=np.int64)  # tokens sampled by the steps launched so far
         self.max_tokens = np.zeros(max_rows, dtype=np.int64)
         self.topk_sample = np.zeros(max_rows, dtype=np.int64)  # topk_sample_logprobs: 0 = not asked
 
@@ -152,13 +166,23 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> StepPlan:
+        """The next step; the state is advanced past it at once (see the module's docstring)."""
         prefills = self._admit()
-        decode = [row for row in self.rows.values() if not row.done and row.sequence.tokens]
+        generated, max_tokens = self.generated, self.max_tokens
+        decode = [row for row in self.rows.values() if 0 < generated[row.slot] < max_tokens[row.slot]]
         decode.sort(key=lambda row: self.adapter_slot[row.slot])  # LoRA segments: one per adapter
         for row in decode:
             self._ensure_page(row, int(self.length[row.slot]))
         sample = decode + [row for item in prefills for row in item.rows if row.group.request.params.max_tokens > 0]
-        return StepPlan(prefills, np.array([row.slot for row in decode], dtype=np.int64), sample)
+        decode_slots = np.array([row.slot for row in decode], dtype=np.int64)
+        sample_slots = np.array([row.slot for row in sample], dtype=np.int64)
+        plan = StepPlan(prefills, decode_slots, sample, self.length[decode_slots], generated[sample_slots])
+        for item in prefills:
+            for row in item.rows:
+                self.length[row.slot] = len(item.prompt)
+        self.length[decode_slots] += 1
+        generated[sample_slots] += 1
+        return plan
 
     def _admit(self) -> list[PrefillItem]:
         items: dict[tuple, PrefillItem] = {}
@@ -281,10 +305,11 @@ class Scheduler:
     # ------------------------------------------------------------------ after the step
     def complete(self, plan: StepPlan, tokens: np.ndarray, logprobs: np.ndarray,
                  prompt_outputs: list[GenOutput | None], topk: TopkRows | None = None) -> None:
-        """Record the step's sampled tokens (in `plan.sample` order) and finish the rows that stopped."""
+        """Record the step's sampled tokens (in `plan.sample` order) and finish the rows that stopped. Rows that
+        finished or failed after the step was launched are skipped: their token was speculative."""
         for item, output in zip(plan.prefills, prompt_outputs, strict=True):
-            for row in item.rows:
-                self.length[row.slot] = len(item.prompt)
+            if all(row.done for row in item.rows):
+                continue  # failed since: its pages went back and must not be published
             for group in item.groups:
                 group.output = GenOutput(sequences=[], prompt_cache_hit_tokens=item.start)
                 if output is not None and group.request.wants_prompt_extras:  # the item's only group
@@ -299,17 +324,15 @@ class Scheduler:
             self.pool.publish(item.pages[:len(item.prompt) // self.page_size],
                               page_digests(item.adapter_key, item.prompt, self.page_size,
                                            len(item.prompt) // self.page_size))
-        if len(plan.decode):
-            self.length[plan.decode] += 1
-        slots = np.array([row.slot for row in plan.sample], dtype=np.int64)
-        if len(slots):
-            self.last_token[slots] = tokens
-            self.generated[slots] += 1
         if topk is not None:  # before any row below finishes and hands its sequence over
             for position, ids, values in zip(topk.positions.tolist(), topk.ids, topk.logprobs, strict=True):
-                k = self.topk_sample[plan.sample[position].slot]
-                plan.sample[position].sequence.topk.append((ids[:k], values[:k]))
+                row = plan.sample[position]
+                if not row.done:
+                    k = self.topk_sample[row.slot]
+                    row.sequence.topk.append((ids[:k], values[:k]))
         for row, token, logprob in zip(plan.sample, tokens.tolist(), logprobs.tolist(), strict=True):
+            if row.done:
+                continue
             seq = row.sequence
             seq.tokens.append(token)
             seq.logprobs.append(logprob)

@@ -143,3 +143,41 @@ def test_admission_waits_for_pages_and_rows_and_rejects_what_can_never_fit():
     assert [f.category for f in answers2] == ["user", "user"]
     assert "exceeds the 3 rows" in answers2[0].message and "KV pages" in answers2[1].message
     assert len(plan.prefills[0].rows) == 3
+
+
+def test_a_step_planned_before_the_last_one_landed_drops_the_token_of_a_row_that_had_stopped():
+    """The engine plans step n+1 before step n's tokens are read: a row that stopped at n decodes once more,
+    and that token is dropped; its slot and pages are free for the next request; the positions advance as if
+    every step had landed first."""
+    s = _scheduler(pages=20)
+    answers: list = []
+    s.add(GenRequest([1, 2, 3], p.SamplingParams(max_tokens=8, temperature=1.0, seed=1, stop=[99])), answers.append)
+    first = s.schedule()  # prefill: the first token
+    second = s.schedule()  # planned before `first` landed: the row decodes at position 3
+    assert list(second.decode_positions) == [3] and list(second.sample_steps) == [1]
+    s.complete(first, np.array([5]), np.zeros(1, dtype=np.float32), [None])
+    third = s.schedule()
+    s.complete(second, np.array([99]), np.zeros(1, dtype=np.float32), [])  # stops here
+    assert len(answers) == 1 and answers[0].sequences[0].tokens == [5, 99]
+    assert s.rows == {} and s.reserved == 0
+    s.add(_request([7, 8, 9, 10, 11]), answers.append)
+    fourth = s.schedule()  # the freed slot goes to the newcomer while `third` (the stopped row) is in flight
+    assert fourth.prefills[0].rows[0].slot == third.sample[0].slot
+    s.complete(third, np.array([42]), np.zeros(1, dtype=np.float32), [])  # the stopped row's speculative token
+    assert answers[0].sequences[0].tokens == [5, 99]
+    s.complete(fourth, np.array([6]), np.zeros(1, dtype=np.float32), [None])
+    while s.rows:
+        _run_step(s)
+    assert answers[1].sequences[0].tokens == [6, 7, 7]
+    assert s.pool.available == 19
+
+
+def test_a_row_is_never_planned_past_max_tokens_while_its_last_token_is_in_flight():
+    s = _scheduler(pages=20)
+    s.add(_request([1, 2], max_tokens=2), lambda r: None)
+    first, second = s.schedule(), s.schedule()
+    assert len(second.decode) == 1
+    assert s.schedule().empty  # two tokens launched: nothing more to plan until they land
+    s.complete(first, np.array([3]), np.zeros(1, dtype=np.float32), [None])
+    s.complete(second, np.array([4]), np.zeros(1, dtype=np.float32), [])
+    assert not s.has_work
