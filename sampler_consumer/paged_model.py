@@ -11,14 +11,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
-from sampler_consumer.attention import (
-    decode_attention_torch,
-    decode_attention_triton,
-    prefill_attention,
-    triton,
-    write_kv,
+from sampler_consumer.attention import decode_attention_torch, decode_attention_triton, prefill_attention, triton
+from sampler_consumer.fused_kernels import (
+    add_rms_norm_torch,
+    add_rms_norm_triton,
+    rotary_write_kv_torch,
+    rotary_write_kv_triton,
 )
 from sampler_consumer.models import BaseModel
 
@@ -82,6 +81,35 @@ class PagedModel:
             finally:
                 self.k_cache[0][1].zero_()
                 self.v_cache[0][1].zero_()
+        self.add_norm = add_rms_norm_torch
+        self.fused_rotary = False
+        if triton_attention and triton is not None:
+            try:
+                self._check_fused_kernels()
+                self.add_norm, self.fused_rotary = add_rms_norm_triton, True
+            except Exception:
+                log.exception("the fused norm / rotary kernels failed their self-check; using torch")
+
+    def _check_fused_kernels(self) -> None:
+        """Both fused kernels against their torch code on random values of this model's shapes (and that they
+        compile for them at all), on scratch caches."""
+        device, dtype = self.cos.device, self.cos.dtype
+        norm = self.layers[0].input_layernorm
+        hidden = torch.randn(3, norm.weight.shape[0], device=device, dtype=dtype)
+        delta = torch.randn_like(hidden)
+        for got, want in zip(add_rms_norm_triton(hidden, delta, norm), add_rms_norm_torch(hidden, delta, norm),
+                             strict=True):
+            torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+        q = torch.randn(3, self.heads, self.head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(3, self.kv_heads, self.head_dim, device=device, dtype=dtype) for _ in range(2))
+        positions = torch.tensor([0, 5, 2], device=device)
+        slots = torch.tensor([1, 2, 3], device=device)
+        caches = [torch.zeros(2, self.page_size, self.kv_heads, self.head_dim, device=device, dtype=dtype)
+                  for _ in range(4)]
+        got = rotary_write_kv_triton(q, k, v, positions, self.cos, self.sin, caches[0], caches[1], slots)
+        want = rotary_write_kv_torch(q, k, v, self.cos[positions], self.sin[positions], caches[2], caches[3], slots)
+        for a, b in ((got, want), (caches[0], caches[2]), (caches[1], caches[3])):
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -91,29 +119,34 @@ class PagedModel:
                 meta: PrefillMeta | DecodeMeta) -> torch.Tensor:
         """Final-norm hidden states, shaped like `tokens` + [hidden]."""
         hidden = self.embed(tokens)
-        cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)  # [..., 1, D]
+        cos = sin = None
+        if not self.fused_rotary:
+            cos, sin = self.cos[positions], self.sin[positions]  # [..., D]
         lead = tokens.shape
+        delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to the residual
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
+            hidden, x = self.add_norm(hidden, delta, layer.input_layernorm)
             q = attn.q_proj(x).view(*lead, self.heads, self.head_dim)
             k = attn.k_proj(x).view(*lead, self.kv_heads, self.head_dim)
             v = attn.v_proj(x).view(*lead, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            write_kv(self.k_cache[i], slots, k)
-            write_kv(self.v_cache[i], slots, v)
+            if cos is None or sin is None:
+                q = rotary_write_kv_triton(q, k, v, positions, self.cos, self.sin, self.k_cache[i],
+                                           self.v_cache[i], slots)
+            else:
+                q = rotary_write_kv_torch(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots)
             if isinstance(meta, PrefillMeta):
                 o = prefill_attention(q, self.k_cache[i], self.v_cache[i], meta.block_table, meta.starts,
                                       meta.lengths, self.scale)
             else:
                 o = self.decode_attention(q, self.k_cache[i], self.v_cache[i], meta.block_table, meta.seq_lens,
                                           self.scale)
-            hidden = hidden + attn.o_proj(o.reshape(*lead, self.heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.norm(hidden)
+            hidden, x = self.add_norm(hidden, attn.o_proj(o.reshape(*lead, self.heads * self.head_dim)),
+                                      layer.post_attention_layernorm)
+            delta = layer.mlp(x)
+        return self.add_norm(hidden, delta, self.norm)[1]
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Page dst[i] of every layer's K and V becomes a copy of page src[i]."""
