@@ -277,7 +277,8 @@ class Executor:
 
         tokens, logprobs = sample_rows(
             logits, up(np.where(random, temperature, 1.0).astype(np.float32)), up(top_k), up(top_p),
-            up(scheduler.seed[slots]), up(plan.sample_steps), index(truncating), index(random & ~truncating))
+            up(scheduler.seed[slots]), up(plan.sample_steps), index(truncating), index(random & ~truncating),
+            fused=self.kernels)
         self.next_token.index_copy_(0, up(slots), tokens)
         positions = ids = values = None
         wanted = scheduler.topk_sample[slots]

@@ -69,28 +69,40 @@ def _truncated(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 seeds: torch.Tensor, steps: torch.Tensor, truncating: torch.Tensor | None,
-                random: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                random: torch.Tensor | None, *, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [R], logprobs [R]) for logits [R, V]; `random` / `truncating` index the rows with temperature > 0
-    (and of those, the ones with top-k / top-p); the caller knows them from the rows' parameters.
+    without / with top-k or top-p (the caller knows them from the rows' parameters; other rows are greedy).
+    `fused`: the greedy and `random` rows in one Triton kernel (sampling_kernels.py, CUDA).
 
     The returned logprob is log p(token) under the model itself (temperature 1, no truncation), the number
     the trainer's forward pass computes for the same token; vLLM's default "raw logprobs" alike.
     """
-    logits = logits.float()
-    log_total = torch.logsumexp(logits, dim=-1)  # log p(t) = logit(t) - this: no [R, V] log_softmax
-    tokens = logits.argmax(dim=-1)
     uniforms = hashed_uniform(seeds, steps)
-    for index, truncates in ((random, False), (truncating, True)):
+    passes: tuple[tuple[torch.Tensor | None, bool], ...]
+    if fused:
+        from sampler_consumer.sampling_kernels import sample_plain_rows
+
+        plain_temperature = torch.zeros_like(temperature)  # 0: greedy, in the kernel
+        if random is not None and random.numel():
+            plain_temperature.index_copy_(0, random, temperature.index_select(0, random))
+        tokens, log_total = sample_plain_rows(logits, plain_temperature, uniforms)
+        passes = ((truncating, True),)
+    else:
+        logits = logits.float()
+        log_total = torch.logsumexp(logits, dim=-1)  # log p(t) = logit(t) - this: no [R, V] log_softmax
+        tokens = logits.argmax(dim=-1)
+        passes = ((random, False), (truncating, True))
+    for index, truncates in passes:
         if index is None or index.numel() == 0:
             continue
-        scaled = logits.index_select(0, index) / temperature.index_select(0, index).unsqueeze(1)
+        scaled = logits.index_select(0, index).float() / temperature.index_select(0, index).unsqueeze(1)
         if truncates:
             chosen = _truncated(scaled, top_k.index_select(0, index), top_p.index_select(0, index),
                                 uniforms.index_select(0, index))
         else:
             chosen = _inverse_cdf(torch.softmax(scaled, dim=-1), uniforms.index_select(0, index))
         tokens.index_copy_(0, index, chosen)
-    return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
+    return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float() - log_total
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
