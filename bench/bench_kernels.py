@@ -81,18 +81,21 @@ def projections(shape: dict) -> dict[str, tuple[int, int]]:
             "gate": (hidden, ffn), "up": (hidden, ffn), "down": (ffn, hidden)}
 
 
-def new_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor) -> None:
-    sgmv_expand(sgmv_shrink(x, a, tiles), b, tiles, out)
+def new_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor,
+             splits: int | None = None) -> None:
+    sgmv_expand(sgmv_shrink(x, a, tiles, splits=splits), b, tiles, out)
 
 
 def bench_lora(log: Log, name: str, rows: int, adapters: int, slots: int, rank: int, args) -> tuple[float, float]:
-    """One layer's LoRA (7 projections), old vs new; returns (old, new) seconds per layer."""
+    """One layer's LoRA (7 projections), old vs new (then the new one at forced shrink split counts, per layer);
+    returns (old, new) seconds per layer."""
     device = DEVICE
     per_adapter = rows // adapters
     segments = [(i * per_adapter, (i + 1) * per_adapter if i < adapters - 1 else rows, 1 + i)
                 for i in range(adapters)]
     tiles = torch.tensor(build_tiles(segments, max_tiles(rows, slots)), dtype=torch.int32, device=device)
-    totals = [0.0, 0.0]
+    forced = (1, 2, 4, 8, 16)
+    totals = dict.fromkeys(["old", "new", *forced], 0.0)
     for proj, (n_in, n_out) in projections(SHAPES[name]).items():
         x = torch.randn(rows, n_in, device=device, dtype=DTYPE)
         a = torch.randn(slots, rank, n_in, device=device, dtype=DTYPE) / n_in**0.5
@@ -105,14 +108,18 @@ def bench_lora(log: Log, name: str, rows: int, adapters: int, slots: int, rank: 
         moved = (x.numel() + adapters * (a[0].numel() + b[0].numel()) + 2 * rows * n_out) * x.element_size()
         times = [graph_seconds(call, args.reps, args.replays) for call in calls]
         splits, _ = shrink_splits(tiles.shape[1], n_in, sm_count(device))
-        for i, seconds in enumerate(times):
-            totals[i] += seconds
+        totals["old"] += times[0]
+        totals["new"] += times[1]
+        for count in forced:
+            totals[count] += graph_seconds(partial(new_lora, x, a, b, tiles, outs[1], count), args.reps,
+                                           args.replays)
         log(f"| lora | {name} | {rows} | {adapters} | {proj} {n_in}x{n_out} | {1e6 * times[0]:.1f} | "
             f"{1e6 * times[1]:.1f} | {times[0] / times[1]:.2f} | {moved / times[0] / 1e9:,.0f} | "
             f"{moved / times[1] / 1e9:,.0f} | {splits} splits, max diff {diff:.1e} |")
-    log(f"| lora | {name} | {rows} | {adapters} | **layer** | {1e6 * totals[0]:.1f} | {1e6 * totals[1]:.1f} | "
-        f"{totals[0] / totals[1]:.2f} | | | |")
-    return totals[0], totals[1]
+    sweep = ", ".join(f"{count}: {1e6 * totals[count]:.1f}" for count in forced)
+    log(f"| lora | {name} | {rows} | {adapters} | **layer** | {1e6 * totals['old']:.1f} | {1e6 * totals['new']:.1f} "
+        f"| {totals['old'] / totals['new']:.2f} | | | new us per layer at forced splits {sweep} |")
+    return totals["old"], totals["new"]
 
 
 def bench_attention(log: Log, name: str, rows: int, length: int, args) -> tuple[float, float]:
