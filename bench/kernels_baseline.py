@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sampler_consumer.lora_kernels import _BLOCK_K, _BLOCK_N, TILE_M, _precision, _tile
+from sampler_consumer.attention import _attend_block, _query_group
+from sampler_consumer.lora_kernels import _BLOCK_K, _BLOCK_N, TILE_M, _precision, _shrink_block, _tile
 
 _SPLIT_K_WIDTH = 512  # input columns per shrink program
 
@@ -24,13 +25,8 @@ def _shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, n_tiles, in_features, stride_x, stri
         acc = tl.zeros((TILE, RANK), dtype=tl.float32)
         k_first = tl.program_id(1) * WIDTH
         for k0 in range(0, WIDTH, BLOCK_K):
-            cols = k_first + k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < in_features
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + cols[:, None], mask=col_ok[:, None],
-                        other=0.0)
-            acc += tl.dot(x, a, input_precision=PRECISION)
+            acc += _shrink_block(x_ptr, a_ptr + slot * stride_as, rows, row_ok, ranks,
+                                 k_first + k0 + tl.arange(0, BLOCK_K), in_features, stride_x, stride_ar, PRECISION)
         tl.atomic_add(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc, mask=row_ok[:, None])
 
 
@@ -75,31 +71,16 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, scale, stri
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     length = tl.load(lens_ptr + row)
-    g = tl.arange(0, GROUP_PAD)
+    heads, g_ok, q = _query_group(q_ptr + row * stride_qb, kv_head, stride_qh, GROUP, GROUP_PAD, HEAD_DIM)
     d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, BLOCK_T)
-    heads = kv_head * GROUP + g
-    g_ok = g < GROUP
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
     m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
     t0 = 0
     while t0 < length:
-        pos = t0 + t
-        ok = pos < length
-        page = tl.load(table_ptr + row * stride_tb + pos // PAGE, mask=ok, other=0)
-        where = page * stride_kp + (pos % PAGE) * stride_kt + kv_head * stride_kh
-        k = tl.load(k_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, denom, acc = _attend_block(q, m, denom, acc, k_ptr, v_ptr, table_ptr + row * stride_tb,
+                                      kv_head * stride_kh, t0, length, scale, stride_kp, stride_kt, HEAD_DIM, PAGE,
+                                      BLOCK_T, PRECISION)
         t0 += BLOCK_T
     out = acc / denom[:, None]
     tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],

@@ -72,6 +72,38 @@ if triton is not None:
         return start, tl.minimum(start + chunk, length)
 
     @triton.jit
+    def _query_group(q_row_ptr, kv_head, stride_qh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+        """The query heads sharing `kv_head`, padded to GROUP_PAD rows (the tensor cores' minimum of 16): their
+        indices, which are real, and q [GROUP_PAD, D] (zeros in the padding)."""
+        g = tl.arange(0, GROUP_PAD)
+        heads = kv_head * GROUP + g
+        q = tl.load(q_row_ptr + heads[:, None] * stride_qh + tl.arange(0, HEAD_DIM)[None, :], mask=(g < GROUP)[:, None],
+                    other=0.0)
+        return heads, g < GROUP, q
+
+    @triton.jit
+    def _attend_block(q, m, denom, acc, k_ptr, v_ptr, row_table_ptr, kv_offset, t0, end, scale, stride_kp,
+                      stride_kt, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """One online-softmax step: q [GROUP_PAD, D] against positions [t0, t0 + BLOCK_T) below `end`, gathered
+        through the row's block table; returns the updated running max, denominator and accumulator."""
+        pos = t0 + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, HEAD_DIM)
+        ok = pos < end
+        page = tl.load(row_table_ptr + pos // PAGE, mask=ok, other=0)
+        where = page * stride_kp + (pos % PAGE) * stride_kt + kv_offset
+        k = tl.load(k_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_T]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, denom * alpha + tl.sum(p, axis=1), acc
+
+    @triton.jit
     def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, scale, stride_qb, stride_qh,
                       stride_kp, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh, stride_os,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -85,33 +117,18 @@ if triton is not None:
         split = tl.program_id(2)
         length = tl.load(lens_ptr + row)
         start, end = _split_range(length, split, tl.num_programs(2), BLOCK_T)
-        g = tl.arange(0, GROUP_PAD)
+        heads, g_ok, q = _query_group(q_ptr + row * stride_qb, kv_head, stride_qh, GROUP, GROUP_PAD, HEAD_DIM)
         d = tl.arange(0, HEAD_DIM)
-        t = tl.arange(0, BLOCK_T)
-        heads = kv_head * GROUP + g
-        g_ok = g < GROUP
-        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
         for t0 in range(start, end, BLOCK_T):  # bounds from device data: one graph serves any lengths
-            pos = t0 + t
-            ok = pos < end
-            page = tl.load(table_ptr + row * stride_tb + pos // PAGE, mask=ok, other=0)
-            where = page * stride_kp + (pos % PAGE) * stride_kt + kv_head * stride_kh
-            k = tl.load(k_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_T]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            denom = denom * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + where[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, denom, acc = _attend_block(q, m, denom, acc, k_ptr, v_ptr, table_ptr + row * stride_tb,
+                                          kv_head * stride_kh, t0, end, scale, stride_kp, stride_kt, HEAD_DIM, PAGE,
+                                          BLOCK_T, PRECISION)
         denom = tl.where(denom > 0, denom, 1.0)  # an empty part (not stored) divides by 1, not 0
         out = acc / denom[:, None]
-        store = g_ok & (g * 0 + start < end)  # broadcast by hand: the interpreter rejects scalar & vector masks
+        store = g_ok & (heads * 0 + start < end)  # broadcast by hand: the interpreter rejects scalar & vector masks
         tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store[:, None])
         if SPLIT:

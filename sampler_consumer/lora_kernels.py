@@ -80,6 +80,16 @@ def _tile(tiles_ptr, n_tiles, TILE: tl.constexpr):
 
 
 @triton.jit
+def _shrink_block(x_ptr, a_slot_ptr, rows, row_ok, ranks, cols, in_features, stride_x, stride_ar,
+                  PRECISION: tl.constexpr):
+    """x[rows, cols] @ A[slot][:, cols]^T: one BLOCK_K step of the shrink, [TILE, RANK] fp32."""
+    col_ok = cols < in_features
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    a = tl.load(a_slot_ptr + ranks[None, :] * stride_ar + cols[:, None], mask=col_ok[:, None], other=0.0)
+    return tl.dot(x, a, input_precision=PRECISION)
+
+
+@triton.jit
 def _shrink(x_ptr, a_ptr, part_ptr, tiles_ptr, n_tiles, in_features, width, stride_x, stride_as, stride_ar,
             stride_ps, stride_p, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -91,13 +101,8 @@ def _shrink(x_ptr, a_ptr, part_ptr, tiles_ptr, n_tiles, in_features, width, stri
         acc = tl.zeros((TILE, RANK), dtype=tl.float32)
         k_first = split * width
         for k0 in range(k_first, k_first + width, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < in_features
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + cols[:, None], mask=col_ok[:, None],
-                        other=0.0)
-            acc += tl.dot(x, a, input_precision=PRECISION)
+            acc += _shrink_block(x_ptr, a_ptr + slot * stride_as, rows, row_ok, ranks, k0 + tl.arange(0, BLOCK_K),
+                                 in_features, stride_x, stride_ar, PRECISION)
         tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_p + ranks[None, :], acc, mask=row_ok[:, None])
 
 
