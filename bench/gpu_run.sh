@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh train8b   # bare PEFT vs backend on the 8B shape
 #   bash bench/gpu_run.sh sample8b
 #   bash bench/gpu_run.sh kernels   # the sampler's Triton kernels and engine paths vs torch, on the GPU (pytest)
+#   bash bench/gpu_run.sh kernelbench # the sampler's LoRA and decode-attention kernels, old vs new, in CUDA graphs
 #   bash bench/gpu_run.sh rollout1b # the rl_basic rollout round through SDK -> gateway -> Kafka -> sampler
 #   bash bench/gpu_run.sh rollout8b
 #   bash bench/gpu_run.sh megatron8b          # Megatron TP=1,2,4,8 on the 8B shape ($TPS: TP=1,2,4 on 4 GPUs)
@@ -39,6 +40,8 @@ for stage in "$@"; do
         --profile "$OUT/profile-sample-llama-8b.txt" 2>&1 | quiet | tee "$OUT/sample-llama-8b.log" ;;
     kernels) timeout "${KERNELS_S:-${STAGE_S:-120}}" python3 -m pytest -q -x -p no:cacheprovider tests/test_sampler_kernels.py 2>&1 \
         | tee "$OUT/kernels.log" ;;
+    kernelbench) timeout "${KERNELBENCH_S:-${STAGE_S:-150}}" python3 bench/bench_kernels.py --log "$OUT/bench-kernels.log" \
+        2>&1 | grep -v -i warn ;;
     rollout1b|rollout8b) shape=llama-${stage#rollout}
       timeout "${ROLLOUT_S:-${STAGE_S:-420}}" python3 -m bench.bench_rollout --shape "$shape" --device cuda --work-dir /tmp/rollout \
         ${ROLLOUT_ARGS:-} 2>&1 | quiet | tee "$OUT/rollout-$shape.log"
