@@ -73,8 +73,9 @@ class PagedModel:
                 table = torch.ones(2, 1, device=device, dtype=torch.int32)
                 lens = torch.tensor([1, page_size], device=device, dtype=torch.int32)
                 args = (probe_q, self.k_cache[0], self.v_cache[0], table, lens, self.scale)
-                torch.testing.assert_close(decode_attention_triton(*args), decode_attention_torch(*args),
-                                           atol=5e-2, rtol=5e-2)
+                for splits in (1, 2):  # the unsplit kernel, and the split one + its combine (small batches)
+                    torch.testing.assert_close(decode_attention_triton(*args, splits=splits),
+                                               decode_attention_torch(*args), atol=5e-2, rtol=5e-2)
                 self.decode_attention = decode_attention_triton
             except Exception:
                 log.exception("the Triton paged-attention kernel failed its self-check; using torch attention")
