@@ -156,8 +156,10 @@ if triton is not None:
 
 
 _BLOCK_T = 64  # positions per step of the decode loop
-# Fewer (row, kv head) programs than this per SM leave DRAM latency exposed: split rows until they are not.
-_PROGRAMS_PER_SM = 4
+# Split rows only while there are fewer (row, kv head) programs than SMs. Measured on an H200 (bench_kernels.py,
+# docs/benchmarks.md): at 64 and 256 rows of Llama's 8 KV heads, positions 96-1024, one part per row was always
+# the fastest; the split's extra reads and its combine kernel only pay when most SMs would otherwise idle.
+_PROGRAMS_PER_SM = 1
 _MAX_SPLITS = 16
 
 

@@ -24,7 +24,8 @@ _BLOCK_N = 64
 # Programs per SM each kernel aims for: enough memory requests in flight to hide DRAM latency on a few tiles.
 _PROGRAMS_PER_SM = 4
 # At most this many partial planes: the expand sums them once per program, so more splits cost it L2 reads.
-_MAX_SPLITS = 16
+# 8: the fastest forced count per layer in most shapes measured on an H200 (bench_kernels.py, docs/benchmarks.md).
+_MAX_SPLITS = 8
 
 
 def max_tiles(tokens: int, slots: int) -> int:
