@@ -83,12 +83,9 @@ def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, wa
 
     from bench.bus_stack import running_stack
     from bench.call_latency import API_KEY, measure, summarize
-    from bench.path_steps import time_patterns, window_steps
+    from bench.path_steps import sdk_data, time_patterns, window_steps
 
-    arr = tokens.numpy()
-    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
-                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in arr]
+    data = sdk_data(tokens.numpy())
     adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     with running_stack(model_dir, device, out_dir / "stack.log") as url, \
             tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:

@@ -18,10 +18,21 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import numpy as np
+
 from trainer_consumer.config import TrainerConfig
 
 SNAPSHOT_EVERY = TrainerConfig().snapshot_every_steps
 Around = Callable[[str], AbstractContextManager[Any]]  # wraps each timed window (e.g. py-spy of the stack)
+
+
+def sdk_data(rows: np.ndarray) -> list:
+    """SDK datums (tinker.types.Datum) predicting row[1:] from row[:-1] for each token row, every position weighted."""
+    from tinker import types
+
+    return [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
+                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in rows]
 
 
 def window_steps(steps: int) -> int:

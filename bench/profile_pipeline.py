@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from bench.data import random_tokens
-from bench.path_steps import time_patterns, window_steps
+from bench.path_steps import sdk_data, time_patterns, window_steps
 from bench.pyspy import profiled
 from bench.shapes import DEFAULT_BATCH, build_model_dir
 
@@ -41,12 +39,9 @@ def main() -> None:
     model_dir = build_model_dir(args.shape, work / args.shape)
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
     batch, seq = DEFAULT_BATCH[args.shape]
-    rows = random_tokens(batch, seq, vocab)
-    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
-                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in rows]
+    data = sdk_data(random_tokens(batch, seq, vocab))
     adam = types.AdamParams(learning_rate=1e-4)
-    tokens = batch * (seq - 1)
+    tokens = batch * seq  # each datum is seq tokens long (random_tokens gives seq + 1 per row)
     with running_stack(model_dir, args.device, work / "stack.log") as url, \
             tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=32, train_unembed=False).result()
