@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 100
 MAX_RECORDS_PER_POLL = 64
-# Fetch fast (settings.fetch_busy_wait_ms) this long after the last request: a client that just called usually calls
-# again (the next step, the next forward), and on Tansu each idle fetch wait delays that call (fetch_pacing.py).
+# Fetch fast (settings.fetch_busy_wait_ms) this long after the last request or reply: a client that just called or
+# just got its answer usually calls again (the next step, the next forward), and on Tansu each idle fetch wait
+# delays that call (fetch_pacing.py). From the last reply, not only the last request: a step may outlast this.
 SESSION_FAST_S = 2.0
 
 
@@ -183,6 +184,9 @@ class TrainerWorker:
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
         self.metrics.finished(inbound, replies)
+        if replies:
+            self.pacer.busy()
+            self.pacer.apply(self.consumer)
         for env, result in replies:
             await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
                                      retry_s=self.config.publish_retry_s, blob_store=self.objects,
