@@ -136,13 +136,18 @@ def _capture(input_ids: torch.Tensor, weights: Sequence[torch.Tensor],
     static_ids = input_ids.to(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks (lazy cuBLAS init etc.)
-        reference = decode(static_ids).clone()
-    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the trainer's I/O threads may page-lock memory for a snapshot meanwhile, which a global-mode
-    # capture would refuse.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        hidden = decode(static_ids)
+    with torch.cuda.stream(side):  # captures need a stream of their own
+        reference = decode(static_ids).clone()  # the warm-up torch.cuda.graph asks for, and the check's reference
+        # capture_begin/end, not the torch.cuda.graph context: that one first empties the device's and the
+        # page-locked host memory caches, throwing away the snapshot buffers reserved at adapter creation
+        # (host_copy.reserve_host) and making the next training step allocate afresh. thread_local: the trainer's
+        # I/O threads may page-lock memory for a snapshot meanwhile, which a global-mode capture would refuse.
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            hidden = decode(static_ids)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(side)
     graph.replay()
     return _Captured(graph, static_ids, hidden, pointers(weights)), reference
