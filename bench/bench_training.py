@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.call_latency import percentile, print_summary
 from bench.data import datums_from_tokens, random_tokens
 from bench.shapes import DEFAULT_BATCH, build_model_dir
 from bench.timing import Row, peak_gib, print_table, profile_to, reset_peak, timed_steps
@@ -75,59 +75,32 @@ def bench_backend(model_dir: Path, device: str, tokens: torch.Tensor, steps: int
 
 
 def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, warmup: int,
-              out_dir: Path) -> tuple[Row, Row, dict[str, float]]:
-    """The full path: tinker SDK -> gateway -> Kafka -> trainer -> reply, pipelined like the cookbook."""
+              out_dir: Path) -> tuple[Row, Row, dict[str, dict[str, float]]]:
+    """The full path: tinker SDK -> gateway -> Kafka -> trainer -> reply, one step at a time and submitted ahead
+    (bench/path_steps.py: windows of a multiple of the snapshot cadence), then the tiny call's hops."""
     import tinker
     from tinker import types
 
     from bench.bus_stack import running_stack
+    from bench.call_latency import API_KEY, measure, summarize
+    from bench.path_steps import sdk_data, time_patterns, window_steps
 
-    arr = tokens.numpy()
-    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
-                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in arr]
+    data = sdk_data(tokens.numpy())
     adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
     with running_stack(model_dir, device, out_dir / "stack.log") as url, \
-            tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
+            tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False).result()
-
-        def step() -> None:
-            fb = client.forward_backward(data, "cross_entropy")
-            opt = client.optim_step(adam)
-            fb.result()
-            opt.result()
-
-        times = timed_steps(step, steps, warmup, "cpu")
-        # Pipelined steady state: submit every step before awaiting any, like submit-ahead in the cookbook.
-        t0 = time.perf_counter()
-        futures = [(client.forward_backward(data, "cross_entropy"), client.optim_step(adam)) for _ in range(steps)]
-        for fb, opt in futures:
-            fb.result()
-            opt.result()
-        pipelined = (time.perf_counter() - t0) / steps
-        latency = tiny_step_latency(client)
-    row = Row("full path (SDK->gateway->Kafka->trainer)", tokens[:, 1:].numel(), times, float("nan"))
-    pipe = Row("full path, pipelined", tokens[:, 1:].numel(), [pipelined], float("nan"))
+        per_step = time_patterns(client, data, adam, steps, warmup)
+        latency = summarize(measure(url, client, 40))
+    n = window_steps(steps)
+    row = Row(f"full path, one step at a time ({n} steps)", tokens[:, 1:].numel(), [per_step["one-at-a-time"]],
+              float("nan"))
+    pipe = Row(f"full path, {n} steps submitted ahead", tokens[:, 1:].numel(), [per_step["submitted-ahead"]],
+               float("nan"))
     return row, pipe, latency
 
 
-def tiny_step_latency(client, n: int = 40) -> dict[str, float]:
-    """Round trip of a one-datum, 8-token forward: what the bus adds per call."""
-    from tinker import types
-
-    datum = types.Datum(model_input=types.ModelInput.from_ints(list(range(3, 11))),
-                        loss_fn_inputs={"target_tokens": np.arange(4, 12, dtype=np.int64),
-                                        "weights": np.ones(8, np.float32)})
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        client.forward([datum], "cross_entropy").result()
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return {"p50_ms": 1000 * statistics.median(samples), "p99_ms": 1000 * samples[int(0.99 * (len(samples) - 1))]}
-
-
-def tiny_step_compute(model_dir: Path, device: str, n: int = 40, profile: str | None = None) -> float:
+def tiny_step_compute(model_dir: Path, device: str, n: int = 40, profile: str | None = None) -> dict[str, float]:
     """The same tiny forward on the backend alone (no bus), to subtract from the path's latency: the same adapter
     as the path's client (no LoRA on the unembedding)."""
     from bus_events.payloads import LoraSpec
@@ -139,14 +112,26 @@ def tiny_step_compute(model_dir: Path, device: str, n: int = 40, profile: str | 
                                                                                  train_unembed=False)))
     data = datums_from_tokens(np.arange(3, 12)[None])
 
-    def forward() -> None:
-        backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True)
+    def forward() -> list[np.ndarray]:
+        return backend.forward_backward("tiny:train:0", data, "cross_entropy", {}, True).logprobs
 
-    times = timed_steps(forward, n, 5, device)
+    times = sorted(1000 * t for t in timed_steps(forward, n, 5, device))
     profile_to(profile, forward, device, "tiny forward (1 x 8 tokens), backend alone")
+    graphs = backend.graphs
+    if graphs is not None:  # the same calls on the compiled decoder without its CUDA graph (decoder_graphs.py)
+        graphed = forward()
+        backend.graphs = None
+        plain = forward()
+        ungraphed = sorted(1000 * t for t in timed_steps(forward, n, 2, device))
+        backend.graphs = graphs
+        same = all(np.array_equal(g, w) for g, w in zip(graphed, plain, strict=True))
+        print(f"\ndecoder CUDA graphs {'on' if graphs.plan.enabled else 'OFF (see the log)'}, "
+              f"{len(graphs.plan.graphs)} captured; graphed logprobs bit-identical to the compiled decoder's: {same}; "
+              f"backend tiny forward without graphs p50 {statistics.median(ungraphed):.1f} ms / p99 "
+              f"{percentile(ungraphed, 0.99):.1f} ms", flush=True)
     backend = None  # the last reference: lets _free() return its GPU memory
     _free()
-    return 1000 * statistics.median(times)
+    return {"p50": statistics.median(times), "p99": percentile(times, 0.99)}
 
 
 def main() -> None:
@@ -189,10 +174,12 @@ def main() -> None:
                                   adapters, options, label, args.profile))
     print_table(f"training, {args.shape}, {batch}x{seq} tokens/step", rows, baseline="bare transformers+PEFT")
     if latency is not None:
-        compute_ms = tiny_step_compute(model_dir, args.device, profile=args.profile)
-        print(f"\ntiny forward (1 x 8 tokens) through the full path: p50 {latency['p50_ms']:.1f} ms, "
-              f"p99 {latency['p99_ms']:.1f} ms; backend alone {compute_ms:.1f} ms; "
-              f"the bus adds ~{latency['p50_ms'] - compute_ms:.1f} ms at p50")
+        compute = tiny_step_compute(model_dir, args.device, profile=args.profile)
+        print_summary(latency, "tiny forward (1 x 8 tokens) through the full path")
+        path = latency["total"]
+        print(f"tiny forward: path p50 {path['p50']:.1f} ms / p99 {path['p99']:.1f} ms; backend alone p50 "
+              f"{compute['p50']:.1f} ms / p99 {compute['p99']:.1f} ms; the bus adds ~"
+              f"{path['p50'] - compute['p50']:.1f} ms at p50, ~{path['p99'] - compute['p99']:.1f} ms at p99")
 
 
 if __name__ == "__main__":

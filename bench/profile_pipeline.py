@@ -4,33 +4,20 @@
     python -m bench.profile_pipeline --shape smollm2 --device cpu --steps 3     # CPU companion
 
 Starts the local stack, trains with the official SDK one step at a time, then with every step submitted before any
-is awaited (the cookbook's submit-ahead), and samples the trainer and gateway processes with py-spy during each
-phase (all threads, idle included). Prints tok/s per phase and, per process and thread, where the samples fell:
-the evidence docs/benchmarks.md cites. Raw py-spy output goes to --out.
+is awaited (the cookbook's submit-ahead), timed like bench_training (bench/path_steps.py), and samples the trainer
+and gateway processes with py-spy during each phase (all threads, idle included). Prints tok/s per phase and, per
+process and thread, where the samples fell: the evidence docs/benchmarks.md cites. Raw py-spy output goes to --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from bench.data import random_tokens
+from bench.path_steps import sdk_data, time_patterns, window_steps
 from bench.pyspy import profiled
 from bench.shapes import DEFAULT_BATCH, build_model_dir
-
-
-def _timed(label: str, steps: int, tokens: int, run: Callable[[], None], out: Path) -> float:
-    with profiled(label, ("trainer", "gateway"), out):
-        t0 = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - t0
-        tok_s = steps * tokens / elapsed
-        print(f"{label}: {elapsed / steps:.3f} s/step, {tok_s:,.0f} tok/s", flush=True)
-    return tok_s
 
 
 def main() -> None:
@@ -52,35 +39,19 @@ def main() -> None:
     model_dir = build_model_dir(args.shape, work / args.shape)
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
     batch, seq = DEFAULT_BATCH[args.shape]
-    rows = random_tokens(batch, seq, vocab)
-    data = [types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-                        loss_fn_inputs={"target_tokens": row[1:].astype(np.int64),
-                                        "weights": np.ones(len(row) - 1, np.float32)}) for row in rows]
+    data = sdk_data(random_tokens(batch, seq, vocab))
     adam = types.AdamParams(learning_rate=1e-4)
-    tokens = batch * (seq - 1)
+    tokens = batch * seq  # each datum is seq tokens long (random_tokens gives seq + 1 per row)
     with running_stack(model_dir, args.device, work / "stack.log") as url, \
             tinker.ServiceClient(base_url=url, api_key="tml-bench") as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=32, train_unembed=False).result()
 
-        def one_at_a_time() -> None:
-            for _ in range(args.steps):
-                fb, opt = client.forward_backward(data, "cross_entropy"), client.optim_step(adam)
-                fb.result()
-                opt.result()
-
-        def ahead() -> None:
-            futures = [(client.forward_backward(data, "cross_entropy"), client.optim_step(adam))
-                       for _ in range(args.steps)]
-            for fb, opt in futures:
-                fb.result()
-                opt.result()
-
-        for _ in range(args.warmup):
-            client.forward_backward(data, "cross_entropy").result()
-            client.optim_step(adam).result()
-        sequential = _timed("one-at-a-time", args.steps, tokens, one_at_a_time, out)
-        pipelined = _timed("submitted-ahead", args.steps, tokens, ahead, out)
-    print(f"\n{args.shape} {batch}x{seq}: submitted ahead / one at a time = {pipelined / sequential:.2f}x")
+        per_step = time_patterns(client, data, adam, args.steps, args.warmup,
+                                 around=lambda label: profiled(label, ("trainer", "gateway"), out))
+    for label, seconds in per_step.items():
+        print(f"{label}: {seconds:.3f} s/step, {tokens / seconds:,.0f} tok/s ({window_steps(args.steps)} steps)")
+    ratio = per_step["one-at-a-time"] / per_step["submitted-ahead"]
+    print(f"\n{args.shape} {batch}x{seq}: submitted ahead / one at a time = {ratio:.2f}x")
 
 
 if __name__ == "__main__":

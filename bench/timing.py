@@ -15,7 +15,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: str) -> list[float]:
+def timed_steps(step: Callable[[], object], steps: int, warmup: int, device: str) -> list[float]:
     """Run `warmup` untimed steps, then `steps` timed ones; seconds per step (device synchronised)."""
     for _ in range(warmup):
         step()
@@ -64,7 +64,7 @@ def print_table(title: str, rows: list[Row], baseline: str) -> None:
         print(f"{r.name:<{width}}{r.tok_s:>12.0f}{r.tok_s / base.tok_s:>9.3f}x{r.median_s:>15.4f}{r.peak_gib:>10.2f}")
 
 
-def profile_to(path: str | None, fn: Callable[[], None], device: str, label: str) -> None:
+def profile_to(path: str | None, fn: Callable[[], object], device: str, label: str) -> None:
     """One run of `fn` under torch.profiler, the top kernels by GPU time written to `path` (skipped if None).
 
     The per-category totals at the top say what bounds the step: GEMMs (compute), element-wise / reduction

@@ -33,6 +33,7 @@ from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_gateway.listener_marks import ListenerMarks
 from bus_gateway.streams import DeltaRouter
+from bus_runtime.fetch_pacing import FetchPacer
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.records import Poisoned, ReplyCheck, SignatureCheck, UnverifiedEvent, decode_record
 from bus_runtime.settings import BusSettings
@@ -45,6 +46,9 @@ REPLY_EVENTS = frozenset({EventType.RESULT, EventType.SAMPLE_DELTA})
 # seq_voids and cancels are read on the request topics (they are no poison) but promise no result: nothing to track.
 READ_ON_REQUEST_TOPICS = REQUEST_EVENTS | UNANSWERED_EVENTS
 MARKS_SAVE_S = 30.0
+# Fetch fast while a request POSTed here awaits its result, for at most this long after the last one: a request whose
+# result never comes (no worker) must not keep the listener polling fast; a longer call then waits one idle fetch more.
+PENDING_FAST_S = 30.0
 
 
 class BusListener:
@@ -63,6 +67,22 @@ class BusListener:
         self.records_seen = 0
         self._behind: set[TopicPartition] = set()  # partitions not yet read up to their high-watermark
         self._caught_up = asyncio.Event()
+        self.pacer = FetchPacer(settings.fetch_max_wait_ms, settings.fetch_busy_wait_ms, PENDING_FAST_S)
+        table.on_local_pending.append(self._expecting)
+        table.on_resolve.append(self._resolved)
+
+    def _expecting(self, _fut: Future) -> None:
+        self.pacer.busy()
+        self._pace()
+
+    def _resolved(self, _fut: Future) -> None:
+        if self.table.local_pending == 0:
+            self.pacer.idle()
+            self._pace()
+
+    def _pace(self) -> None:
+        if self.consumer is not None:
+            self.pacer.apply(self.consumer)
 
     @property
     def running(self) -> bool:
@@ -143,6 +163,7 @@ class BusListener:
             for records in batches.values():
                 for record in records:
                     await self.handle(record)
+            self._pace()  # PENDING_FAST_S may have run out
             if self._behind:
                 await self._check_caught_up()
             await self._save_marks()

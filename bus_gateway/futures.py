@@ -87,6 +87,8 @@ class FutureTable:
         # so the gateway can refuse absurd seq_id jumps (Gateway.check_seq_id). Swept like the futures.
         self._highest_seq: dict[str, tuple[int, float]] = {}
         self.local_pending_samples = 0
+        self.local_pending = 0  # requests POSTed here whose result has not arrived (the listener's fetch pacing)
+        self.on_local_pending: list[Callable[[Future], None]] = []  # told when a local request starts waiting
         self.on_resolve: list[Callable[[Future], None]] = []  # told once per future, when its result arrives
 
     def __len__(self) -> int:
@@ -117,7 +119,9 @@ class FutureTable:
         """Insert `fut`, or return the entry already known under its request id (first writer wins)."""
         existing = self._futures.get(fut.request_id)
         if existing is not None:
-            existing.local = existing.local or fut.local
+            if fut.local and not existing.local:
+                existing.local = True
+                self._count_local(existing, 1)
             existing.context.update(fut.context)
             return existing
         self._futures[fut.request_id] = fut
@@ -128,8 +132,8 @@ class FutureTable:
             self._highest_seq[key[0]] = (max(key[1], highest[0] if highest else key[1]), fut.created_at)
         if fut.idempotency_key is not None:
             self._by_idempotency.setdefault(fut.idempotency_key, fut.request_id)
-        if fut.local and fut.request_type == EventType.SAMPLE:
-            self.local_pending_samples += 1
+        if fut.local:
+            self._count_local(fut, 1)
         waiter = self._id_waiters.get(fut.request_id)
         if waiter is not None:
             waiter.set()
@@ -141,11 +145,11 @@ class FutureTable:
             # A result whose request we never saw (published before our replay window, or by hand).
             fut = self.add(Future(request_id, tenant, result.request_type, model_id, seq_id))
         if fut.result is None:  # workers may re-publish a result on redelivery: the first one counts
+            if fut.local:
+                self._count_local(fut, -1)
             fut.result = result
             fut.resolved_at = time.time()
             fut.done.set()
-            if fut.local and fut.request_type == EventType.SAMPLE:
-                self.local_pending_samples -= 1
             for hook in self.on_resolve:
                 hook(fut)
         return fut
@@ -171,8 +175,19 @@ class FutureTable:
             del self._by_seq[key]
         if fut.idempotency_key is not None and self._by_idempotency.get(fut.idempotency_key) == fut.request_id:
             del self._by_idempotency[fut.idempotency_key]
-        if fut.local and fut.request_type == EventType.SAMPLE and fut.result is None:
-            self.local_pending_samples -= 1
+        if fut.local and fut.result is None:
+            self._count_local(fut, -1)
+
+    def _count_local(self, fut: Future, change: int) -> None:
+        """A local request started (+1) or stopped (-1) waiting for its result."""
+        if fut.result is not None:
+            return  # already answered: it never waits
+        self.local_pending += change
+        if fut.request_type == EventType.SAMPLE:
+            self.local_pending_samples += change
+        if change > 0:
+            for hook in self.on_local_pending:
+                hook(fut)
 
     async def wait_for_id(self, request_id: str, timeout_s: float) -> Future | None:
         """The entry for `request_id`, waiting up to `timeout_s` for the bus listener to bring it."""

@@ -33,6 +33,8 @@ class BusSettings:
     topics: Topics = field(default_factory=Topics, metadata={"env": "topic"})  # TINKER_BUS_TOPIC_PREFIX
     # Tansu does not wake long-polling fetches, so this bounds bus latency (local-infra.md 2.2).
     fetch_max_wait_ms: int = 20
+    # ... and this while a record is expected soon: a gateway awaiting results, a trainer in use (fetch_pacing.py).
+    fetch_busy_wait_ms: int = 2
     session_timeout_ms: int = 6000
     claim_check_bytes: int = DEFAULT_CLAIM_CHECK_BYTES
     result_ttl_s: float = 3600.0

@@ -31,6 +31,7 @@ from aiokafka.structs import ConsumerRecord
 from artifact_store import ObjectStore
 from bus_events import Reply
 from bus_runtime.dead_letter import dead_letter_contract_error
+from bus_runtime.fetch_pacing import FetchPacer
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
 from bus_runtime.metrics import serve_metrics
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 100
 MAX_RECORDS_PER_POLL = 64
+# Fetch fast (settings.fetch_busy_wait_ms) this long after the last request or reply: a client that just called or
+# just got its answer usually calls again (the next step, the next forward), and on Tansu each idle fetch wait
+# delays that call (fetch_pacing.py). From the last reply, not only the last request: a step may outlast this.
+SESSION_FAST_S = 2.0
 
 
 def _partitions(tps: set[TopicPartition]) -> set[tuple[str, int]]:
@@ -79,6 +84,7 @@ class TrainerWorker:
         self.offsets = OffsetTracker()  # the one record of unfinished offsets (the engine knows what waits for compute)
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=settings.trainer_group)
+        self.pacer = FetchPacer(settings.fetch_max_wait_ms, settings.fetch_busy_wait_ms, SESSION_FAST_S)
         # Partitions this worker may feed to the engine. A revoke removes them before anything else, so a record
         # still being decoded when its partition goes away is dropped (its next owner reads it again).
         self.owned: set[TopicPartition] = set()
@@ -142,6 +148,9 @@ class TrainerWorker:
                 log.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(RETRY_DELAY_S[0])
                 continue
+            if batches:
+                self.pacer.busy()
+            self.pacer.apply(self.consumer)
             for tp, records in batches.items():
                 for record in records:
                     await self._intake(tp, record)
@@ -175,6 +184,9 @@ class TrainerWorker:
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
         self.metrics.finished(inbound, replies)
+        if replies:
+            self.pacer.busy()
+            self.pacer.apply(self.consumer)
         for env, result in replies:
             await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
                                      retry_s=self.config.publish_retry_s, blob_store=self.objects,

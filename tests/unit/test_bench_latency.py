@@ -1,0 +1,56 @@
+"""The pure pieces of the path benchmarks (bench/call_latency.py, bench/path_steps.py): hop arithmetic, the session
+trace's forward slices, percentiles, and windows aligned to the snapshot cadence."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.call_latency import CallClocks, forward_slices, percentile, summarize
+from bench.path_steps import SNAPSHOT_EVERY, window_steps
+
+
+def test_hops_split_the_call_at_its_four_inner_clocks():
+    hops = CallClocks(sdk_start=10.0, published=10.002, started=10.006, replied=10.016, sdk_end=10.025).hops()
+    assert hops == pytest.approx({"submit": 2, "to work": 4, "compute": 10, "back": 9, "total": 25})
+
+
+def test_percentiles_are_nearest_rank_and_refuse_nothing_to_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.0) == 1 and percentile(values, 0.5) == 51 and percentile(values, 0.99) == 99
+    assert percentile([7.0], 0.99) == 7
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 0.5)
+
+
+def test_summaries_hold_p50_and_p99_per_hop():
+    calls = [CallClocks(0.0, 0.001 * i, 0.002 * i, 0.003 * i, 0.004 * i) for i in range(1, 6)]
+    summary = summarize(calls)
+    assert summary["total"]["p50"] == pytest.approx(12) and summary["total"]["p99"] == pytest.approx(20)
+
+
+def _slice(name: str, category: str, request_id: str, ts: int, dur: int) -> dict:
+    return {"name": name, "cat": category, "ph": "X", "ts": ts, "dur": dur, "args": {"request_id": request_id}}
+
+
+def test_forward_slices_pair_queue_and_compute_per_request_oldest_first():
+    trace = {"traceEvents": [
+        {"name": "process_name", "ph": "M", "args": {"name": "m"}},
+        _slice("forward_backward queue", "queue", "b", 5_000_000, 1_000),
+        _slice("forward_backward", "compute", "b", 5_001_000, 3_000),
+        _slice("forward_backward queue", "queue", "a", 1_000_000, 2_000),
+        _slice("forward_backward", "compute", "a", 1_002_000, 4_000),
+        _slice("forward_backward queue", "queue", "refused", 2_000_000, 500),  # no compute slice: left out
+        _slice("optim_step queue", "queue", "o", 3_000_000, 100),
+        _slice("optim_step", "compute", "o", 3_000_100, 100),
+    ]}
+    got = forward_slices(trace)
+    want = [(1.0, 1.002, 1.006), (5.0, 5.001, 5.004)]
+    assert len(got) == len(want)
+    for row, expected in zip(got, want, strict=True):
+        assert row == pytest.approx(expected)
+
+
+def test_windows_are_whole_snapshot_cadences():
+    assert window_steps(1) == SNAPSHOT_EVERY
+    assert window_steps(SNAPSHOT_EVERY) == SNAPSHOT_EVERY
+    assert window_steps(SNAPSHOT_EVERY + 1) == 2 * SNAPSHOT_EVERY
