@@ -15,8 +15,7 @@
   lm_head the chunks' gradient directions are kept instead of recomputing the logits.
 - torch_compile (default on for CUDA unless deterministic): each decoder layer and the chunked logprob math go
   through torch.compile with dynamic shapes (fuses norms, rotary, activations, softmax; one graph for all layers,
-  batch shapes and adapters of a rank). Small calls without autograd (a forward of a few tokens) replay a CUDA
-  graph of the whole decoder instead (decoder_graphs.py): the compiled layers' host time dominates them.
+  batch shapes and adapters of a rank).
 - Deterministic mode (default on CPU, where it costs nothing): the same event log gives bit-identical weights on
   the same hardware and torch thread count. On GPU it is opt-in (deterministic=True): deterministic cuBLAS
   workspaces and torch.use_deterministic_algorithms, which slows some kernels.
@@ -43,7 +42,6 @@ from trainer_consumer.backends import optimizers
 from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
 from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
-from trainer_consumer.backends.decoder_graphs import DecoderGraphs
 from trainer_consumer.backends.host_copy import reserve_host, to_host
 from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
@@ -105,8 +103,6 @@ class HfPeftBackend:
             torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
         self.logprob_math = torch.compile(logprob_and_direction, dynamic=True) if self.torch_compile else \
             logprob_and_direction
-        # Only over compiled layers (the default on CUDA): eager graphs would be a second code path to keep exact.
-        self.graphs = DecoderGraphs() if self.torch_compile and self.device.type == "cuda" else None
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self._models: AdapterRegistry[_Base, _Adapter] = AdapterRegistry(self._load_base)
@@ -181,8 +177,6 @@ class HfPeftBackend:
         if adapter is None:
             return
         adapter.base.peft.delete_adapter(adapter.slot)
-        if self.graphs is not None:
-            self.graphs.plan.forget(adapter.slot)
         use(adapter.base.lora_layers, None)  # drops the last references to the deleted weights
         adapter.base.active = None
 
@@ -193,24 +187,11 @@ class HfPeftBackend:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _hidden(self, base: _Base, input_ids: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden states [B, L, H] for host `input_ids` [B, L] under the active adapter."""
-        decoder = base.model.get_decoder()
-
-        def decode(ids: torch.Tensor) -> torch.Tensor:
-            return decoder(input_ids=ids, use_cache=False).last_hidden_state
-
-        if self.graphs is not None and base.active is not None and not torch.is_grad_enabled():
-            weights = [t for layer in base.lora_layers if layer.tb_lora is not None for t in layer.tb_lora[:2]]
-            hidden = self.graphs.run(base.active, input_ids, weights, decode)
-            if hidden is not None:
-                return hidden
-        return decode(self._to_device(input_ids))
-
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
         """float32 [real positions of the batch, row-major] (or [positions, K]): log p(target) under the active
         adapter."""
-        hidden = self._hidden(base, batch.input_ids)
+        decoder = base.model.get_decoder()
+        hidden = decoder(input_ids=self._to_device(batch.input_ids), use_cache=False).last_hidden_state
         # The real positions are found on the host: a boolean mask on the device would make the host wait for
         # the whole decoder before it could queue the unembedding, the loss and the backward.
         positions = batch.mask.flatten().nonzero().squeeze(1)
