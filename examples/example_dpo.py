@@ -52,12 +52,13 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=None, help="the LoRA's initialisation (default: random)")
     args = parser.parse_args()
 
     service = tinker.ServiceClient(base_url=args.base_url, api_key=args.api_key)
     served = [m.model_name for m in service.create_rest_client().get_server_capabilities().result().supported_models]
     base_model = args.base_model or served[0]
-    training = service.create_lora_training_client(base_model=base_model, rank=args.rank).result()
+    training = service.create_lora_training_client(base_model=base_model, rank=args.rank, seed=args.seed).result()
     tokenizer = load_client_tokenizer(training, base_model)
     reference = service.create_sampling_client(base_model=base_model).result()
     print(f"DPO on {base_model}, model {training.model_id}, {len(PAIRS)} pairs, beta {args.beta}")

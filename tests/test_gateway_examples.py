@@ -39,7 +39,7 @@ async def test_examples_run_against_the_stack(stack_settings):
 async def test_dpo_example_trains_preference_pairs_through_the_sdk(stack_settings):
     async with running_stack(stack_settings) as url:
         text = await _run("example_dpo.py", "--base-url", url, "--api-key", API_KEY, "--steps", "5",
-                          "--learning-rate", "1e-2", "--beta", "0.5")
+                          "--learning-rate", "1e-2", "--beta", "0.5", "--seed", "0")
     steps = re.findall(r"step +\d+ +loss:sum +([\d.]+) +accuracy +([\d.]+) +margin +([-+\d.]+)", text)
     assert len(steps) == 5, text
     losses, accuracies = [float(s[0]) for s in steps], [float(s[1]) for s in steps]
