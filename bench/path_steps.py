@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -57,13 +57,8 @@ def submitted_ahead(client: Any, data: list, adam: Any, steps: int) -> None:
         opt.result()
 
 
-@contextlib.contextmanager
-def _nothing(_label: str) -> Iterator[None]:
-    yield
-
-
 def time_patterns(client: Any, data: list, adam: Any, steps: int, warmup: int,
-                  around: Around = _nothing) -> dict[str, float]:
+                  around: Around = lambda _label: contextlib.nullcontext()) -> dict[str, float]:
     """Seconds per step of each pattern, {"one-at-a-time": s, "submitted-ahead": s}, over windows of
     window_steps(steps) steps after `warmup` steps one at a time."""
     one_at_a_time(client, data, adam, warmup)

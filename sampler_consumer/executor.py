@@ -51,17 +51,16 @@ class PendingStep:
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
-    topk_positions: np.ndarray | None
-    topk_ids: torch.Tensor | None
-    topk_logprobs: torch.Tensor | None
+    topk: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None  # (positions in plan.sample, ids, logprobs)
     ready: torch.cuda.Event | None
 
     def wait(self) -> SampledStep:
         if self.ready is not None:
             self.ready.synchronize()
         topk = None
-        if self.topk_positions is not None and self.topk_ids is not None and self.topk_logprobs is not None:
-            topk = TopkRows(self.topk_positions, self.topk_ids.numpy(), self.topk_logprobs.numpy())
+        if self.topk is not None:
+            positions, ids, logprobs = self.topk
+            topk = TopkRows(positions, ids.numpy(), logprobs.numpy())
         return SampledStep(self.tokens.numpy(), self.logprobs.numpy(), topk)
 
 
@@ -280,18 +279,18 @@ class Executor:
             up(scheduler.seed[slots]), up(plan.sample_steps), index(truncating), index(random & ~truncating),
             fused=self.kernels)
         self.next_token.index_copy_(0, up(slots), tokens)
-        positions = ids = values = None
+        topk = None
         wanted = scheduler.topk_sample[slots]
         if wanted.any():  # opt-in per request: only its rows, one extra small copy to the host
             positions = np.flatnonzero(wanted)
-            top_ids, top_values = top_logprobs(logits.index_select(0, up(positions)), int(wanted.max()))
-            ids, values = self._download(top_ids.to(torch.int32)), self._download(top_values)
+            ids, values = top_logprobs(logits.index_select(0, up(positions)), int(wanted.max()))
+            topk = (positions, self._download(ids.to(torch.int32)), self._download(values))
         tokens_host, logprobs_host = self._download(tokens), self._download(logprobs)
         ready = None
         if self._cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return PendingStep(tokens_host, logprobs_host, positions, ids, values, ready)
+        return PendingStep(tokens_host, logprobs_host, topk, ready)
 
 
 def _segments(adapter_slots: np.ndarray) -> list[tuple[int, int, int]]:

@@ -120,9 +120,7 @@ class PagedModel:
                 meta: PrefillMeta | DecodeMeta) -> torch.Tensor:
         """Final-norm hidden states, shaped like `tokens` + [hidden]."""
         hidden = self.embed(tokens)
-        cos = sin = None
-        if not self.fused_rotary:
-            cos, sin = self.cos[positions], self.sin[positions]  # [..., D]
+        rope = None if self.fused_rotary else (self.cos[positions], self.sin[positions])  # cos, sin [..., D]
         lead = tokens.shape
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to the residual
         for i, layer in enumerate(self.layers):
@@ -133,11 +131,11 @@ class PagedModel:
             v = attn.v_proj(x).view(*lead, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            if cos is None or sin is None:
+            if rope is None:
                 q = rotary_write_kv_triton(q, k, v, positions, self.cos, self.sin, self.k_cache[i],
                                            self.v_cache[i], slots)
             else:
-                q = rotary_write_kv_torch(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots)
+                q = rotary_write_kv_torch(q, k, v, *rope, self.k_cache[i], self.v_cache[i], slots)
             if isinstance(meta, PrefillMeta):
                 o = prefill_attention(q, self.k_cache[i], self.v_cache[i], meta.block_table, meta.starts,
                                       meta.lengths, self.scale)
