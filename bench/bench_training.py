@@ -117,6 +117,18 @@ def tiny_step_compute(model_dir: Path, device: str, n: int = 40, profile: str | 
 
     times = sorted(1000 * t for t in timed_steps(forward, n, 5, device))
     profile_to(profile, forward, device, "tiny forward (1 x 8 tokens), backend alone")
+    graphs = backend.graphs
+    if graphs is not None:  # the same calls on the ordinary compiled decoder, without graphs (decoder_graphs.py)
+        graphed = forward()
+        backend.graphs = None
+        plain = forward()
+        ungraphed = sorted(1000 * t for t in timed_steps(forward, n, 5, device))
+        backend.graphs = graphs
+        gap = max(float(np.abs(g - w).max()) for g, w in zip(graphed, plain, strict=True))
+        print(f"\ndecoder CUDA graphs {'on' if graphs.plan.enabled else 'OFF (see the log)'}, "
+              f"{len(graphs.plan.graphs)} captured; max |logprob graphed - ordinary path| {gap:.2e}; backend tiny "
+              f"forward without graphs p50 {statistics.median(ungraphed):.1f} ms / p99 "
+              f"{percentile(ungraphed, 0.99):.1f} ms", flush=True)
     backend = None  # the last reference: lets _free() return its GPU memory
     _free()
     return {"p50": statistics.median(times), "p99": percentile(times, 0.99)}

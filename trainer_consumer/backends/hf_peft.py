@@ -15,7 +15,8 @@
   lm_head the chunks' gradient directions are kept instead of recomputing the logits.
 - torch_compile (default on for CUDA unless deterministic): each decoder layer and the chunked logprob math go
   through torch.compile with dynamic shapes (fuses norms, rotary, activations, softmax; one graph for all layers,
-  batch shapes and adapters of a rank).
+  batch shapes and adapters of a rank). Small calls without autograd (a forward of a few tokens) replay a CUDA
+  graph of the whole decoder instead (decoder_graphs.py): the compiled layers' host time dominates them.
 - Deterministic mode (default on CPU, where it costs nothing): the same event log gives bit-identical weights on
   the same hardware and torch thread count. On GPU it is opt-in (deterministic=True): deterministic cuBLAS
   workspaces and torch.use_deterministic_algorithms, which slows some kernels.
@@ -42,6 +43,7 @@ from trainer_consumer.backends import optimizers
 from trainer_consumer.backends.adapters import AdapterRegistry, check_adapter_weights
 from trainer_consumer.backends.base import AdapterExport, AdapterSpec, ForwardBackwardOutput
 from trainer_consumer.backends.batch import MicroBatch, run_forward_backward
+from trainer_consumer.backends.decoder_graphs import DecoderGraphs
 from trainer_consumer.backends.host_copy import reserve_host, to_host
 from trainer_consumer.backends.init import seeded_init
 from trainer_consumer.backends.logprobs import frozen_unembed_logprobs, logprob_and_direction, target_logprobs
@@ -80,6 +82,21 @@ class _Adapter:
     optimizer: AnyOptimizer | None = None
 
 
+def causal_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L], True where a position may attend: the plain causal mask, given to the decoder explicitly
+    for graphed calls (decoder_graphs.py says why)."""
+    batch, length = input_ids.shape
+    mask = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+    return mask[None, None].expand(batch, 1, length, length)
+
+
+def full_attention(config: Any, length: int) -> bool:
+    """Whether every layer attends to all earlier positions of a call of up to `length` tokens, so `causal_mask` is
+    the whole mask (a sliding window shorter than that would need its own)."""
+    window = getattr(config, "sliding_window", None)
+    return window is None or not getattr(config, "use_sliding_window", True) or window >= length
+
+
 class HfPeftBackend:
     def __init__(self, *, device: str = "auto", gradient_checkpointing: bool = False,
                  logprob_chunk_tokens: int = 1024, micro_batch_tokens: int = 16384, deterministic: bool | None = None,
@@ -103,6 +120,9 @@ class HfPeftBackend:
             torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
         self.logprob_math = torch.compile(logprob_and_direction, dynamic=True) if self.torch_compile else \
             logprob_and_direction
+        # Only over compiled layers (the default on CUDA): eager layers have no guards to recompile, but graphs of
+        # them would be a second code path to keep exact.
+        self.graphs = DecoderGraphs() if self.torch_compile and self.device.type == "cuda" else None
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.micro_batch_tokens = micro_batch_tokens
         self._models: AdapterRegistry[_Base, _Adapter] = AdapterRegistry(self._load_base)
@@ -177,6 +197,8 @@ class HfPeftBackend:
         if adapter is None:
             return
         adapter.base.peft.delete_adapter(adapter.slot)
+        if self.graphs is not None:
+            self.graphs.plan.forget(adapter.slot)
         use(adapter.base.lora_layers, None)  # drops the last references to the deleted weights
         adapter.base.active = None
 
@@ -187,11 +209,26 @@ class HfPeftBackend:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
+    def _hidden(self, base: _Base, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states [B, L, H] for host `input_ids` [B, L] under the active adapter."""
+        decoder = base.model.get_decoder()
+        ids = self._to_device(input_ids)
+        graphs = self.graphs
+        if graphs is not None and base.active is not None and full_attention(base.model.config, graphs.plan.max_tokens):
+            def decode(device_ids: torch.Tensor) -> torch.Tensor:
+                mask = causal_mask(device_ids)
+                return decoder(input_ids=device_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+            weights = [t for layer in base.lora_layers if layer.tb_lora is not None for t in layer.tb_lora[:2]]
+            hidden = graphs.run(base.active, ids, weights, decode)
+            if hidden is not None:
+                return hidden
+        return decoder(input_ids=ids, use_cache=False).last_hidden_state
+
     def _logprobs(self, base: _Base, batch: MicroBatch) -> torch.Tensor:
         """float32 [real positions of the batch, row-major] (or [positions, K]): log p(target) under the active
         adapter."""
-        decoder = base.model.get_decoder()
-        hidden = decoder(input_ids=self._to_device(batch.input_ids), use_cache=False).last_hidden_state
+        hidden = self._hidden(base, batch.input_ids)
         # The real positions are found on the host: a boolean mask on the device would make the host wait for
         # the whole decoder before it could queue the unembedding, the loss and the backward.
         positions = batch.mask.flatten().nonzero().squeeze(1)
