@@ -14,7 +14,7 @@ from bus_gateway import submit
 from bus_gateway.deps import GatewayDep, TenantDep
 from bus_gateway.errors import FieldError, NotFound
 from bus_gateway.gateway import Gateway
-from bus_gateway.proto_codec import decode_forward_backward, decompress_zstd
+from bus_gateway.proto_codec import read_forward_backward
 from bus_gateway.tinker_api.checkpoints import readable_checkpoint
 from bus_gateway.tinker_api.custom_losses import with_custom_loss
 from bus_gateway.tinker_api.futures_api import promise
@@ -81,15 +81,15 @@ async def get_info(data: JSONBody[GetInfoRequest], gw: GatewayDep, tenant: Tenan
 async def proto_forward_backward(request: Request, gw: Gateway, tenant: str) -> UntypedFuture:
     """The SDK's forward_backward / forward: a protobuf ForwardBackwardRequest, optionally zstd-compressed."""
     body = await request.body()
-    if "zstd" in request.headers.get("content-encoding", "").lower():
-        body = await asyncio.to_thread(decompress_zstd, body, gw.config.max_body_bytes)
-    # Bodies of up to max_body_bytes: parsed off the event loop, so /healthz and other requests never wait on them.
-    model_id, seq_id, build = await asyncio.to_thread(decode_forward_backward, body)
+    zstd_limit = gw.config.max_body_bytes if "zstd" in request.headers.get("content-encoding", "").lower() else None
+    # Bodies of up to max_body_bytes: decompressed and parsed off the event loop, so /healthz and other requests
+    # never wait on them.
+    model_id, seq_id, build = await asyncio.to_thread(read_forward_backward, body, zstd_limit)
     run = await gw.live_run(model_id, tenant)
     session_id = run.session_id or session_of_model(model_id)
 
     async def payload() -> p.ForwardBackward:
-        return await with_custom_loss(gw, tenant, session_id, await asyncio.to_thread(build))
+        return await with_custom_loss(gw, tenant, session_id, build())
 
     return promise(await submit.forward_backward(gw, tenant, model_id, seq_id, run.base_model, payload))
 
