@@ -37,6 +37,18 @@ def decompress_zstd(body: bytes, limit: int) -> bytes:
     return out
 
 
+def declared_size(body: bytes, zstd: bool) -> int | None:
+    """How many bytes the body is once decompressed: its own length, or the size its zstd frame header declares
+    (None: not declared, or no zstd frame)."""
+    if not zstd:
+        return len(body)
+    try:
+        size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError:
+        return None
+    return size if size >= 0 else None
+
+
 def _array(raw: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     if len(raw) % dtype.itemsize:
         raise FieldError(where, f"{len(raw)} bytes is not a whole number of {dtype.name} values")

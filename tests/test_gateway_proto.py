@@ -19,6 +19,7 @@ from bus_events import tensor_from_numpy
 from bus_gateway import proto_schema
 from bus_gateway.errors import FieldError
 from bus_gateway.proto_codec import (
+    declared_size,
     decode_forward_backward,
     decompress_zstd,
     encode_forward_backward_output,
@@ -129,6 +130,14 @@ def test_malformed_bodies_name_the_field(body, field):
     with pytest.raises(FieldError) as info:
         decode_forward_backward(body)
     assert info.value.field == field
+
+
+def test_declared_size_is_the_length_or_the_zstd_frame_header_size():
+    body = b"x" * 1000
+    assert declared_size(body, zstd=False) == 1000
+    assert declared_size(zstandard.ZstdCompressor().compress(body), zstd=True) == 1000
+    assert declared_size(zstandard.ZstdCompressor(write_content_size=False).compress(body), zstd=True) is None
+    assert declared_size(b"\xff\xff\xff\xff", zstd=True) is None  # not a zstd frame: decompress_zstd says so
 
 
 def test_zstd_bomb_is_capped():
