@@ -117,8 +117,9 @@ def decode_forward_backward(body: bytes) -> tuple[str, int | None, Callable[[], 
 def read_forward_backward(body: bytes, zstd_limit: int | None) -> tuple[str, int | None,
                                                                      Callable[[], p.ForwardBackward]]:
     """`decode_forward_backward` of a body that is zstd when `zstd_limit` (its decompressed cap) is given, with the
-    tensors decoded here too: one thread hop for the gateway instead of three, each a GIL hand-over (issue 14).
-    A bad tensor is still raised only by `build`, so it voids the seq_id inside the submission layer."""
+    tensors decoded here too, in one go: the gateway reads a body on its loop or in one worker thread, not in three
+    thread hops, each a GIL hand-over (issue 14). A bad tensor is still raised only by `build`, so it voids the
+    seq_id inside the submission layer."""
     if zstd_limit is not None:
         body = decompress_zstd(body, zstd_limit)
     model_id, seq_id, build = decode_forward_backward(body)
