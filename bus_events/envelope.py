@@ -185,7 +185,17 @@ def encode_event(
     claim_check_bytes: int = DEFAULT_CLAIM_CHECK_BYTES,
 ) -> bytes:
     """msgpack bytes of the envelope; payloads over `claim_check_bytes` go to `blob_store`."""
-    body = payload_bytes(payload)
+    return encode_envelope(env, payload_bytes(payload), blob_store=blob_store, claim_check_bytes=claim_check_bytes)
+
+
+def encode_envelope(
+    env: Envelope,
+    body: bytes,
+    *,
+    blob_store: BlobStore | None = None,
+    claim_check_bytes: int = DEFAULT_CLAIM_CHECK_BYTES,
+) -> bytes:
+    """`encode_event` of a payload already packed by `payload_bytes` (only this part does I/O: the claim check)."""
     fields: dict[str, Any] = msgspec.to_builtins(env, builtin_types=(bytes,))
     fields.pop("payload", None)
     fields.pop("payload_ref", None)

@@ -37,6 +37,18 @@ def decompress_zstd(body: bytes, limit: int) -> bytes:
     return out
 
 
+def declared_size(body: bytes, zstd: bool) -> int | None:
+    """How many bytes the body is once decompressed: its own length, or the size its zstd frame header declares
+    (None: not declared, or no zstd frame)."""
+    if not zstd:
+        return len(body)
+    try:
+        size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError:
+        return None
+    return size if size >= 0 else None
+
+
 def _array(raw: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     if len(raw) % dtype.itemsize:
         raise FieldError(where, f"{len(raw)} bytes is not a whole number of {dtype.name} values")
@@ -100,6 +112,27 @@ def decode_forward_backward(body: bytes) -> tuple[str, int | None, Callable[[], 
     if msg.seq_id < 0:
         raise FieldError("seq_id", f"must be >= 0, got {msg.seq_id}")
     return msg.model_id, (msg.seq_id or None), lambda: _forward_backward(msg)
+
+
+def read_forward_backward(body: bytes, zstd_limit: int | None) -> tuple[str, int | None,
+                                                                     Callable[[], p.ForwardBackward]]:
+    """`decode_forward_backward` of a body that is zstd when `zstd_limit` (its decompressed cap) is given, with the
+    tensors decoded here too, in one go: the gateway reads a body on its loop or in one worker thread, not in three
+    thread hops, each a GIL hand-over (issue 14). A bad tensor is still raised only by `build`, so it voids the
+    seq_id inside the submission layer."""
+    if zstd_limit is not None:
+        body = decompress_zstd(body, zstd_limit)
+    model_id, seq_id, build = decode_forward_backward(body)
+    try:
+        payload = build()
+    except Exception as exc:
+        refusal = exc
+
+        def refused() -> p.ForwardBackward:
+            raise refusal
+
+        return model_id, seq_id, refused
+    return model_id, seq_id, lambda: payload
 
 
 def _forward_backward(msg: Any) -> p.ForwardBackward:

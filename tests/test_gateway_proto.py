@@ -19,10 +19,12 @@ from bus_events import tensor_from_numpy
 from bus_gateway import proto_schema
 from bus_gateway.errors import FieldError
 from bus_gateway.proto_codec import (
+    declared_size,
     decode_forward_backward,
     decompress_zstd,
     encode_forward_backward_output,
     encode_sample_response,
+    read_forward_backward,
 )
 
 
@@ -82,6 +84,29 @@ def test_seq_id_zero_means_not_given_and_zstd_bodies_decode():
     assert seq_id is None
 
 
+def test_read_decompresses_and_decodes_the_tensors_in_one_go():
+    body = _sdk_request()
+    model_id, seq_id, build = read_forward_backward(zstandard.ZstdCompressor().compress(body), 1 << 20)
+    plain = decode_forward_backward(body)[2]()
+    assert (model_id, seq_id) == ("sess-x:train:0", 3)
+    assert build() == plain
+    assert read_forward_backward(body, None)[2]() == plain
+
+
+def test_read_keeps_a_bad_tensor_for_build_so_the_submission_layer_voids_its_seq_id():
+    msg = sdk_pb.ForwardBackwardRequest(model_id="m:train:0", seq_id=4, loss_fn="cross_entropy")
+    datum = msg.data.add()
+    datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], dtype="<i4").tobytes()
+    target = datum.loss_fn_inputs["target_tokens"]
+    target.dtype, target.shape[:] = sdk_pb.DTYPE_INT64, [3]
+    target.dense = np.array([1, 2], dtype="<i8").tobytes()  # two values for a shape of three
+    model_id, seq_id, build = read_forward_backward(msg.SerializeToString(), None)
+    assert (model_id, seq_id) == ("m:train:0", 4)
+    with pytest.raises(FieldError) as info:
+        build()
+    assert info.value.field == "data[0].loss_fn_inputs.target_tokens"
+
+
 def test_sparse_csr_targets_are_densified():
     msg = sdk_pb.ForwardBackwardRequest(model_id="m:train:0", seq_id=1, loss_fn="cross_entropy")
     datum = msg.data.add()
@@ -105,6 +130,14 @@ def test_malformed_bodies_name_the_field(body, field):
     with pytest.raises(FieldError) as info:
         decode_forward_backward(body)
     assert info.value.field == field
+
+
+def test_declared_size_is_the_length_or_the_zstd_frame_header_size():
+    body = b"x" * 1000
+    assert declared_size(body, zstd=False) == 1000
+    assert declared_size(zstandard.ZstdCompressor().compress(body), zstd=True) == 1000
+    assert declared_size(zstandard.ZstdCompressor(write_content_size=False).compress(body), zstd=True) is None
+    assert declared_size(b"\xff\xff\xff\xff", zstd=True) is None  # not a zstd frame: decompress_zstd says so
 
 
 def test_zstd_bomb_is_capped():

@@ -21,6 +21,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from bus_events import EventType
 from bus_events.signing import SIGNATURE_HEADER, signed_by
 from bus_gateway.config import GatewayConfig
+from bus_gateway.tinker_api.training import INLINE_BODY_BYTES
 from bus_runtime.base_models import read_base_model_info
 
 PROTO = {**HEADERS_A, "Content-Type": "application/x-protobuf"}
@@ -54,6 +55,24 @@ async def test_valid_forward_backward_reaches_the_bus_compressed(gw_settings):
         assert (env.request_id, env.seq_id, payload.loss_fn) == (resp.json()["request_id"], 1, "ppo")
         assert payload.loss_fn_config == {"clip_low_threshold": 0.9}
         assert payload.data[0].loss_fn_inputs["advantages"].numpy().tolist() == [1.0, 0.0, -1.0]
+
+
+async def test_big_and_size_less_bodies_are_read_off_the_loop_and_reach_the_bus(gw_settings):
+    """Bodies above INLINE_BODY_BYTES, or zstd frames that do not declare their size, take the worker thread."""
+    model_id = seed_model(gw_settings, "alice")
+    vocab = read_base_model_info(gw_settings.base_models[0]).vocab_size
+    n = INLINE_BODY_BYTES // 16 + 1000  # 16 body bytes a token: over the inline size
+    tokens = (np.arange(n) % (vocab - 1)).tolist()
+    big = _fb_body(model_id, 1, tokens=tokens, targets=[t + 1 for t in tokens])
+    assert len(big) > INLINE_BODY_BYTES
+    sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(_fb_body(model_id, 2))
+    async with BusProbe(gw_settings) as bus, gateway_client(gw_settings, API_KEYS) as client:
+        for seq_id, body, encoding in ((1, big, {}), (2, sizeless, {"Content-Encoding": "zstd"})):
+            resp = await client.post("/api/v1/forward_backward", content=body, headers={**PROTO, **encoding})
+            assert resp.status_code == 200, resp.text
+            env, payload = await bus.next_event(EventType.FORWARD_BACKWARD)
+            assert env.seq_id == seq_id
+        assert payload.data[0].tokens.numpy().tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize(("case", "field", "message"), [

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from bench.call_latency import CallClocks, forward_slices, percentile, summarize
+from bench.call_latency import CallClocks, call_data, forward_slices, percentile, summarize
 from bench.path_steps import SNAPSHOT_EVERY, window_steps
 
 
 def test_hops_split_the_call_at_its_four_inner_clocks():
     hops = CallClocks(sdk_start=10.0, published=10.002, started=10.006, replied=10.016, sdk_end=10.025).hops()
     assert hops == pytest.approx({"submit": 2, "to work": 4, "compute": 10, "back": 9, "total": 25})
+
+
+def test_a_step_continues_through_the_optim_step_and_times_the_big_reply_apart():
+    hops = CallClocks(sdk_start=10.0, published=10.002, started=10.006, replied=10.106, sdk_end=10.140,
+                      optim=(10.003, 10.107, 10.127), fb_end=10.115).hops()
+    assert hops == pytest.approx({"submit": 2, "to work": 4, "compute": 100, "to optim": 1, "optim": 20, "back": 13,
+                                  "total": 140, "fb back": 9})
+    assert sum(v for k, v in hops.items() if k not in ("total", "fb back")) == pytest.approx(hops["total"])
 
 
 def test_percentiles_are_nearest_rank_and_refuse_nothing_to_rank():
@@ -26,6 +34,7 @@ def test_summaries_hold_p50_and_p99_per_hop():
     calls = [CallClocks(0.0, 0.001 * i, 0.002 * i, 0.003 * i, 0.004 * i) for i in range(1, 6)]
     summary = summarize(calls)
     assert summary["total"]["p50"] == pytest.approx(12) and summary["total"]["p99"] == pytest.approx(20)
+    assert summary["total"]["mean"] == pytest.approx(12) and summary["submit"]["mean"] == pytest.approx(3)
 
 
 def _slice(name: str, category: str, request_id: str, ts: int, dur: int) -> dict:
@@ -48,9 +57,21 @@ def test_forward_slices_pair_queue_and_compute_per_request_oldest_first():
     assert len(got) == len(want)
     for row, expected in zip(got, want, strict=True):
         assert row == pytest.approx(expected)
+    assert forward_slices(trace, "optim_step") == [pytest.approx((3.0, 3.0001, 3.0002))]
 
 
 def test_windows_are_whole_snapshot_cadences():
     assert window_steps(1) == SNAPSHOT_EVERY
     assert window_steps(SNAPSHOT_EVERY) == SNAPSHOT_EVERY
     assert window_steps(SNAPSHOT_EVERY + 1) == 2 * SNAPSHOT_EVERY
+
+
+def test_call_data_holds_datums_of_the_asked_size_predicting_the_next_token():
+    data = call_data(3, 5, vocab=50)
+    assert len(data) == 3
+    for datum in data:
+        tokens = datum.model_input.to_ints()
+        targets = datum.loss_fn_inputs["target_tokens"].to_numpy()
+        assert len(tokens) == 5 and targets.shape == (5,) and max(tokens) < 50
+        assert list(targets[:-1]) == tokens[1:]
+        assert datum.loss_fn_inputs["weights"].to_numpy().tolist() == [1.0] * 5
