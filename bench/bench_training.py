@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--work-dir", default="/tmp/tinker-bus-bench")
-    ap.add_argument("--skip", default="", help="comma list of: bus, multi, eager")
+    ap.add_argument("--skip", default="", help="comma list of: bus, multi, eager, tiny (backend-alone tiny forward)")
     ap.add_argument("--profile", help="append a torch.profiler kernel table of one step per variant to this file")
     args = ap.parse_args()
     batch, seq = DEFAULT_BATCH[args.shape]
@@ -174,8 +174,9 @@ def main() -> None:
                                   adapters, options, label, args.profile))
     print_table(f"training, {args.shape}, {batch}x{seq} tokens/step", rows, baseline="bare transformers+PEFT")
     if latency is not None:
-        compute = tiny_step_compute(model_dir, args.device, profile=args.profile)
         print_summary(latency, "tiny forward (1 x 8 tokens) through the full path")
+    if latency is not None and "tiny" not in skip:
+        compute = tiny_step_compute(model_dir, args.device, profile=args.profile)
         path = latency["total"]
         print(f"tiny forward: path p50 {path['p50']:.1f} ms / p99 {path['p99']:.1f} ms; backend alone p50 "
               f"{compute['p50']:.1f} ms / p99 {compute['p99']:.1f} ms; the bus adds ~"
