@@ -44,6 +44,9 @@ class TrainerConfig:
     # crash. Create / load / unload are snapshotted at once.
     snapshot_every_steps: int = 10
     snapshot_interval_s: float = 60.0
+    # ... but snapshots due by step count keep their writes (capture + upload) to at most this share of the time
+    # (durability.py; 0: no bound): a big adapter stepping fast then snapshots every few tens of steps, not 10.
+    snapshot_write_share: float = 0.1
     # A model without lasting changes since its snapshot records its progress (a small JSON) at most this often.
     marker_interval_s: float = 1.0
     # Handing partitions over (rebalance, stop): how long to wait for running steps and final snapshots.

@@ -81,7 +81,8 @@ class Recovery:
     def _snapshot_due(self, stream: ModelStream) -> bool:
         state, config = stream.state, self.runtime.config
         return state is not None and (state.unloaded or state.window_clean) and \
-            stream.durability.snapshot_due(config.snapshot_every_steps, config.snapshot_interval_s)
+            stream.durability.snapshot_due(config.snapshot_every_steps, config.snapshot_interval_s,
+                                           config.snapshot_write_share)
 
     def _marker_due(self, stream: ModelStream) -> bool:
         return stream.state is not None and stream.durability.marker_due(self.runtime.config.marker_interval_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from trainer_consumer.durability import Durability, DurablePoint
 
 
@@ -41,6 +43,40 @@ def test_a_snapshot_falls_due_after_enough_optimizer_steps():
     assert not d.snapshot_due(every_steps=3, interval_s=0)
     d.lasting_effect(optim_step=True)
     assert d.snapshot_due(every_steps=3, interval_s=0)
+
+
+def test_step_count_snapshots_keep_their_writes_to_a_share_of_the_time(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    d = Durability()
+    d.lasting_effect(optim_step=True)
+    capture = d.capture("snapshot")
+    clock[0] += 2.0  # the upload took 2 s
+    d.written(capture, "v-1")
+    for _ in range(3):
+        d.lasting_effect(optim_step=True)
+    assert d.snapshot_due(every_steps=3, interval_s=0)  # no bound asked for
+    assert not d.snapshot_due(every_steps=3, interval_s=0, write_share=0.1)  # 2 s of writing: wait 18 s
+    clock[0] += 17.9
+    assert not d.snapshot_due(every_steps=3, interval_s=0, write_share=0.1)
+    clock[0] += 0.2
+    assert d.snapshot_due(every_steps=3, interval_s=0, write_share=0.1)
+
+
+def test_new_states_and_the_time_trigger_are_not_held_back_by_the_write_share(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    d = Durability()
+    d.lasting_effect(optim_step=True)
+    capture = d.capture("snapshot")
+    clock[0] += 5.0
+    d.written(capture, "v-1")
+    d.lasting_effect(new_state=True)  # e.g. load_weights: snapshot at once
+    assert d.snapshot_due(every_steps=10, interval_s=0, write_share=0.1)
+    d.written(d.capture("snapshot"), "v-2")
+    d.lasting_effect(optim_step=True)
+    clock[0] += 60.0
+    assert d.snapshot_due(every_steps=10, interval_s=60, write_share=0.01)  # a minute after the first change
 
 
 def test_a_marker_needs_a_snapshot_and_no_lasting_change():
