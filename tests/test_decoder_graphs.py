@@ -37,6 +37,14 @@ def test_the_least_recently_used_graph_goes_first():
     assert list(plan.graphs) == [("a", 1, 1), ("a", 1, 3)]
 
 
+def test_a_full_plan_lets_a_newcomer_displace_a_graph_only_once_called_more_than_it_was_replayed():
+    plan = GraphPlan(max_graphs=1, capture_on=2)
+    plan.keep(("a", 1, 1), _captured())
+    for _ in range(3):
+        assert plan.lookup(("a", 1, 1)) is not None  # 3 replays
+    assert [plan.wants(("a", 1, 2)) for _ in range(4)] == [False, False, False, True]  # the 4th call: 4 > 3
+
+
 def test_forgetting_a_slot_drops_its_graphs_and_counts_only():
     plan = GraphPlan(capture_on=2)
     plan.keep(("a", 1, 1), _captured())

@@ -12,8 +12,9 @@ GEMM). Replaying a captured graph launches every kernel of the decoder at once, 
   instead of None; the compiled layers saw a new input and recompiled inside the capture (which inductor cannot
   do). With the mask given, the layers see the same inputs in and out of a capture.
 - One graph per (adapter slot, batch shape), captured the second time that key is seen (the first call runs
-  uncaptured and compiles what it needs; the capture runs with recompiles forbidden), at most `max_graphs` kept
-  (least recently used dropped).
+  uncaptured and compiles what it needs; the capture runs with recompiles forbidden), at most `max_graphs` kept:
+  once they are all taken, a key displaces the least recently used graph only after more calls than that graph
+  had replays.
 - A capture is checked against an uncaptured run of the same call, bit for bit, before it is used; any difference or
   any capture failure turns graphs off for the backend (logged once) and calls run the ordinary way.
 - A graph reads the adapter's weights where they were at capture: the optimizers update them in place; the
@@ -43,6 +44,7 @@ class _Captured:
     input_ids: torch.Tensor  # the graph's input buffer
     hidden: torch.Tensor  # the graph's output buffer, overwritten by each replay
     pointers: tuple[int, ...]  # the adapter tensors' addresses the graph reads
+    replays: int = 0
 
 
 class GraphPlan:
@@ -63,6 +65,7 @@ class GraphPlan:
         captured = self.graphs.get(key)
         if captured is not None:
             self.graphs.move_to_end(key)
+            captured.replays += 1
         return captured
 
     def fits(self, key: Key) -> bool:
@@ -71,9 +74,16 @@ class GraphPlan:
         return self.enabled and batch * length <= self.max_tokens
 
     def wants(self, key: Key) -> bool:
-        """Count one more call of `key` (which fits and has no graph); whether to capture it now."""
+        """Count one more call of `key` (which fits and has no graph); whether to capture it now. With every graph
+        slot taken, only a key called more often than the least recently used graph was replayed displaces it:
+        calls cycling through more shapes than slots would otherwise capture (three decoder runs) on every other
+        call."""
         self._seen[key] = seen = self._seen.get(key, 0) + 1
-        return seen >= self.capture_on
+        if seen < self.capture_on:
+            return False
+        if len(self.graphs) < self.max_graphs:
+            return True
+        return seen > next(iter(self.graphs.values())).replays
 
     def keep(self, key: Key, captured: _Captured) -> None:
         self.graphs[key] = captured
