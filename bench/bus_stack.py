@@ -2,9 +2,9 @@
 
 moto runs in its own process, not in the benchmark's: a snapshot upload (hundreds of MB through moto's Python
 server) would otherwise take the GIL from the SDK client that the benchmark times (issue 14: the two path
-benchmarks disagreed). Snapshots are taken every `snapshot_every_steps` steps only, not also by time
-(TINKER_BUS_TRAINER_SNAPSHOT_INTERVAL_S=0): the first steps compile for a minute, which put a time-triggered
-snapshot at a run-dependent step, so a timed window held zero, one or two snapshots (bench/path_steps.py).
+benchmarks disagreed). Snapshots are taken by step count only (every `snapshot_every_steps` steps, spaced by
+`snapshot_write_share`), not also by time (TINKER_BUS_TRAINER_SNAPSHOT_INTERVAL_S=0): the first steps compile for a
+minute, which put a time-triggered snapshot at a run-dependent step (bench/path_steps.py).
 """
 
 from __future__ import annotations

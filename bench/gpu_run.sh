@@ -2,7 +2,7 @@
 # The device-tool calls behind docs/benchmarks.md (issue 7), one table per stage:
 #   bash bench/gpu_run.sh train1b   # bare PEFT vs backend (eager, compiled) vs full bus path, 8 adapters, latency
 #   bash bench/gpu_run.sh sample1b  # sampler engine decode vs static-cache compiled generate, batch 64 and 256
-#   bash bench/gpu_run.sh train8b   # bare PEFT vs backend on the 8B shape
+#   bash bench/gpu_run.sh train8b   # bare PEFT vs backend vs full bus path on the 8B shape (40-step windows)
 #   bash bench/gpu_run.sh sample8b
 #   bash bench/gpu_run.sh kernels   # the sampler's Triton kernels and engine paths vs torch, on the GPU (pytest)
 #   bash bench/gpu_run.sh kernelbench # the sampler's LoRA and decode-attention kernels, old vs new, in CUDA graphs
@@ -28,13 +28,13 @@ torch.cuda.get_device_name())"
 quiet() { grep --line-buffered -v -E "HTTP/1.1|it/s]|USDT|profiler_st"; }
 for stage in "$@"; do
   case $stage in
-    train1b) timeout "${STAGE_S:-380}" python3 -m bench.bench_training --shape llama-1b --steps 5 --warmup 2 \
+    train1b) timeout "${STAGE_S:-380}" python3 -m bench.bench_training --shape llama-1b --steps 40 --warmup 2 \
         --adapters 8 --profile "$OUT/profile-train-llama-1b.txt" 2>&1 | quiet | tee "$OUT/train-llama-1b.log" ;;
     sample1b) timeout "${SAMPLE_S:-${STAGE_S:-300}}" python3 bench/bench_sampling.py --model-config llama-1b --device cuda \
         --batch "${BATCHES:-64,256}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 --check \
         ${SAMPLE_ARGS:-} --profile "$OUT/profile-sample-llama-1b.txt" 2>&1 | quiet | tee "$OUT/sample-llama-1b.log" ;;
-    train8b) timeout "${STAGE_S:-540}" python3 -m bench.bench_training --shape llama-8b --steps 3 --warmup 1 \
-        --adapters 8 --skip "${SKIP:-bus,multi}" --profile "$OUT/profile-train-llama-8b.txt" 2>&1 | quiet | tee "$OUT/train-llama-8b.log" ;;
+    train8b) timeout "${STAGE_S:-540}" python3 -m bench.bench_training --shape llama-8b --steps 40 --warmup 1 \
+        --adapters 8 --skip "${SKIP:-eager,multi,tiny}" --profile "$OUT/profile-train-llama-8b.txt" 2>&1 | quiet | tee "$OUT/train-llama-8b.log" ;;
     sample8b) timeout "${SAMPLE_S:-${STAGE_S:-300}}" python3 bench/bench_sampling.py --model-config llama-8b --device cuda \
         --batch "${BATCHES:-64,256}" --new-tokens 128 --prompt-len 64 --repeats 2 --adapters 8 ${SAMPLE_ARGS:-} \
         --profile "$OUT/profile-sample-llama-8b.txt" 2>&1 | quiet | tee "$OUT/sample-llama-8b.log" ;;

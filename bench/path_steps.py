@@ -2,12 +2,12 @@
 
 bench_training and profile_pipeline used to time them differently and disagreed by ~10 % on "submitted ahead vs
 one at a time" (0.90x against 1.01x): bench_training took the median of single steps one at a time (a slow step
-drops out) but the mean of the submitted-ahead window (it cannot drop out), and the trainer's snapshots (every
-`snapshot_every_steps` steps, and also after 60 s, which the first steps' compilation reached at a run-dependent
-step) fell into its windows zero, one or two times. Here both patterns are timed as whole windows of a multiple of
-the snapshot cadence (window seconds / steps), one after the other after the same warm-up: each window holds the
-same share of snapshots as a long run, and of nothing else. bench/bus_stack.py turns the time-triggered snapshots
-off, so the windows' snapshots fall at known steps.
+drops out) but the mean of the submitted-ahead window (it cannot drop out), and the trainer's snapshots fell into
+its windows zero, one or two times. Here both patterns are timed as whole windows of a multiple of the snapshot
+cadence (window seconds / steps), one after the other after the same warm-up. Snapshots due by step count are
+also spaced so that their writes fill at most `snapshot_write_share` of the time (trainer_consumer/durability.py):
+a window then holds the snapshots a long run would have in that time only when it is long next to that spacing
+(tens of steps for 1B and 8B: pass --steps 40 or more), and bench/bus_stack.py turns the time-triggered ones off.
 """
 
 from __future__ import annotations
