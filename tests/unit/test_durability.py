@@ -45,14 +45,20 @@ def test_a_snapshot_falls_due_after_enough_optimizer_steps():
     assert d.snapshot_due(every_steps=3, interval_s=0)
 
 
-def test_step_count_snapshots_keep_their_writes_to_a_share_of_the_time(monkeypatch):
+def _after_one_snapshot(monkeypatch, took_s: float) -> tuple[Durability, list[float]]:
+    """A model whose first snapshot write took `took_s` on a clock the test moves (clock[0])."""
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     d = Durability()
     d.lasting_effect(optim_step=True)
     capture = d.capture("snapshot")
-    clock[0] += 2.0  # the upload took 2 s
+    clock[0] += took_s
     d.written(capture, "v-1")
+    return d, clock
+
+
+def test_step_count_snapshots_keep_their_writes_to_a_share_of_the_time(monkeypatch):
+    d, clock = _after_one_snapshot(monkeypatch, took_s=2.0)
     for _ in range(3):
         d.lasting_effect(optim_step=True)
     assert d.snapshot_due(every_steps=3, interval_s=0)  # no bound asked for
@@ -64,13 +70,7 @@ def test_step_count_snapshots_keep_their_writes_to_a_share_of_the_time(monkeypat
 
 
 def test_new_states_and_the_time_trigger_are_not_held_back_by_the_write_share(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    d = Durability()
-    d.lasting_effect(optim_step=True)
-    capture = d.capture("snapshot")
-    clock[0] += 5.0
-    d.written(capture, "v-1")
+    d, clock = _after_one_snapshot(monkeypatch, took_s=5.0)
     d.lasting_effect(new_state=True)  # e.g. load_weights: snapshot at once
     assert d.snapshot_due(every_steps=10, interval_s=0, write_share=0.1)
     d.written(d.capture("snapshot"), "v-2")
