@@ -32,13 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bus_stack import running_stack
+from bench.call_latency import percentile
 from bench.pyspy import profiled
 from bench.shapes import SHAPES, build_model_dir
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @dataclass(frozen=True)

@@ -79,14 +79,13 @@ def bench_bus(model_dir: Path, device: str, tokens: torch.Tensor, steps: int, wa
     """The full path: tinker SDK -> gateway -> Kafka -> trainer -> reply, one step at a time and submitted ahead
     (bench/path_steps.py: windows of a multiple of the snapshot cadence), then the tiny call's hops."""
     import tinker
-    from tinker import types
 
     from bench.bus_stack import running_stack
     from bench.call_latency import API_KEY, measure, summarize
-    from bench.path_steps import sdk_data, time_patterns, window_steps
+    from bench.path_steps import sdk_adam, sdk_data, time_patterns, window_steps
 
     data = sdk_data(tokens.numpy())
-    adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+    adam = sdk_adam()
     with running_stack(model_dir, device, out_dir / "stack.log") as url, \
             tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False).result()

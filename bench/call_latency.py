@@ -68,11 +68,12 @@ class CallClocks:
         return out
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The nearest-rank q-quantile (0 <= q <= 1) of an ascending list."""
-    if not sorted_values:
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile (0 <= q <= 1) of `values`."""
+    if not values:
         raise ValueError("percentile of no values")
-    return sorted_values[min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def summarize(calls: list[CallClocks]) -> dict[str, dict[str, float]]:
@@ -120,10 +121,11 @@ def measure(base_url: str, client, calls: int, warmup: int = 5, data: list | Non
     after `warmup` untimed ones, and their clocks from the session trace. `data`: the datums (default the tiny
     call's)."""
     import tinker
-    from tinker import types
+
+    from bench.path_steps import sdk_adam
 
     data = data if data is not None else call_data()
-    adam = types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+    adam = sdk_adam()
 
     def one() -> tuple[float, float, float | None]:
         t0 = time.time()
@@ -155,7 +157,7 @@ def print_summary(summary: dict[str, dict[str, float]], label: str) -> None:
     print(f"\n{label}: per hop p50 / mean / p99 ms (the hops' means add up to the total's, fb back aside; "
           "their p50s need not)")
     for hop, stats in summary.items():
-        print(f"  {hop:<8} {stats['p50']:7.1f} {stats.get('mean', float('nan')):7.1f} {stats['p99']:7.1f}")
+        print(f"  {hop:<8} {stats['p50']:7.1f} {stats['mean']:7.1f} {stats['p99']:7.1f}")
 
 
 def main() -> None:

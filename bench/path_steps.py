@@ -35,6 +35,13 @@ def sdk_data(rows: np.ndarray) -> list:
                                         "weights": np.ones(len(row) - 1, np.float32)}) for row in rows]
 
 
+def sdk_adam() -> Any:
+    """The AdamParams (tinker.types) every path benchmark steps with."""
+    from tinker import types
+
+    return types.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
 def window_steps(steps: int) -> int:
     """`steps` rounded up to a multiple of the snapshot cadence (at least one cadence)."""
     cadence = max(1, SNAPSHOT_EVERY)
