@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from artifact_store import ObjectStore
-from bus_events import UNANSWERED_EVENTS, EventType
+from bus_events import UNANSWERED_EVENTS, Envelope, EventType
 from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_gateway.listener_marks import ListenerMarks
@@ -49,6 +49,7 @@ MARKS_SAVE_S = 30.0
 # Fetch fast while a request POSTed here awaits its result, for at most this long after the last one: a request whose
 # result never comes (no worker) must not keep the listener polling fast; a longer call then waits one idle fetch more.
 PENDING_FAST_S = 30.0
+DOOR = "reply door"  # where records came from, besides the topics (`unverified` counts per source)
 
 
 class BusListener:
@@ -60,11 +61,12 @@ class BusListener:
         self.deltas = deltas if deltas is not None else DeltaRouter()
         self.marks = ListenerMarks(blob_store, settings.topics.prefix, settings.result_ttl_s)
         self.tenant_keys = settings.tenant_keys
-        self.unverified: Counter[str] = Counter()  # records dropped for their signature, per topic
+        self.unverified: Counter[str] = Counter()  # records dropped for their signature, per topic (or DOOR)
         self._marks_saved = time.monotonic()
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.records_seen = 0
+        self.direct_results = 0  # results resolved from the reply door before their fetch
         self._behind: set[TopicPartition] = set()  # partitions not yet read up to their high-watermark
         self._caught_up = asyncio.Event()
         self.pacer = FetchPacer(settings.fetch_max_wait_ms, settings.fetch_busy_wait_ms, PENDING_FAST_S)
@@ -193,14 +195,31 @@ class BusListener:
             return
         env = decoded.env
         if isinstance(decoded.payload, p.Result):
-            self.table.resolve(env.request_id, decoded.payload, tenant=env.tenant, model_id=env.model_id,
-                               seq_id=env.seq_id)
-            self.deltas.unsubscribe(env.request_id)  # a stream reads the rest from the result
+            self._resolve(env, decoded.payload)
         elif isinstance(decoded.payload, p.SampleDelta):
             self.deltas.deliver(env.request_id, decoded.payload)
         elif env.type in REQUEST_EVENTS:
             self.table.add(Future(env.request_id, env.tenant, env.type.value, env.model_id, env.seq_id,
                                   created_at=env.created_at or record.timestamp / 1000))
+
+    def _resolve(self, env: Envelope, result: p.Result) -> None:
+        self.table.resolve(env.request_id, result, tenant=env.tenant, model_id=env.model_id, seq_id=env.seq_id)
+        self.deltas.unsubscribe(env.request_id)  # a stream reads the rest from the result
+
+    async def handle_direct(self, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """A result a worker handed over through this gateway's reply door after publishing it (bus_runtime/
+        reply_door.py): checked exactly as one read from the reply topic, where its copy later changes nothing."""
+        key = self.settings.reply_signing_key
+        decoded = await decode_record(value, self.blob_store, {EventType.RESULT},
+                                      check=ReplyCheck(key, value, headers) if key is not None else None)
+        if isinstance(decoded, Poisoned):
+            if isinstance(decoded.error, UnverifiedEvent):
+                self.unverified[DOOR] += 1
+            log.warning("bus listener drops a result from its reply door: %s", decoded.error)
+            return
+        assert isinstance(decoded.payload, p.Result)  # the only type allowed above
+        self.direct_results += 1
+        self._resolve(decoded.env, decoded.payload)
 
     def _check(self, record: ConsumerRecord) -> ReplyCheck | SignatureCheck | None:
         if record.topic == self.settings.topics.replies:

@@ -31,6 +31,7 @@ from bus_gateway.streams import DeltaRouter
 from bus_gateway.tokens import TokenIssuer
 from bus_gateway.validation import check_model_id
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
+from bus_runtime.reply_door import DoorServer
 from bus_runtime.settings import BusSettings, open_object_store
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Gateway:
         self.futures.on_resolve.append(self.completions.record)
         self.deltas = DeltaRouter()  # sampling progress of streamed requests (OpenAI API, stream=true)
         self.listener = BusListener(settings, self.futures, self.objects, self.deltas)
+        self.door = DoorServer(config.reply_door_host, self.listener.handle_direct) if config.reply_door_host \
+            else None
         self.producer: AIOKafkaProducer | None = None
         self._sweeper: asyncio.Task | None = None
         # Immutable facts (tenant of a session / sampling session) are cached forever; runs briefly,
@@ -79,6 +82,8 @@ class Gateway:
         self.producer = make_producer(self.settings)
         await self.producer.start()
         await self.listener.start()
+        if self.door is not None:
+            await self.door.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="gateway-future-sweeper")
 
     async def stop(self) -> None:
@@ -86,6 +91,8 @@ class Gateway:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.door is not None:
+            await self.door.stop()
         await self.listener.stop()
         if self.producer is not None:
             await self.producer.stop()
@@ -150,9 +157,12 @@ class Gateway:
         topic = self.settings.topics.sample if event_type == EventType.SAMPLE else self.settings.topics.train
         event = make_event(event_type, payload, model_id=model_id, request_id=fut.request_id, seq_id=seq_id,
                            tenant=tenant)
+        # Only trainers ring doors: a rollout's thousands of samples would have every result decoded twice here.
+        door = self.door.door if self.door is not None and topic == self.settings.topics.train else None
         try:
             await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
-                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys)
+                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys,
+                          extra_headers=[door.header()] if door is not None else ())
         except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
             self.futures.discard(fut)
             raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -30,6 +31,13 @@ MAX_REQUEST_BYTES = 16 << 20
 RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+class Sent(NamedTuple):
+    """A record as the broker acknowledged it (what a reply door hands on, bus_runtime/reply_door.py)."""
+
+    value: bytes
+    headers: list[tuple[str, bytes]]
 
 
 def client_security(settings: BusSettings) -> dict[str, Any]:
@@ -112,10 +120,11 @@ async def publish(
     claim_check_bytes: int,
     signing_keys: TenantKeys | None = None,
     signing_key: bytes | None = None,
-) -> None:
+    extra_headers: Sequence[tuple[str, bytes]] = (),
+) -> Sent:
     """Encode (claim-checking big payloads off the event loop) and send keyed by model_id; signed as the
     envelope's tenant when `signing_keys` has its key, or with `signing_key` (a reply: the workers' key)
-    (bus_events.signing)."""
+    (bus_events.signing). Returns the record as it was acknowledged."""
     # Packing stays on the loop: msgspec holds the GIL for the whole call wherever it runs (a thread would spare
     # the loop nothing), and it runs at copy speed (~15 us for an 8 x 2048-token step), while a thread hop is two
     # GIL hand-overs, each waiting up to the 5 ms switch interval while a compute thread runs Python (issue 14).
@@ -126,10 +135,12 @@ async def publish(
                                       claim_check_bytes=claim_check_bytes)
     else:
         raw = encode_envelope(env, body, claim_check_bytes=claim_check_bytes)
-    headers = signature_headers(signing_keys, env.tenant, raw) if signing_keys else None
+    headers = signature_headers(signing_keys, env.tenant, raw) if signing_keys else []
     if signing_key is not None:
         headers = [(SIGNATURE_HEADER, sign(signing_key, raw))]
-    await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers)
+    headers = [*headers, *extra_headers]
+    await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers or None)
+    return Sent(raw, headers)
 
 
 async def publish_with_retry(
@@ -142,16 +153,15 @@ async def publish_with_retry(
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
     signing_key: bytes | None = None,
-) -> None:
+) -> Sent:
     """`publish`, retried with backoff while the broker is away (restart, failover) for up to `retry_s`; then the
     last error is raised, and the caller stops without committing (its successor re-reads and answers)."""
     deadline = time.monotonic() + retry_s
     delay = RETRY_DELAY_S[0]
     while True:
         try:
-            await publish(producer, topic, env, payload, blob_store=blob_store, claim_check_bytes=claim_check_bytes,
-                          signing_key=signing_key)
-            return
+            return await publish(producer, topic, env, payload, blob_store=blob_store,
+                                 claim_check_bytes=claim_check_bytes, signing_key=signing_key)
         except Exception as exc:
             if time.monotonic() + delay > deadline:
                 raise

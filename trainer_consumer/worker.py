@@ -37,6 +37,7 @@ from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, ma
 from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.records import SignatureCheck
+from bus_runtime.reply_door import DoorBell, door_of
 from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
@@ -91,6 +92,7 @@ class TrainerWorker:
         self.tenant_keys = settings.tenant_keys  # requests must prove their tenant (bus_events/signing.py)
         self._last_commit = 0.0
         self.metrics = TrainerMetrics()
+        self.bell = DoorBell()
 
     def health(self) -> dict:
         engine = self.engine
@@ -117,6 +119,7 @@ class TrainerWorker:
             finally:
                 await self.consumer.stop()
         finally:
+            await self.bell.close()
             await self.producer.stop()
 
     async def _preload(self) -> None:
@@ -178,6 +181,7 @@ class TrainerWorker:
                 self.offsets.finished(tp, record.offset)
                 return
             decoded = decoded.void  # its seq_id is burnt: void it in order (finished when the model gets there)
+        decoded.door = door_of(record.headers)
         self.metrics.submitted(decoded)
         await self.engine.submit(decoded)
 
@@ -188,10 +192,11 @@ class TrainerWorker:
             self.pacer.busy()
             self.pacer.apply(self.consumer)
         for env, result in replies:
-            await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
-                                     retry_s=self.config.publish_retry_s, blob_store=self.objects,
-                                     claim_check_bytes=self.settings.claim_check_bytes,
-                                 signing_key=self.settings.reply_signing_key)
+            sent = await publish_with_retry(self.producer, self.settings.topics.replies, env, result,
+                                            retry_s=self.config.publish_retry_s, blob_store=self.objects,
+                                            claim_check_bytes=self.settings.claim_check_bytes,
+                                            signing_key=self.settings.reply_signing_key)
+            self.bell.ring(inbound.door, sent.value, sent.headers)  # acknowledged: in the log, so it may go
         if inbound.position is not None:
             tp = TopicPartition(inbound.position.topic, inbound.position.partition)
             self.offsets.finished(tp, inbound.position.offset)

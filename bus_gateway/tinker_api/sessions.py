@@ -118,7 +118,10 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
                     "pending_samples": gw.futures.local_pending_samples,
                     # records the listener read since start (few after a restart: listener_marks.py), and those
                     # it dropped for a missing or wrong signature, per topic (docs/events.md "Event identity")
-                    "records_read": gw.listener.records_seen, "unverified": dict(gw.listener.unverified)},
+                    "records_read": gw.listener.records_seen, "unverified": dict(gw.listener.unverified),
+                    # results trainers handed over through the reply door (bus_runtime/reply_door.py)
+                    "reply_door": gw.door.door.address if gw.door and gw.door.door else None,
+                    "door_results": gw.listener.direct_results},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
                   "bootstrap": gw.settings.kafka_bootstrap},
