@@ -33,6 +33,7 @@ from bus_events import payloads as p
 from bus_gateway.futures import Future, FutureTable
 from bus_gateway.listener_marks import ListenerMarks
 from bus_gateway.streams import DeltaRouter
+from bus_runtime.doors import BusRecord
 from bus_runtime.fetch_pacing import FetchPacer
 from bus_runtime.kafka_io import make_consumer
 from bus_runtime.records import Poisoned, ReplyCheck, SignatureCheck, UnverifiedEvent, decode_record
@@ -206,12 +207,12 @@ class BusListener:
         self.table.resolve(env.request_id, result, tenant=env.tenant, model_id=env.model_id, seq_id=env.seq_id)
         self.deltas.unsubscribe(env.request_id)  # a stream reads the rest from the result
 
-    async def handle_direct(self, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    async def handle_direct(self, record: BusRecord) -> None:
         """A result a worker handed over through this gateway's reply door after publishing it (bus_runtime/
-        reply_door.py): checked exactly as one read from the reply topic, where its copy later changes nothing."""
+        doors.py): checked exactly as one read from the reply topic, where its copy later changes nothing."""
         key = self.settings.reply_signing_key
-        decoded = await decode_record(value, self.blob_store, {EventType.RESULT},
-                                      check=ReplyCheck(key, value, headers) if key is not None else None)
+        check = ReplyCheck(key, record.value, record.headers) if key is not None else None
+        decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT}, check=check)
         if isinstance(decoded, Poisoned):
             if isinstance(decoded.error, UnverifiedEvent):
                 self.unverified[DOOR] += 1

@@ -49,7 +49,7 @@ class GatewayConfig:
     # true: the SDK waits for its samples through one long-poll per sampling session (/api/v1/retrieve_futures)
     # instead of one retrieve_future per request. Off by default: one more round trip per sample here.
     sample_use_retrieve_futures: bool = False
-    # Where this gateway's reply door listens (bus_runtime/reply_door.py): trainers hand it their results as soon
+    # Where this gateway's reply door listens (bus_runtime/doors.py): trainers hand it their results as soon
     # as the broker acknowledged them, instead of it waiting for its next fetch of the reply topic. An address the
     # trainers reach (a multi-host deployment names this host's); empty: no door, results come by the topic only.
     reply_door_host: str = "127.0.0.1"

@@ -27,11 +27,12 @@ from bus_gateway.completions import CompletionLog
 from bus_gateway.config import GatewayConfig
 from bus_gateway.errors import FieldError, NotFound, NotYetKnown
 from bus_gateway.futures import IDEMPOTENCY_KEY, Future, FutureTable, new_request_id, request_id_time
+from bus_gateway.intake_doors import IntakeDoors
 from bus_gateway.streams import DeltaRouter
 from bus_gateway.tokens import TokenIssuer
 from bus_gateway.validation import check_model_id
+from bus_runtime.doors import DoorServer
 from bus_runtime.kafka_io import ensure_topics, make_producer, publish
-from bus_runtime.reply_door import DoorServer
 from bus_runtime.settings import BusSettings, open_object_store
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class Gateway:
         self.door = DoorServer(config.reply_door_host, self.listener.handle_direct) if config.reply_door_host \
             else None
         self.producer: AIOKafkaProducer | None = None
+        self.intake = IntakeDoors(self.objects)  # the trainers' doors, to hand them what is published here
         self._sweeper: asyncio.Task | None = None
+        self._intake_reader: asyncio.Task | None = None
         # Immutable facts (tenant of a session / sampling session) are cached forever; runs briefly,
         # because unload flips `unloaded`.
         self._sessions: dict[str, Session] = {}
@@ -85,12 +88,15 @@ class Gateway:
         if self.door is not None:
             await self.door.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="gateway-future-sweeper")
+        self._intake_reader = asyncio.create_task(self.intake.run(), name="gateway-intake-doors")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._intake_reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.intake.close()
         if self.door is not None:
             await self.door.stop()
         await self.listener.stop()
@@ -157,12 +163,12 @@ class Gateway:
         topic = self.settings.topics.sample if event_type == EventType.SAMPLE else self.settings.topics.train
         event = make_event(event_type, payload, model_id=model_id, request_id=fut.request_id, seq_id=seq_id,
                            tenant=tenant)
-        # Only trainers ring doors: a rollout's thousands of samples would have every result decoded twice here.
+        # Doors for training only: a rollout's thousands of sample results would each be decoded twice here.
         door = self.door.door if self.door is not None and topic == self.settings.topics.train else None
         try:
-            await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
-                          claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys,
-                          extra_headers=[door.header()] if door is not None else ())
+            record = await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
+                                   claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys,
+                                   extra_headers=[door.header()] if door is not None else ())
         except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
             self.futures.discard(fut)
             raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "
@@ -170,6 +176,8 @@ class Gateway:
         except BaseException:
             self.futures.discard(fut)
             raise
+        if topic == self.settings.topics.train:
+            self.intake.hand(record)  # acknowledged: its trainer may take it before its next fetch
         return fut
 
     def check_seq_id(self, model_id: str, seq_id: int) -> None:

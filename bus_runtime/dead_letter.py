@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
 
 from bus_events import DEFAULT_TENANT, ContractError, EventType, make_error_result, make_event, new_id
 from bus_events import payloads as p
@@ -17,10 +17,25 @@ from bus_runtime.settings import BusSettings
 log = logging.getLogger(__name__)
 
 
+class SourceRecord(Protocol):
+    """Where a poisoned event was: a fetched aiokafka ConsumerRecord, or a record handed through a door."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 async def send_to_dead_letter(
     producer: AIOKafkaProducer,
     settings: BusSettings,
-    record: ConsumerRecord,
+    record: SourceRecord,
     reason: str,
     stage: DeadLetterStage,
     request_id: str | None = None,
@@ -47,7 +62,7 @@ async def send_to_dead_letter(
 
 
 async def dead_letter_contract_error(
-    producer: AIOKafkaProducer, settings: BusSettings, record: ConsumerRecord, exc: ContractError,
+    producer: AIOKafkaProducer, settings: BusSettings, record: SourceRecord, exc: ContractError,
     stage: DeadLetterStage,
 ) -> None:
     # An event not proven to be its tenant's must not answer that tenant's request either (a forger could fail a

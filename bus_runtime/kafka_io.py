@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -23,6 +23,7 @@ from aiokafka.helpers import create_ssl_context
 from bus_events import BlobStore, Envelope, payload_bytes
 from bus_events.envelope import encode_envelope
 from bus_events.signing import SIGNATURE_HEADER, TenantKeys, sign, signature_headers
+from bus_runtime.doors import BusRecord
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ MAX_REQUEST_BYTES = 16 << 20
 RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
-
-
-class Sent(NamedTuple):
-    """A record as the broker acknowledged it (what a reply door hands on, bus_runtime/reply_door.py)."""
-
-    value: bytes
-    headers: list[tuple[str, bytes]]
 
 
 def client_security(settings: BusSettings) -> dict[str, Any]:
@@ -121,7 +115,7 @@ async def publish(
     signing_keys: TenantKeys | None = None,
     signing_key: bytes | None = None,
     extra_headers: Sequence[tuple[str, bytes]] = (),
-) -> Sent:
+) -> BusRecord:
     """Encode (claim-checking big payloads off the event loop) and send keyed by model_id; signed as the
     envelope's tenant when `signing_keys` has its key, or with `signing_key` (a reply: the workers' key)
     (bus_events.signing). Returns the record as it was acknowledged."""
@@ -139,8 +133,9 @@ async def publish(
     if signing_key is not None:
         headers = [(SIGNATURE_HEADER, sign(signing_key, raw))]
     headers = [*headers, *extra_headers]
-    await producer.send_and_wait(topic, raw, key=env.model_id.encode(), headers=headers or None)
-    return Sent(raw, headers)
+    key = env.model_id.encode()
+    sent = await producer.send_and_wait(topic, raw, key=key, headers=headers or None)
+    return BusRecord(raw, headers, topic, sent.partition, sent.offset, key)
 
 
 async def publish_with_retry(
@@ -153,7 +148,7 @@ async def publish_with_retry(
     blob_store: BlobStore | None = None,
     claim_check_bytes: int,
     signing_key: bytes | None = None,
-) -> Sent:
+) -> BusRecord:
     """`publish`, retried with backoff while the broker is away (restart, failover) for up to `retry_s`; then the
     last error is raised, and the caller stops without committing (its successor re-reads and answers)."""
     deadline = time.monotonic() + retry_s

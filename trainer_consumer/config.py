@@ -61,6 +61,10 @@ class TrainerConfig:
     max_resident_adapters: int = 256
     # Prometheus /metrics on 127.0.0.1:PORT (0 = any free port; /healthz lists the URL).
     metrics_port: int = 0
+    # Where this trainer's intake door listens (bus_runtime/doors.py): gateways hand it their requests as soon as
+    # the broker acknowledged them, instead of it waiting for its next fetch. An address the gateways reach (a
+    # multi-host deployment names this host's); empty: no door, requests come by the topic only.
+    intake_door_host: str = "127.0.0.1"
     # torch CPU threads (0: torch's default). Bit-identical replay needs the same hardware and thread count.
     torch_threads: int = 0
     backend: str = "hf_peft"  # or "megatron"

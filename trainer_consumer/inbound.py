@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import msgspec
 
 from bus_events import Envelope
-from bus_runtime.reply_door import Door
+from bus_runtime.doors import Door
 
 
 @dataclass(frozen=True)
@@ -26,4 +26,4 @@ class Inbound:
     position: BusPosition | None = None
     # For seq_void items: the type of the request whose seq_id is void, when known (None: could be anything).
     voided_type: str | None = None
-    door: Door | None = None  # the asking gateway's reply door (bus_runtime/reply_door.py), if its record named one
+    door: Door | None = None  # the asking gateway's reply door (bus_runtime/doors.py), if its record named one

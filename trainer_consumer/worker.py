@@ -31,18 +31,19 @@ from aiokafka.structs import ConsumerRecord
 from artifact_store import ObjectStore
 from bus_events import Reply
 from bus_runtime.dead_letter import dead_letter_contract_error
+from bus_runtime.doors import BusRecord, DoorBell, DoorServer, reply_door_of
 from bus_runtime.fetch_pacing import FetchPacer
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
 from bus_runtime.metrics import serve_metrics
 from bus_runtime.offsets import OffsetTracker
 from bus_runtime.records import SignatureCheck
-from bus_runtime.reply_door import DoorBell, door_of
 from bus_runtime.settings import BusSettings, open_object_store
 from trainer_consumer.backends import make_backend
 from trainer_consumer.backends.base import TrainingBackend
 from trainer_consumer.config import TrainerConfig
 from trainer_consumer.engine import TrainerEngine
+from trainer_consumer.handed import HandedMismatch, HandedRecords
 from trainer_consumer.inbound import BusPosition, Inbound
 from trainer_consumer.intake import Poisoned, decode_training_record
 from trainer_consumer.metrics import TrainerMetrics
@@ -92,7 +93,11 @@ class TrainerWorker:
         self.tenant_keys = settings.tenant_keys  # requests must prove their tenant (bus_events/signing.py)
         self._last_commit = 0.0
         self.metrics = TrainerMetrics()
-        self.bell = DoorBell()
+        self.bell = DoorBell()  # rings the asking gateways' reply doors
+        host = runtime.config.intake_door_host
+        self.intake_door = DoorServer(host, self._take_handed) if host else None
+        self.handed = HandedRecords()
+        self._intake_lock = asyncio.Lock()  # a partition's records enter the engine one at a time, in log order
 
     def health(self) -> dict:
         engine = self.engine
@@ -102,11 +107,16 @@ class TrainerWorker:
                 "problem": engine.maintenance_error or (repr(engine.failure) if engine.failure else None),
                 "maintenance_restarts": engine.maintenance_restarts, "offloaded": engine.residency.offloads,
                 "queued": sum(engine.scheduled().values()),
-                "paused_partitions": sorted(tp.partition for tp in self.consumer.paused())}
+                "paused_partitions": sorted(tp.partition for tp in self.consumer.paused()),
+                # where gateways hand this trainer the requests of `partitions` (bus_runtime/doors.py)
+                "intake_door": door.spec if self.intake_door and (door := self.intake_door.door) else None,
+                "handed": {"taken": self.handed.taken, "passed": self.handed.passed}}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()
         await self.producer.start()
+        if self.intake_door is not None:
+            await self.intake_door.start()
         try:
             await self.consumer.start()
             try:
@@ -119,6 +129,8 @@ class TrainerWorker:
             finally:
                 await self.consumer.stop()
         finally:
+            if self.intake_door is not None:
+                await self.intake_door.stop()
             await self.bell.close()
             await self.producer.stop()
 
@@ -156,7 +168,8 @@ class TrainerWorker:
             self.pacer.apply(self.consumer)
             for tp, records in batches.items():
                 for record in records:
-                    await self._intake(tp, record)
+                    async with self._intake_lock:
+                        await self._intake_fetched(tp, record)
             if self.engine.failure is not None:
                 raise RuntimeError("the trainer engine failed") from self.engine.failure
             self._apply_backpressure()
@@ -165,13 +178,36 @@ class TrainerWorker:
                 await self.commit()
 
     # ------------------------------------------------------------------ intake
-    async def _intake(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+    async def _intake_fetched(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        try:
+            if self.handed.fetched(tp.topic, tp.partition, record.offset, record.value):
+                return  # taken from the intake door already
+        except HandedMismatch as exc:  # no final snapshot of what it may have changed: the successor replays
+            self.engine.failure = exc
+            raise
+        await self._intake(BusRecord(record.value or b"", list(record.headers or ()), tp.topic, tp.partition,
+                                     record.offset, record.key))
+
+    async def _take_handed(self, record: BusRecord) -> None:
+        """A request a gateway handed through the intake door once the broker had it: taken in now if it is the
+        next record its partition owes this trainer (handed.py), else left to the fetch."""
+        tp = TopicPartition(record.topic, record.partition)
+        async with self._intake_lock:
+            owed = self.offsets.partition(tp)
+            room = self.engine.scheduled().get((tp.topic, tp.partition), 0) < self.config.max_scheduled_per_partition
+            readable = tp in self.owned and tp not in self.consumer.paused() and room and owed is not None
+            if self.handed.take(record, owed.next_offset if readable and owed is not None else None):
+                self.pacer.busy()
+                await self._intake(record)
+
+    async def _intake(self, record: BusRecord) -> None:
+        tp = TopicPartition(record.topic, record.partition)
         if tp not in self.owned:
             return
         self.offsets.received(tp, record.offset)
         position = BusPosition(record.topic, record.partition, record.offset)
         verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
-        decoded = await decode_training_record(record.value or b"", position, self.objects, verify)
+        decoded = await decode_training_record(record.value, position, self.objects, verify)
         if tp not in self.owned:  # revoked while the claim check was fetched
             return
         if isinstance(decoded, Poisoned):
@@ -181,7 +217,7 @@ class TrainerWorker:
                 self.offsets.finished(tp, record.offset)
                 return
             decoded = decoded.void  # its seq_id is burnt: void it in order (finished when the model gets there)
-        decoded.door = door_of(record.headers)
+        decoded.door = reply_door_of(record.headers)
         self.metrics.submitted(decoded)
         await self.engine.submit(decoded)
 
@@ -196,7 +232,7 @@ class TrainerWorker:
                                             retry_s=self.config.publish_retry_s, blob_store=self.objects,
                                             claim_check_bytes=self.settings.claim_check_bytes,
                                             signing_key=self.settings.reply_signing_key)
-            self.bell.ring(inbound.door, sent.value, sent.headers)  # acknowledged: in the log, so it may go
+            self.bell.ring(inbound.door, sent)  # acknowledged: in the log, so it may go
         if inbound.position is not None:
             tp = TopicPartition(inbound.position.topic, inbound.position.partition)
             self.offsets.finished(tp, inbound.position.offset)
@@ -224,6 +260,7 @@ class TrainerWorker:
         await self.commit(only=revoked)
         await self.engine.drop(partitions)
         self.offsets.forget(revoked)
+        self.handed.forget(partitions)
 
     def _apply_backpressure(self) -> None:
         paused = self.consumer.paused()

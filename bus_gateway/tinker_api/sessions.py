@@ -119,9 +119,11 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
                     # records the listener read since start (few after a restart: listener_marks.py), and those
                     # it dropped for a missing or wrong signature, per topic (docs/events.md "Event identity")
                     "records_read": gw.listener.records_seen, "unverified": dict(gw.listener.unverified),
-                    # results trainers handed over through the reply door (bus_runtime/reply_door.py)
+                    # results trainers handed over through the reply door (bus_runtime/doors.py)
                     "reply_door": gw.door.door.address if gw.door and gw.door.door else None,
-                    "door_results": gw.listener.direct_results},
+                    "door_results": gw.listener.direct_results,
+                    # training-topic partitions whose trainer's intake door this gateway knows (intake_doors.py)
+                    "intake_doors": len(gw.intake.doors)},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
                   "bootstrap": gw.settings.kafka_bootstrap},

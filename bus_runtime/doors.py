@@ -1,23 +1,25 @@
-"""The reply door: a trainer hands a result it has just published straight to the gateway that asked for it, so
-that gateway need not wait for its next fetch of the reply topic (issue 14).
+"""Doors: a part hands a record it has just had acknowledged by the broker straight to the part that reads it
+next, so that reader need not wait for its next fetch (issue 14). Tansu never wakes a fetch early
+(fetch_pacing.py), and a client calling one step at a time pays a fetch wait on each of a call's two hops:
 
-Tansu never wakes a fetch early (fetch_pacing.py): the gateway's bus listener sees a result at its next fetch, on
-top of the produce, and a client calling one step at a time pays that on every call. The door removes that wait;
-it does not replace the log:
-- a worker rings only after the broker acknowledged the reply, so what a client is told is in the log; the
-  gateway checks a record from the door exactly as one read from the reply topic (its signature included), and the
-  copy it reads there later changes nothing (the first result of a future counts);
-- all of it is best effort: a door that cannot be reached, answers with another token, or lags is skipped for a
-  while, and its results come through the reply topic as they always did.
+- the reply door: a trainer hands its result to the gateway that asked (that gateway's door is named in the
+  request's header `tb-reply-door`);
+- the intake door: a gateway hands a training request to the trainer that owns its partition (the trainer's door
+  and partitions are in its heartbeat document in S3, which the gateway reads).
 
-A gateway opens its door on a host its trainers reach (127.0.0.1 by default) and stamps every training request it
-publishes with the header `tb-reply-door: host:port/token`. The token, random per gateway process, keeps a worker
-from talking to anything else on that port: a gateway on another machine whose door says 127.0.0.1 is not reached
-at all, since whatever listens there never answers `ok` to the token.
+A door does not replace the log:
+- a record is handed only after the broker acknowledged it, so what anyone acts on is in the log, and the reader
+  checks a handed record exactly as one it fetched (signatures included);
+- the copy fetched later changes nothing: a result's future is already resolved (the first result counts), and a
+  trainer drops the fetched copy of a request it took from its door after checking it is byte for byte the one it
+  was handed (trainer_consumer/handed.py);
+- everything is best effort: a door that cannot be reached, answers another token, or lags is skipped for a
+  while, and its records arrive through the topics as they always did.
 
-Wire (TCP): the worker sends `tinker-bus-reply-door/1 <token>\\n`, the gateway answers `ok\\n` if the token is its
-own (else it closes), then the worker sends frames: a 4-byte big-endian length, then msgpack [value, headers] of the
-record it published.
+A door's token (random per process) keeps a part from talking to anything else on that port: whatever listens
+there never answers `ok` to the token. Wire (TCP): the ringing side sends `tinker-bus-door/1 <token>\\n`, the door
+answers `ok\\n` if the token is its own (else it closes), then frames: a 4-byte big-endian length, then msgpack
+[value, headers, topic, partition, offset, key] of the record as acknowledged.
 """
 
 from __future__ import annotations
@@ -28,25 +30,36 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
 
 log = logging.getLogger(__name__)
 
-HEADER = "tb-reply-door"
-HELLO = b"tinker-bus-reply-door/1 "
+REPLY_DOOR_HEADER = "tb-reply-door"
+HELLO = b"tinker-bus-door/1 "
 OK = b"ok\n"
-MAX_FRAME_BYTES = 64 << 20  # a result bigger than this travels in the claim-check store, not in the record
+MAX_FRAME_BYTES = 64 << 20  # records are smaller: bigger payloads travel in the claim-check store
 HANDSHAKE_TIMEOUT_S = 1.0
 RETRY_AFTER_S = 30.0  # how long a door that failed is left alone
-QUEUED_FRAMES = 1024  # per door; beyond this a lagging door drops results (the reply topic still has them)
+QUEUED_FRAMES = 1024  # per door; beyond this a lagging door misses records (the topics still have them)
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
-Headers = list[tuple[str, bytes]]
-Deliver = Callable[[bytes, Headers], Awaitable[None]]
-_FRAME = msgspec.msgpack.Decoder(tuple[bytes, list[tuple[str, bytes]]])
+
+class BusRecord(msgspec.Struct, array_like=True, frozen=True):
+    """A record as the broker acknowledged it (kafka_io.publish returns one): what a door hands on."""
+
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None = None
+
+
+Deliver = Callable[[BusRecord], Awaitable[None]]
+_FRAME = msgspec.msgpack.Decoder(BusRecord)
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -60,14 +73,20 @@ class Door:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def spec(self) -> str:
+        """`host:port/token`: how a header or a heartbeat names the door (`parse` reads it back)."""
+        return f"{self.address}/{self.token}"
+
     def header(self) -> tuple[str, bytes]:
-        return HEADER, f"{self.address}/{self.token}".encode()
+        return REPLY_DOOR_HEADER, self.spec.encode()
 
     @classmethod
-    def parse(cls, raw: bytes | None) -> Door | None:
-        """The door a header names; None for anything else (a forged one costs at most one failed handshake)."""
+    def parse(cls, raw: bytes | str | None) -> Door | None:
+        """The door a spec names; None for anything else (a forged one costs at most one failed handshake)."""
         try:
-            address, token = (raw or b"").decode("ascii").rsplit("/", 1)
+            text = raw.decode("ascii") if isinstance(raw, bytes) else (raw or "")
+            address, token = text.rsplit("/", 1)
             host, port = address.rsplit(":", 1)
             door = cls(host.strip("[]"), int(port), token)
         except (ValueError, UnicodeDecodeError):
@@ -75,20 +94,21 @@ class Door:
         return door if door.host and 0 < door.port < 65536 and _TOKEN.fullmatch(token) else None
 
 
-def door_of(headers: Iterable[tuple[str, bytes]] | None) -> Door | None:
-    """The reply door a record's headers name, if any."""
-    return next((Door.parse(value) for key, value in headers or () if key == HEADER), None)
+def reply_door_of(headers: Iterable[tuple[str, bytes]] | None) -> Door | None:
+    """The reply door a request's headers name, if any."""
+    return next((Door.parse(value) for key, value in headers or () if key == REPLY_DOOR_HEADER), None)
 
 
 class DoorServer:
-    """The gateway's side: accepts the results workers hand over and passes them to `deliver`."""
+    """The reading side: accepts the records handed over and passes each to `deliver`, in the order each
+    connection sent them."""
 
     def __init__(self, host: str, deliver: Deliver):
         self.host = host
         self.deliver = deliver
         self.token = secrets.token_hex(16)
         self.door: Door | None = None  # once started
-        self.frames = 0  # results handed over
+        self.frames = 0  # records handed over
         self.refused = 0  # connections closed for a wrong token, an oversized or broken frame
         self._server: asyncio.Server | None = None
         self._peers: set[asyncio.StreamWriter] = set()
@@ -97,7 +117,7 @@ class DoorServer:
         self._server = await asyncio.start_server(self._serve, self.host, 0)
         port = self._server.sockets[0].getsockname()[1]
         self.door = Door(self.host, port, self.token)
-        log.info("reply door open on %s:%d", self.host, port)
+        log.info("door open on %s:%d", self.host, port)
 
     async def stop(self) -> None:
         if self._server is None:
@@ -119,27 +139,27 @@ class DoorServer:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 if size > MAX_FRAME_BYTES:
                     self.refused += 1
-                    log.warning("reply door: a %d-byte frame (> %d); connection closed", size, MAX_FRAME_BYTES)
+                    log.warning("door: a %d-byte frame (> %d); connection closed", size, MAX_FRAME_BYTES)
                     return
-                value, headers = _FRAME.decode(await reader.readexactly(size))
+                record = _FRAME.decode(await reader.readexactly(size))
                 self.frames += 1
                 try:
-                    await self.deliver(value, headers)
-                except Exception:  # a bug in delivering one result must not close the door for the next ones
-                    log.exception("reply door: delivering a result failed")
+                    await self.deliver(record)
+                except Exception:  # a bug in taking one record must not close the door for the next ones
+                    log.exception("door: taking a handed record failed")
         except msgspec.DecodeError as exc:
             self.refused += 1
-            log.warning("reply door: a broken frame (%s); connection closed", exc)
+            log.warning("door: a broken frame (%s); connection closed", exc)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-            pass  # the worker went away or never said hello: nothing was lost, the reply topic has it all
+            pass  # the other side went away or never said hello: nothing was lost, the topics have it all
         finally:
             self._peers.discard(writer)
             writer.close()
 
 
 class DoorBell:
-    """The worker's side: `ring` queues a published record for the door its request named, never waits and never
-    fails. One connection per door, opened on first use; a door that fails is skipped for RETRY_AFTER_S."""
+    """The handing side: `ring` queues an acknowledged record for a door, never waits and never fails. One
+    connection per door, opened on first use; a door that fails is skipped for RETRY_AFTER_S."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -148,7 +168,7 @@ class DoorBell:
         self.rung = 0  # frames queued for a door
         self.skipped = 0  # frames not queued: door shut after a failure, or its queue full
 
-    def ring(self, door: Door | None, value: bytes, headers: Sequence[tuple[str, bytes]] | None) -> None:
+    def ring(self, door: Door | None, record: BusRecord) -> None:
         if door is None:
             return
         if self._shut.get(door, 0.0) > self._clock():
@@ -157,7 +177,7 @@ class DoorBell:
         line = self._lines.get(door)
         if line is None:
             line = self._lines[door] = _Line(door, self._failed)
-        frame = _encode((value, list(headers or ())))
+        frame = _encode(record)
         if len(frame) > MAX_FRAME_BYTES or not line.put(len(frame).to_bytes(4, "big") + frame):
             self.skipped += 1
             return
@@ -168,7 +188,7 @@ class DoorBell:
         self._shut = {d: until for d, until in self._shut.items() if until > now}
         self._shut[door] = now + RETRY_AFTER_S
         self._lines.pop(door, None)
-        log.info("reply door %s:%d not used for %.0f s: %s", door.host, door.port, RETRY_AFTER_S, why)
+        log.info("door %s not used for %.0f s: %s", door.address, RETRY_AFTER_S, why)
 
     async def close(self) -> None:
         lines, self._lines = list(self._lines.values()), {}
@@ -183,7 +203,7 @@ class _Line:
         self.door = door
         self._failed = failed
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUED_FRAMES)
-        self._task = asyncio.create_task(self._run(), name=f"reply-door-{door.host}:{door.port}")
+        self._task = asyncio.create_task(self._run(), name=f"door-{door.address}")
 
     def put(self, frame: bytes) -> bool:
         try:
@@ -205,7 +225,7 @@ class _Line:
                 await writer.drain()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # refused, timed out, reset: the reply topic carries the results
+        except Exception as exc:  # refused, timed out, reset: the topics carry the records
             self._failed(self.door, repr(exc))
         finally:
             if writer is not None:
