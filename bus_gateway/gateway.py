@@ -63,7 +63,6 @@ class Gateway:
         self.producer: AIOKafkaProducer | None = None
         self.intake = IntakeDoors(self.objects)  # the trainers' doors, to hand them what is published here
         self._sweeper: asyncio.Task | None = None
-        self._intake_reader: asyncio.Task | None = None
         # Immutable facts (tenant of a session / sampling session) are cached forever; runs briefly,
         # because unload flips `unloaded`.
         self._sessions: dict[str, Session] = {}
@@ -88,14 +87,12 @@ class Gateway:
         if self.door is not None:
             await self.door.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="gateway-future-sweeper")
-        self._intake_reader = asyncio.create_task(self.intake.run(), name="gateway-intake-doors")
 
     async def stop(self) -> None:
-        for task in (self._sweeper, self._intake_reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.intake.close()
         if self.door is not None:
             await self.door.stop()

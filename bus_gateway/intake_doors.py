@@ -1,16 +1,19 @@
 """Which trainer's intake door takes the requests of which training-topic partition, read from the trainers'
-heartbeats in S3 (bus_runtime/health.py) every HEARTBEAT_INTERVAL_S, so that the gateway hands each training
-request, once the broker acknowledged it, to the trainer that reads it (bus_runtime/doors.py).
+heartbeats in S3 (bus_runtime/health.py), so that the gateway hands each training request, once the broker
+acknowledged it, to the trainer that reads it (bus_runtime/doors.py).
 
 S3, not the reply headers: a door takes requests into a trainer, so its token must not be readable from a topic.
-A map a rebalance made stale costs nothing: the trainer that no longer reads a partition leaves what it is handed
-to the fetch of the partition's new owner.
+Read while this gateway publishes training requests, at most every HEARTBEAT_INTERVAL_S (an idle gateway reads
+nothing). A map a rebalance made stale costs nothing: a trainer that no longer reads a partition leaves what it is
+handed to the fetch of the partition's new owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
 from artifact_store import ObjectStore
 from bus_runtime.doors import BusRecord, Door, DoorBell
@@ -24,28 +27,35 @@ class IntakeDoors:
         self.objects = objects
         self.doors: dict[int, Door] = {}  # training-topic partition -> its trainer's door
         self.bell = DoorBell()
+        self._read_at = float("-inf")
+        self._reading: asyncio.Task | None = None
 
-    def refresh(self) -> None:
-        """Read the live trainers' heartbeats (blocking: S3)."""
+    def read(self) -> dict[int, Door]:
+        """The live trainers' doors by partition (blocking: S3)."""
         doors: dict[int, Door] = {}
         for worker in read_health(self.objects):
             door = Door.parse(worker.detail.get("intake_door")) if worker.role == "trainer" and worker.alive \
                 else None
             if door is not None:
                 doors.update({int(n): door for n in worker.detail.get("partitions", ())})
-        self.doors = doors
+        return doors
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.to_thread(self.refresh)
-            except Exception:  # S3 away for a moment: keep the doors known, and every request still goes by Kafka
-                log.exception("reading the trainers' intake doors failed; retrying")
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+    async def _refresh(self) -> None:
+        try:
+            self.doors = await asyncio.to_thread(self.read)
+        except Exception:  # S3 away for a moment: keep the doors known; every request still goes by Kafka
+            log.exception("reading the trainers' intake doors failed")
 
     def hand(self, record: BusRecord) -> None:
         """Hand an acknowledged training request to the door of its partition's trainer, if one is known."""
+        if time.monotonic() - self._read_at >= HEARTBEAT_INTERVAL_S and (self._reading is None or self._reading.done()):
+            self._read_at = time.monotonic()
+            self._reading = asyncio.create_task(self._refresh(), name="gateway-intake-doors")
         self.bell.ring(self.doors.get(record.partition), record)
 
     async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
         await self.bell.close()

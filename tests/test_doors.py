@@ -30,6 +30,7 @@ from bus_runtime.health import read_health
 from bus_runtime.kafka_io import publish
 from bus_runtime.net import free_port
 from bus_runtime.settings import open_object_store
+from trainer_consumer.config import TrainerConfig
 from trainer_consumer.handed import HandedMismatch
 
 pytest_plugins = ["gateway_support", "gateway_stack"]
@@ -159,14 +160,15 @@ def sdk_calls(url: str, base_model: str) -> None:
     service.close("success").result()
 
 
-async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings):
+async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings, monkeypatch):
+    monkeypatch.setenv("TINKER_BUS_TRAINER_INTAKE_DOOR_HOST", "127.0.0.1")  # opt-in (TrainerConfig says why)
     async with running_stack(stack_settings) as url, httpx.AsyncClient(base_url=url) as http:
-        async def gateway_knows_the_trainers_door() -> bool:
-            components = (await http.get("/api/v1/healthz")).json()["components"]
-            return components["gateway"]["intake_doors"] == stack_settings.topics.all()[stack_settings.topics.train]
+        async def trainer_names_its_door() -> bool:
+            trainers = (await http.get("/api/v1/healthz")).json()["components"]["trainer"]["detail"]
+            return bool(trainers) and trainers[0]["intake_door"] is not None and bool(trainers[0]["partitions"])
 
-        async with asyncio.timeout(30):  # the trainer's heartbeat names its door, then the gateway reads it
-            while not await gateway_knows_the_trainers_door():
+        async with asyncio.timeout(30):  # in a heartbeat after it opened (the gateway reads them as it publishes)
+            while not await trainer_names_its_door():
                 await asyncio.sleep(0.2)
         await in_thread(sdk_calls, url, stack_settings.base_models[0])
         deadline = asyncio.get_running_loop().time() + 15  # the next heartbeats tell what the trainer took
@@ -182,6 +184,7 @@ async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings):
     # broker's copies changed nothing), and the trainer took requests from its door (all but the partition's
     # first, which tells it where the partition stands)
     assert gateway["door_results"] >= 7, gateway
+    assert gateway["intake_doors"] == stack_settings.topics.all()[stack_settings.topics.train], gateway
     assert Door.parse(trainer["intake_door"]) is not None, trainer
     assert trainer["handed"]["taken"] >= 1, trainer
 
@@ -212,18 +215,31 @@ async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings
     # Fetches that wait 500 ms (Tansu never cuts them short): the handed copy is always there first.
     slow = bus_settings(settings, tiny_model, fetch_max_wait_ms=500, fetch_busy_wait_ms=500)
     model_id = "forge:train:0"
+    async with BusHarness(slow, TrainerConfig(intake_door_host="127.0.0.1")) as bus:
+        door = await trainer_door(slow)
+        created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
+                                                                          lora=p.LoraSpec(rank=4)), model_id, 0)
+        await bus.ok(created)  # the trainer now knows where the model's partition stands
+        env, body = make_event(EventType.GET_INFO, p.GetInfo(), model_id=model_id, seq_id=1)
+        real = await publish(bus.producer, slow.topics.train, env, body, claim_check_bytes=slow.claim_check_bytes)
+        forged = msgspec.structs.replace(env, request_id="req-forged")
+        bell = DoorBell()
+        bell.ring(door, msgspec.structs.replace(real, value=encode_event(forged, body)))
+        async with asyncio.timeout(30):  # taken in as the log's record at that offset (the only way to a mismatch),
+            await asyncio.wait({bus.worker})  # until the fetched copy showed it was not
+        await bell.close()
+        stopped, bus.worker = bus.worker, asyncio.create_task(asyncio.sleep(0))  # the harness still closes the rest
     with pytest.raises(HandedMismatch, match="is not the log's record at that offset"):
-        async with BusHarness(slow) as bus:
-            door = await trainer_door(slow)
-            created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
-                                                                              lora=p.LoraSpec(rank=4)), model_id, 0)
-            await bus.ok(created)  # the trainer now knows where the model's partition stands
-            env, body = make_event(EventType.GET_INFO, p.GetInfo(), model_id=model_id, seq_id=1)
-            real = await publish(bus.producer, slow.topics.train, env, body, claim_check_bytes=slow.claim_check_bytes)
-            forged = msgspec.structs.replace(env, request_id="req-forged")
-            bell = DoorBell()
-            bell.ring(door, msgspec.structs.replace(real, value=encode_event(forged, body)))
-            await bus.ok("req-forged")  # taken in as the log's record at that offset, and answered...
-            async with asyncio.timeout(30):
-                await asyncio.wait({bus.worker})  # ...until the fetched copy shows it was not
-            await bell.close()
+        stopped.result()
+
+
+async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(settings, tiny_model):
+    async with BusHarness(bus_settings(settings, tiny_model)) as bus:  # the default TrainerConfig
+        created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
+                                                                          lora=p.LoraSpec(rank=4)), "plain:train:0", 0)
+        await bus.ok(created)
+        async with asyncio.timeout(30):
+            while not (docs := [w.detail for w in await asyncio.to_thread(read_health, open_object_store(settings))
+                                if w.role == "trainer" and w.detail.get("partitions")]):
+                await asyncio.sleep(0.2)
+    assert docs[0]["intake_door"] is None and docs[0]["handed"] == {"taken": 0, "passed": 0}
