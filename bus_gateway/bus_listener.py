@@ -210,6 +210,7 @@ class BusListener:
     async def handle_direct(self, record: BusRecord) -> None:
         """A result a worker handed over through this gateway's reply door after publishing it (bus_runtime/
         doors.py): checked exactly as one read from the reply topic, where its copy later changes nothing."""
+        # The reply check whatever topic the frame names: a door frame's topic is only its sender's word.
         key = self.settings.reply_signing_key
         check = ReplyCheck(key, record.value, record.headers) if key is not None else None
         decoded = await decode_record(record.value, self.blob_store, {EventType.RESULT}, check=check)

@@ -161,7 +161,8 @@ class Gateway:
         event = make_event(event_type, payload, model_id=model_id, request_id=fut.request_id, seq_id=seq_id,
                            tenant=tenant)
         # Doors for training only: a rollout's thousands of sample results would each be decoded twice here.
-        door = self.door.door if self.door is not None and topic == self.settings.topics.train else None
+        training = topic == self.settings.topics.train
+        door = self.door.door if self.door is not None and training else None
         try:
             record = await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
                                    claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys,
@@ -173,7 +174,7 @@ class Gateway:
         except BaseException:
             self.futures.discard(fut)
             raise
-        if topic == self.settings.topics.train:
+        if training:
             self.intake.hand(record)  # acknowledged: its trainer may take it before its next fetch
         return fut
 

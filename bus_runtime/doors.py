@@ -81,6 +81,11 @@ class Door:
     def header(self) -> tuple[str, bytes]:
         return REPLY_DOOR_HEADER, self.spec.encode()
 
+    @property
+    def hello(self) -> bytes:
+        """What the ringing side says first, and the only thing the door answers `ok` to."""
+        return HELLO + self.token.encode() + b"\n"
+
     @classmethod
     def parse(cls, raw: bytes | str | None) -> Door | None:
         """The door a spec names; None for anything else (a forged one costs at most one failed handshake)."""
@@ -131,7 +136,7 @@ class DoorServer:
         self._peers.add(writer)
         try:
             hello = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT_S)
-            if hello != HELLO + self.token.encode() + b"\n":
+            if self.door is None or hello != self.door.hello:
                 self.refused += 1
                 return
             writer.write(OK)
@@ -217,7 +222,7 @@ class _Line:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(self.door.host, self.door.port)
-                writer.write(HELLO + self.door.token.encode() + b"\n")
+                writer.write(self.door.hello)
                 if await reader.readline() != OK:
                     raise ConnectionError("it did not answer the token")
             while True:

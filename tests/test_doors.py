@@ -25,7 +25,8 @@ from bus_events.envelope import encode_event
 from bus_events.signing import SIGNATURE_HEADER, sign
 from bus_gateway.bus_listener import DOOR, BusListener
 from bus_gateway.futures import Future, FutureTable, new_request_id
-from bus_runtime.doors import HELLO, MAX_FRAME_BYTES, OK, BusRecord, Door, DoorBell, DoorServer, reply_door_of
+from bus_gateway.intake_doors import IntakeDoors
+from bus_runtime.doors import MAX_FRAME_BYTES, OK, BusRecord, Door, DoorBell, DoorServer, reply_door_of
 from bus_runtime.health import read_health
 from bus_runtime.kafka_io import publish
 from bus_runtime.net import free_port
@@ -113,7 +114,7 @@ async def test_a_door_nobody_listens_on_costs_nothing():
 async def test_an_oversized_or_broken_frame_closes_that_connection_only():
     async with open_door() as (server, received):
         assert server.door is not None
-        hello = HELLO + server.door.token.encode() + b"\n"
+        hello = server.door.hello
         for frame in ((MAX_FRAME_BYTES + 1).to_bytes(4, "big"), (3).to_bytes(4, "big") + b"\xc1\xc1\xc1"):
             reader, writer = await asyncio.open_connection("127.0.0.1", server.door.port)
             writer.write(hello)
@@ -200,15 +201,14 @@ def test_the_door_binds_loopback_only():
 
 
 async def trainer_door(settings) -> Door:
-    """The intake door the running trainer names in its heartbeat (written every HEARTBEAT_INTERVAL_S)."""
-    objects = open_object_store(settings)
+    """The intake door the running trainer names in its heartbeat (written every HEARTBEAT_INTERVAL_S), as a
+    gateway reads it."""
+    doors = IntakeDoors(open_object_store(settings))
     async with asyncio.timeout(30):
-        while True:
-            for worker in await asyncio.to_thread(read_health, objects):
-                door = Door.parse(worker.detail.get("intake_door")) if worker.role == "trainer" else None
-                if door is not None and worker.detail.get("partitions"):
-                    return door
+        while not (known := await asyncio.to_thread(doors.read)):
             await asyncio.sleep(0.2)
+    (door,) = set(known.values())
+    return door
 
 
 async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings, tiny_model):

@@ -199,8 +199,8 @@ class TrainerWorker:
         async with self._intake_lock:
             owed = self.offsets.partition(tp)
             room = self.engine.scheduled().get((tp.topic, tp.partition), 0) < self.config.max_scheduled_per_partition
-            readable = tp in self.owned and tp not in self.consumer.paused() and room and owed is not None
-            if self.handed.take(record, owed.next_offset if readable and owed is not None else None):
+            readable = tp in self.owned and tp not in self.consumer.paused() and room
+            if self.handed.take(record, owed.next_offset if owed is not None and readable else None):
                 await self._intake(record)
 
     async def _intake(self, record: BusRecord) -> None:
