@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 from pathlib import Path
@@ -50,3 +51,14 @@ def free_port() -> int:
                 continue
     with bindable(0) as s:
         return s.getsockname()[1]
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` is a loopback address (IPv4, IPv6 or IPv4-mapped IPv6). A name such as "localhost" is not
+    resolved: servers see their peers as addresses."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

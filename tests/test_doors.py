@@ -161,8 +161,7 @@ def sdk_calls(url: str, base_model: str) -> None:
     service.close("success").result()
 
 
-async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings, monkeypatch):
-    monkeypatch.setenv("TINKER_BUS_TRAINER_INTAKE_DOOR_HOST", "127.0.0.1")  # opt-in (TrainerConfig says why)
+async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings):
     async with running_stack(stack_settings) as url, httpx.AsyncClient(base_url=url) as http:
         async def trainer_names_its_door() -> bool:
             trainers = (await http.get("/api/v1/healthz")).json()["components"]["trainer"]["detail"]
@@ -215,7 +214,7 @@ async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings
     # Fetches that wait 500 ms (Tansu never cuts them short): the handed copy is always there first.
     slow = bus_settings(settings, tiny_model, fetch_max_wait_ms=500, fetch_busy_wait_ms=500)
     model_id = "forge:train:0"
-    async with BusHarness(slow, TrainerConfig(intake_door_host="127.0.0.1")) as bus:
+    async with BusHarness(slow) as bus:  # the default TrainerConfig: a door on 127.0.0.1
         door = await trainer_door(slow)
         created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
                                                                           lora=p.LoraSpec(rank=4)), model_id, 0)
@@ -234,7 +233,7 @@ async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings
 
 
 async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(settings, tiny_model):
-    async with BusHarness(bus_settings(settings, tiny_model)) as bus:  # the default TrainerConfig
+    async with BusHarness(bus_settings(settings, tiny_model), TrainerConfig(intake_door_host="")) as bus:
         created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
                                                                           lora=p.LoraSpec(rank=4)), "plain:train:0", 0)
         await bus.ok(created)

@@ -7,11 +7,12 @@ import asyncio
 import math
 from dataclasses import replace
 
+import httpx
 import numpy as np
 import pytest
 import tinker
 import torch
-from gateway_stack import API_KEY, in_thread, running_stack
+from gateway_stack import API_KEY, STACK_CONFIG, in_thread, running_stack
 from tinker import types
 
 from bus_runtime.base_models import load_tokenizer
@@ -121,12 +122,20 @@ def smoke_sequence(url: str, base_model: str) -> dict:
     return seen
 
 
+async def client_config(url: str) -> dict:
+    """What the gateway's /api/v1/client/config tells a client on this host (the SDK reads it at start)."""
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": API_KEY}) as http:
+        return (await http.post("/api/v1/client/config", json={})).json()
+
+
 @pytest.mark.parametrize("backend", ["hf_peft", "megatron"])  # issue 8: the SDK works on either
 async def test_sdk_smoke_sequence(stack_settings, backend, monkeypatch):
     monkeypatch.setenv("TINKER_BUS_TRAINER_BACKEND", backend)  # what `tinker-bus trainer --backend` sets
     base_model = stack_settings.base_models[0]
     async with running_stack(stack_settings) as url:
         seen = await in_thread(smoke_sequence, url, base_model)
+        config = await client_config(url)
+    assert config["proto_compress_fwdbwd"] is False  # auto: not for a client on the gateway's host
     assert seen["models"] == [base_model]
     assert seen["model_id"].endswith(":train:0")
     assert math.isfinite(seen["first_loss"]) and seen["first_loss"] > 0
@@ -205,8 +214,11 @@ def sl_loop(url: str, base_model: str, steps: int = 12, save_every: int = 5) -> 
 
 
 async def test_sdk_supervised_loop(stack_settings):
-    async with running_stack(stack_settings) as url:
+    compressed = replace(STACK_CONFIG, compress_fwdbwd=True)  # the SDK's zstd bodies, 1,100 datums too
+    async with running_stack(stack_settings, compressed) as url:
         out = await in_thread(sl_loop, url, stack_settings.base_models[0])
+        config = await client_config(url)
+    assert config["proto_compress_fwdbwd"] is True
     assert out["nll"][-1] < 0.7 * out["nll"][0], out["nll"]  # a 64-wide random model: far from zero
     assert out["saved"] == [f"tinker://{out['model_id']}/weights/{n:06d}" for n in (5, 10)]
     assert out["final"] == (f"tinker://{out['model_id']}/weights/final",

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from litestar import get, post
+from litestar import Request, get, post
 from litestar.exceptions import ClientException
 from litestar.params import JSONBody
 
@@ -36,12 +36,14 @@ log = logging.getLogger(__name__)
 
 
 @post("/api/v1/client/config", status_code=200, tags=["session"])
-async def client_config(data: JSONBody[ClientConfigRequest], gw: GatewayDep) -> ClientConfigResponse:
+async def client_config(data: JSONBody[ClientConfigRequest], gw: GatewayDep,
+                        request: Request) -> ClientConfigResponse:
+    client_host = request.client.host if request.client else None
     return ClientConfigResponse(
         pjwt_auth_enabled=gw.api_keys is not None,  # the key is exchanged for a JWT (tokens.py)
         use_pyqwest_transport=gw.config.sdk_pyqwest_transport,
         parallel_fwdbwd_chunks=gw.config.parallel_fwdbwd_chunks,
-        proto_compress_fwdbwd=gw.config.compress_fwdbwd,
+        proto_compress_fwdbwd=gw.config.compresses_fwdbwd_for(client_host),
         sample_use_retrieve_futures=gw.config.sample_use_retrieve_futures,
     )
 

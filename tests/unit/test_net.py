@@ -1,11 +1,14 @@
 """Listener ports (bus_runtime/net.py): outside the kernel's ephemeral range, where no outgoing connection can take
-them between the check and the bind."""
+them between the check and the bind; loopback addresses, and the gateway's one decision made from a client's."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bus_runtime.net import LINUX_EPHEMERAL, LOWEST_SERVICE_PORT, bindable, ephemeral_range, free_port
+import pytest
+
+from bus_gateway.config import GatewayConfig
+from bus_runtime.net import LINUX_EPHEMERAL, LOWEST_SERVICE_PORT, bindable, ephemeral_range, free_port, is_loopback
 
 
 def test_free_ports_are_bindable_and_below_the_ephemeral_range():
@@ -24,3 +27,21 @@ def test_the_ephemeral_range_is_read_from_the_kernel_or_defaults(tmp_path: Path)
     (tmp_path / "bad").write_text("not ports")
     assert ephemeral_range(tmp_path / "bad") == LINUX_EPHEMERAL
     assert ephemeral_range(tmp_path / "missing") == LINUX_EPHEMERAL
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.5", False), ("::ffff:10.0.0.5", False), ("2001:db8::1", False), ("localhost", False),
+    ("testclient", False), ("", False), (None, False),
+])
+def test_is_loopback_reads_addresses_only(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("setting", "host", "compress"), [
+    (None, "127.0.0.1", False), (None, "::1", False), (None, "10.0.0.5", True), (None, None, True),
+    (True, "127.0.0.1", True), (False, "10.0.0.5", False),
+])
+def test_the_sdk_compresses_unless_auto_and_on_this_host(setting, host, compress):
+    assert GatewayConfig(compress_fwdbwd=setting).compresses_fwdbwd_for(host) is compress
+    assert GatewayConfig.from_env({"TINKER_BUS_GATEWAY_COMPRESS_FWDBWD": "auto"}).compress_fwdbwd is None
