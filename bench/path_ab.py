@@ -108,7 +108,9 @@ def main() -> None:
     for config in configs:  # the stacks first, while this process holds no GPU memory (the trainer is another)
         result = run_config(config, model_dir, args.device, rows, args.steps, args.warmup, work)
         results.append((config, result))
-        print(f"\n== {config.name} {config.env or ''}", flush=True)
+        one, ahead = (tokens / result.per_step[pattern] for pattern in ("one-at-a-time", "submitted-ahead"))
+        print(f"\n== {config.name} {config.env or ''}: one at a time {one:.0f} tok/s, submitted ahead {ahead:.0f} "
+              "tok/s", flush=True)
         print_summary(result.step_hops, f"a {batch} x {seq} step's hops")
         print_summary(result.tiny, "tiny forward (1 x 8 tokens)")
     backend = bench_backend(model_dir, args.device, rows, args.steps, args.warmup, 1, {}, "backend alone")

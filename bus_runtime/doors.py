@@ -117,6 +117,7 @@ class DoorServer:
         self.refused = 0  # connections closed for a wrong token, an oversized or broken frame
         self._server: asyncio.Server | None = None
         self._peers: set[asyncio.StreamWriter] = set()
+        self._serving: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, 0)
@@ -131,8 +132,13 @@ class DoorServer:
         for writer in list(self._peers):  # since 3.12 wait_closed also waits for the open connections
             writer.close()
         await self._server.wait_closed()
+        if self._serving:  # let them end on the closed sockets: Python 3.11 logs a traceback for each one cancelled
+            await asyncio.wait(set(self._serving), timeout=HANDSHAKE_TIMEOUT_S)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # asyncio runs each connection's callback in a task of its own
+        self._serving.add(task)
         self._peers.add(writer)
         try:
             hello = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT_S)
@@ -159,6 +165,7 @@ class DoorServer:
             pass  # the other side went away or never said hello: nothing was lost, the topics have it all
         finally:
             self._peers.discard(writer)
+            self._serving.discard(task)
             writer.close()
 
 

@@ -86,6 +86,21 @@ async def test_what_a_bell_rings_reaches_the_door_byte_for_byte_and_in_order():
     assert (bell.rung, bell.skipped, server.frames, server.refused) == (5, 0, 5, 0)
 
 
+async def test_a_stopped_door_lets_its_open_connections_end_instead_of_cancelling_them():
+    # A connection task cancelled at the loop's end makes Python 3.11's asyncio log a traceback per connection.
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    bell = DoorBell()
+    async with open_door() as (server, received):
+        assert server.door is not None
+        bell.ring(server.door, record(b"x", [], 0))
+        await asyncio.wait_for(received.get(), 5)
+        serving = set(server._serving)
+    assert len(serving) == 1 and all(task.done() and not task.cancelled() for task in serving)
+    assert not server._serving and not errors
+    await bell.close()
+
+
 async def test_a_door_with_another_token_is_never_sent_a_result_and_is_left_alone_for_a_while():
     async with open_door() as (server, received):
         assert server.door is not None

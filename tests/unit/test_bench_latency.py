@@ -1,11 +1,15 @@
-"""The pure pieces of the path benchmarks (bench/call_latency.py, bench/path_steps.py): hop arithmetic, the session
-trace's forward slices, percentiles, and windows aligned to the snapshot cadence."""
+"""The pure pieces of the path benchmarks (bench/call_latency.py, bench/path_steps.py, bench/path_ab.py): hop
+arithmetic, the session trace's forward slices, percentiles, windows aligned to the snapshot cadence, and the
+settings a comparison runs under."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from bench.call_latency import CallClocks, call_data, forward_slices, percentile, summarize
+from bench.path_ab import Config, environment, parse_config
 from bench.path_steps import SNAPSHOT_EVERY, window_steps
 
 
@@ -75,3 +79,22 @@ def test_call_data_holds_datums_of_the_asked_size_predicting_the_next_token():
         assert len(tokens) == 5 and targets.shape == (5,) and max(tokens) < 50
         assert list(targets[:-1]) == tokens[1:]
         assert datum.loss_fn_inputs["weights"].to_numpy().tolist() == [1.0] * 5
+
+
+def test_a_config_names_its_settings_and_an_empty_value_turns_one_off():
+    assert parse_config("default") == Config("default", {})
+    assert parse_config("both:TINKER_BUS_TRAINER_INTAKE_DOOR_HOST=,TINKER_BUS_GATEWAY_COMPRESS_FWDBWD=true") == Config(
+        "both", {"TINKER_BUS_TRAINER_INTAKE_DOOR_HOST": "", "TINKER_BUS_GATEWAY_COMPRESS_FWDBWD": "true"})
+    for bad in ("x:NOT_OURS=1", "x:TINKER_BUS_FETCH_MAX_WAIT_MS"):
+        with pytest.raises(ValueError, match="is not TINKER_BUS_<NAME>=<value>"):
+            parse_config(bad)
+
+
+def test_a_configs_environment_is_put_back_after_its_stack(monkeypatch):
+    monkeypatch.setenv("TINKER_BUS_FETCH_MAX_WAIT_MS", "5")
+    monkeypatch.delenv("TINKER_BUS_TRAINER_INTAKE_DOOR_HOST", raising=False)
+    with environment({"TINKER_BUS_FETCH_MAX_WAIT_MS": "1", "TINKER_BUS_TRAINER_INTAKE_DOOR_HOST": ""}):
+        assert os.environ["TINKER_BUS_FETCH_MAX_WAIT_MS"] == "1"
+        assert os.environ["TINKER_BUS_TRAINER_INTAKE_DOOR_HOST"] == ""
+    assert os.environ["TINKER_BUS_FETCH_MAX_WAIT_MS"] == "5"
+    assert "TINKER_BUS_TRAINER_INTAKE_DOOR_HOST" not in os.environ
