@@ -8,7 +8,8 @@ work). So a consumer fetches with `busy_ms` only while its owner expects a recor
 `fetch_max_wait_ms` otherwise:
 
 - the gateway's bus listener while a request this gateway published awaits its result (bus_listener.py);
-- a trainer for a while after its last record: a client that called once usually calls again (worker.py).
+- a trainer for a while after its last record: a client that called once usually calls again (worker.py); with
+  an intake door (bus_runtime/doors.py), after its last record the door did not bring.
 
 A broker that wakes long-polls (Apache Kafka) answers as soon as data arrives either way; there the short wait
 only adds empty fetches while busy.

@@ -19,6 +19,7 @@ from gateway_stack import API_KEY, in_thread, running_stack
 from tinker import types
 from trainer_support import BusHarness, bus_settings
 
+import trainer_consumer.worker as worker_module
 from bus_events import EventType, make_event, make_result
 from bus_events import payloads as p
 from bus_events.envelope import encode_event
@@ -245,6 +246,30 @@ async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings
         stopped, bus.worker = bus.worker, asyncio.create_task(asyncio.sleep(0))  # the harness still closes the rest
     with pytest.raises(HandedMismatch, match="is not the log's record at that offset"):
         stopped.result()
+
+
+async def trainer_detail(settings, key: str) -> object:
+    """`key` of the running trainer's heartbeat detail, once it has one."""
+    async with asyncio.timeout(30):
+        while not (docs := [w.detail for w in await asyncio.to_thread(read_health, open_object_store(settings))
+                            if w.role == "trainer" and key in w.detail]):
+            await asyncio.sleep(0.2)
+    return docs[0][key]
+
+
+async def test_a_request_the_door_did_not_bring_quickens_the_trainers_fetch(settings, tiny_model, monkeypatch):
+    # A direct producer's requests come only by the fetch: after one, the trainer fetches with the short wait for
+    # a while (here: all of the test), as it does without a door; before any, with the configured long one.
+    monkeypatch.setattr(worker_module, "SESSION_FAST_S", 600.0)
+    slow = bus_settings(settings, tiny_model, fetch_max_wait_ms=500, fetch_busy_wait_ms=2)
+    async with BusHarness(slow) as bus:  # the default TrainerConfig: an intake door
+        assert await trainer_detail(slow, "fetch_wait_ms") == 500
+        created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
+                                                                          lora=p.LoraSpec(rank=4)), "direct:train:0", 0)
+        await bus.ok(created)
+        async with asyncio.timeout(30):  # the next heartbeat
+            while await trainer_detail(slow, "fetch_wait_ms") != 2:
+                await asyncio.sleep(0.2)
 
 
 async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(settings, tiny_model):

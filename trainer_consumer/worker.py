@@ -86,11 +86,11 @@ class TrainerWorker:
         self.offsets = OffsetTracker()  # the one record of unfinished offsets (the engine knows what waits for compute)
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=settings.trainer_group)
-        # With an intake door, requests come through it as soon as they are on the bus, so the fetch needs no short
-        # wait: every empty fetch of a short wait is Python on this loop, which the compute thread waits for (the
-        # GIL; ~12 % of a core at 2 ms in a CPU profile of a step loop). Without one, fetch_pacing.py applies.
-        busy_ms = settings.fetch_max_wait_ms if runtime.config.intake_door_host else settings.fetch_busy_wait_ms
-        self.pacer = FetchPacer(settings.fetch_max_wait_ms, busy_ms, SESSION_FAST_S)
+        # fetch_pacing.py: the short wait for a while after a sign of a client. With an intake door, only a request
+        # the door did not bring is one (a direct producer, a gateway that cannot reach the door): what gateways
+        # hand over needs no short wait, and every empty fetch of one is Python on this loop, which the compute
+        # thread waits for (the GIL; ~12 % of a core at 2 ms in a CPU profile of a step loop).
+        self.pacer = FetchPacer(settings.fetch_max_wait_ms, settings.fetch_busy_wait_ms, SESSION_FAST_S)
         # Partitions this worker may feed to the engine. A revoke removes them before anything else, so a record
         # still being decoded when its partition goes away is dropped (its next owner reads it again).
         self.owned: set[TopicPartition] = set()
@@ -114,7 +114,8 @@ class TrainerWorker:
                 "paused_partitions": sorted(tp.partition for tp in self.consumer.paused()),
                 # where gateways hand this trainer the requests of `partitions` (bus_runtime/doors.py)
                 "intake_door": door.spec if self.intake_door and (door := self.intake_door.door) else None,
-                "handed": {"taken": self.handed.taken, "passed": self.handed.passed}}
+                "handed": {"taken": self.handed.taken, "passed": self.handed.passed},
+                "fetch_wait_ms": self.pacer.wait_ms()}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         await self._preload()
@@ -167,7 +168,7 @@ class TrainerWorker:
                 log.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(RETRY_DELAY_S[0])
                 continue
-            if batches:
+            if batches and self.intake_door is None:
                 self.pacer.busy()
             self.pacer.apply(self.consumer)
             for tp, records in batches.items():
@@ -189,6 +190,8 @@ class TrainerWorker:
         except HandedMismatch as exc:  # no final snapshot of what it may have changed: the successor replays
             self.engine.failure = exc
             raise
+        if self.intake_door is not None:
+            self.pacer.busy()  # a request the door did not bring: its client's next one comes by the fetch too
         await self._intake(BusRecord(record.value or b"", list(record.headers or ()), tp.topic, tp.partition,
                                      record.offset, record.key))
 
@@ -227,7 +230,7 @@ class TrainerWorker:
     # ------------------------------------------------------------------ replies and offsets
     async def _finish(self, inbound: Inbound, replies: list[Reply]) -> None:
         self.metrics.finished(inbound, replies)
-        if replies:
+        if replies and self.intake_door is None:
             self.pacer.busy()
             self.pacer.apply(self.consumer)
         for env, result in replies:
