@@ -53,6 +53,10 @@ class ConfigResult:
     step_hops: Hops
     tiny: Hops
 
+    def tok_s(self, tokens: int) -> tuple[float, float]:
+        """(one at a time, submitted ahead) tokens a second, for `tokens` a step."""
+        return tokens / self.per_step["one-at-a-time"], tokens / self.per_step["submitted-ahead"]
+
 
 @contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
@@ -108,7 +112,7 @@ def main() -> None:
     for config in configs:  # the stacks first, while this process holds no GPU memory (the trainer is another)
         result = run_config(config, model_dir, args.device, rows, args.steps, args.warmup, work)
         results.append((config, result))
-        one, ahead = (tokens / result.per_step[pattern] for pattern in ("one-at-a-time", "submitted-ahead"))
+        one, ahead = result.tok_s(tokens)
         print(f"\n== {config.name} {config.env or ''}: one at a time {one:.0f} tok/s, submitted ahead {ahead:.0f} "
               "tok/s", flush=True)
         print_summary(result.step_hops, f"a {batch} x {seq} step's hops")
@@ -119,7 +123,7 @@ def main() -> None:
           f"{tiny_backend['p99']:.1f} ms")
     print(f"\n{'config':<14} {'one at a time':>22} {'submitted ahead':>22} {'tiny: bus adds p50 / p99 ms':>30}")
     for config, result in results:
-        one, ahead = (tokens / result.per_step[pattern] for pattern in ("one-at-a-time", "submitted-ahead"))
+        one, ahead = result.tok_s(tokens)
         total = result.tiny["total"]
         adds = (total["p50"] - tiny_backend["p50"], total["p99"] - tiny_backend["p99"])
         print(f"{config.name:<14} {one:>12.0f} ({one / backend.tok_s:.3f}x) {ahead:>12.0f} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import httpx
@@ -248,13 +248,13 @@ async def test_a_handed_request_the_log_does_not_hold_stops_the_trainer(settings
         stopped.result()
 
 
-async def trainer_detail(settings, key: str) -> object:
-    """`key` of the running trainer's heartbeat detail, once it has one."""
+async def trainer_detail(settings, ready: Callable[[dict], bool]) -> dict:
+    """The running trainer's heartbeat detail, once one is `ready` (heartbeats come every HEARTBEAT_INTERVAL_S)."""
     async with asyncio.timeout(30):
         while not (docs := [w.detail for w in await asyncio.to_thread(read_health, open_object_store(settings))
-                            if w.role == "trainer" and key in w.detail]):
+                            if w.role == "trainer" and ready(w.detail)]):
             await asyncio.sleep(0.2)
-    return docs[0][key]
+    return docs[0]
 
 
 async def test_a_request_the_door_did_not_bring_quickens_the_trainers_fetch(settings, tiny_model, monkeypatch):
@@ -263,13 +263,11 @@ async def test_a_request_the_door_did_not_bring_quickens_the_trainers_fetch(sett
     monkeypatch.setattr(worker_module, "SESSION_FAST_S", 600.0)
     slow = bus_settings(settings, tiny_model, fetch_max_wait_ms=500, fetch_busy_wait_ms=2)
     async with BusHarness(slow) as bus:  # the default TrainerConfig: an intake door
-        assert await trainer_detail(slow, "fetch_wait_ms") == 500
+        assert (await trainer_detail(slow, lambda detail: "fetch_wait_ms" in detail))["fetch_wait_ms"] == 500
         created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
                                                                           lora=p.LoraSpec(rank=4)), "direct:train:0", 0)
         await bus.ok(created)
-        async with asyncio.timeout(30):  # the next heartbeat
-            while await trainer_detail(slow, "fetch_wait_ms") != 2:
-                await asyncio.sleep(0.2)
+        await trainer_detail(slow, lambda detail: detail.get("fetch_wait_ms") == 2)  # a next heartbeat
 
 
 async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(settings, tiny_model):
@@ -277,8 +275,5 @@ async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(s
         created = await bus.publish(EventType.CREATE_MODEL, p.CreateModel(base_model=tiny_model,
                                                                           lora=p.LoraSpec(rank=4)), "plain:train:0", 0)
         await bus.ok(created)
-        async with asyncio.timeout(30):
-            while not (docs := [w.detail for w in await asyncio.to_thread(read_health, open_object_store(settings))
-                                if w.role == "trainer" and w.detail.get("partitions")]):
-                await asyncio.sleep(0.2)
-    assert docs[0]["intake_door"] is None and docs[0]["handed"] == {"taken": 0, "passed": 0}
+        detail = await trainer_detail(settings, lambda detail: bool(detail.get("partitions")))
+    assert detail["intake_door"] is None and detail["handed"] == {"taken": 0, "passed": 0}

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bench.call_latency import CallClocks, call_data, forward_slices, percentile, summarize
-from bench.path_ab import Config, environment, parse_config
+from bench.path_ab import Config, ConfigResult, environment, parse_config
 from bench.path_steps import SNAPSHOT_EVERY, window_steps
 
 
@@ -98,3 +98,8 @@ def test_a_configs_environment_is_put_back_after_its_stack(monkeypatch):
         assert os.environ["TINKER_BUS_TRAINER_INTAKE_DOOR_HOST"] == ""
     assert os.environ["TINKER_BUS_FETCH_MAX_WAIT_MS"] == "5"
     assert "TINKER_BUS_TRAINER_INTAKE_DOOR_HOST" not in os.environ
+
+
+def test_a_configs_throughput_is_tokens_over_seconds_per_step_of_each_pattern():
+    result = ConfigResult({"one-at-a-time": 0.25, "submitted-ahead": 0.2}, step_hops={}, tiny={})
+    assert result.tok_s(16_000) == (64_000, 80_000)
