@@ -26,8 +26,10 @@ from tinker_bus.infra import stop_process
 
 @contextlib.contextmanager
 def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float = 600,
-                  gateways: int = 1) -> Iterator[str]:
-    """Yield the gateway's base URL once /healthz is healthy; stop everything on exit."""
+                  gateways: int = 1, code: Path | None = None) -> Iterator[str]:
+    """Yield the gateway's base URL once /healthz is healthy; stop everything on exit. `code`: a checkout to run
+    the stack from (its working directory, so `python -m` imports it first), instead of this one."""
+    model_dir, log_path = model_dir.resolve(), log_path.resolve()  # the stack may run in another directory
     host, s3_port = "127.0.0.1", free_port()
     with open(log_path, "ab") as log:
         s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(s3_port)], stdout=log,
@@ -48,7 +50,8 @@ def running_stack(model_dir: Path, device: str, log_path: Path, timeout_s: float
         if importlib.util.find_spec("faust") is None:  # the GPU box gets the bus wheels without faust-streaming
             cmd.append("--no-metrics")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=code)
         url = f"http://127.0.0.1:{port}"
         _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).json().get("status") == "ok", proc,
                     "tinker-bus up", timeout_s, log_path)

@@ -5,7 +5,9 @@ environment; per stack the two training patterns (bench/path_steps.py), a big st
     python -m bench.path_ab --shape llama-1b --steps 40 \
         --config default --config door:TINKER_BUS_TRAINER_INTAKE_DOOR_HOST=127.0.0.1
 
-A config is `name[:VAR=value[,VAR=value...]]`; the stacks run in the order given (repeat a name to see the spread).
+A config is `name[@checkout][:VAR=value[,VAR=value...]]`; the stacks run in the order given (repeat a name to see
+the spread). `@checkout` runs that config's stack from another copy of the code (e.g. `git archive` of an earlier
+commit), so two commits meet in one call; this process (the SDK client, the baseline) stays on this one.
 """
 
 from __future__ import annotations
@@ -30,18 +32,23 @@ from bench.shapes import DEFAULT_BATCH, build_model_dir
 class Config:
     name: str
     env: dict[str, str]
+    code: Path | None = None  # the checkout the stack runs from (None: this one)
 
 
 def parse_config(text: str) -> Config:
-    """`name[:VAR=value,...]` -> Config (an empty value sets the variable to the empty string)."""
-    name, _, assignments = text.partition(":")
+    """`name[@checkout][:VAR=value,...]` -> Config (an empty value sets the variable to the empty string)."""
+    head, _, assignments = text.partition(":")
+    name, at, checkout = head.partition("@")
+    code = Path(checkout).resolve() if at else None
+    if code is not None and not (code / "tinker_bus").is_dir():
+        raise ValueError(f"--config {text!r}: {checkout!r} is not a tinker-bus checkout (no tinker_bus/ in it)")
     env = {}
     for item in filter(None, assignments.split(",")):
         var, eq, value = item.partition("=")
         if not eq or not var.startswith("TINKER_BUS_"):
             raise ValueError(f"--config {text!r}: {item!r} is not TINKER_BUS_<NAME>=<value>")
         env[var] = value
-    return Config(name or "default", env)
+    return Config(name or "default", env, code)
 
 
 Hops = dict[str, dict[str, float]]  # hop -> {"p50", "mean", "p99"} ms (call_latency.summarize)
@@ -80,7 +87,8 @@ def run_config(config: Config, model_dir: Path, device: str, rows: torch.Tensor,
     from bench.bus_stack import running_stack
 
     data = sdk_data(rows.numpy())
-    with environment(config.env), running_stack(model_dir, device, work / f"stack-{config.name}.log") as url, \
+    with environment(config.env), \
+            running_stack(model_dir, device, work / f"stack-{config.name}.log", code=config.code) as url, \
             tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:
         client = service.create_lora_training_client(base_model=str(model_dir), rank=RANK, train_unembed=False).result()
         per_step = time_patterns(client, data, sdk_adam(), steps, warmup)
@@ -113,8 +121,8 @@ def main() -> None:
         result = run_config(config, model_dir, args.device, rows, args.steps, args.warmup, work)
         results.append((config, result))
         one, ahead = result.tok_s(tokens)
-        print(f"\n== {config.name} {config.env or ''}: one at a time {one:.0f} tok/s, submitted ahead {ahead:.0f} "
-              "tok/s", flush=True)
+        print(f"\n== {config.name} {config.code or ''} {config.env or ''}: one at a time {one:.0f} tok/s, "
+              f"submitted ahead {ahead:.0f} tok/s", flush=True)
         print_summary(result.step_hops, f"a {batch} x {seq} step's hops")
         print_summary(result.tiny, "tiny forward (1 x 8 tokens)")
     backend = bench_backend(model_dir, args.device, rows, args.steps, args.warmup, 1, {}, "backend alone")

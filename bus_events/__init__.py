@@ -36,7 +36,7 @@ from bus_events.results import (
     make_result,
     make_sample_delta,
 )
-from bus_events.tensors import Tensor, tensor_from_numpy
+from bus_events.tensors import Tensor, tensor_from_numpy, token_ids_tensor
 from bus_events.topics import Topics
 
 __all__ = [
@@ -72,4 +72,5 @@ __all__ = [
     "payload_bytes",
     "payloads",
     "tensor_from_numpy",
+    "token_ids_tensor",
 ]

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import threading
 import time
 import uuid
 from typing import Any, NamedTuple, Protocol
 
 import msgpack
 import msgspec
+import zstandard
 
 from bus_events import payloads as p
 
 SCHEMA_VERSION = 1
 DEFAULT_CLAIM_CHECK_BYTES = 1 << 20
+# Inline payloads from this size travel zstd-compressed (`payload_zstd`) when that saves a tenth: an 8 x 2048 step's
+# 198 KB become ~45 KB in ~0.1 ms, which the broker then writes in half the time (Tansu: ~6 us a KB), issue 14.
+COMPRESS_FROM_BYTES = 16 << 10
+MAX_PAYLOAD_BYTES = 64 << 20  # what a reader inflates a payload_zstd to at most (a bomb is refused, not inflated)
+_ZSTD = threading.local()  # a (de)compressor per thread: zstandard's are not safe to share between threads
 
 
 class EventType(enum.StrEnum):
@@ -125,6 +132,10 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     trace_id: str = ""
     payload: dict[str, Any] | None = None
     payload_ref: PayloadRef | None = None
+    payload_zstd: bytes | None = None  # the payload's msgpack bytes as one zstd frame
+
+
+PAYLOAD_FIELDS = ("payload", "payload_ref", "payload_zstd")  # an envelope carries its payload in exactly one
 
 
 class BlobStore(Protocol):
@@ -197,14 +208,16 @@ def encode_envelope(
 ) -> bytes:
     """`encode_event` of a payload already packed by `payload_bytes` (only this part does I/O: the claim check)."""
     fields: dict[str, Any] = msgspec.to_builtins(env, builtin_types=(bytes,))
-    fields.pop("payload", None)
-    fields.pop("payload_ref", None)
+    for name in PAYLOAD_FIELDS:
+        fields.pop(name, None)
     if len(body) > claim_check_bytes:
         if blob_store is None:
             raise ValueError(f"payload is {len(body)} bytes (> {claim_check_bytes}) and no blob store is set")
         key = f"claims/{env.model_id}/{env.request_id}"
         blob_store.put_blob(key, body)
         fields["payload_ref"] = {"key": key, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    elif len(body) >= COMPRESS_FROM_BYTES and 10 * len(packed := _zstd().compress(body)) <= 9 * len(body):
+        fields["payload_zstd"] = packed
     else:
         fields["payload"] = msgspec.Raw(body)  # the bytes packed above, spliced in as they are
     return msgspec.msgpack.encode(fields)
@@ -228,8 +241,8 @@ def decode_envelope(raw: bytes) -> Envelope:
         env = msgspec.convert(obj, Envelope)
     except msgspec.ValidationError as exc:
         raise ContractError(f"bad envelope: {exc}", request_id, model_id) from exc
-    if (env.payload is None) == (env.payload_ref is None):
-        raise ContractError("envelope needs exactly one of payload / payload_ref", request_id, model_id)
+    if sum(getattr(env, name) is not None for name in PAYLOAD_FIELDS) != 1:
+        raise ContractError(f"envelope needs exactly one of {' / '.join(PAYLOAD_FIELDS)}", request_id, model_id)
     return env
 
 
@@ -244,7 +257,38 @@ def decode_payload(env: Envelope, blob_store: BlobStore | None = None) -> Any:
             raise ContractError(f"claim-checked payload {env.payload_ref.key} fails its sha256",
                                 env.request_id, env.model_id)
         data = msgpack.unpackb(body, raw=False)
+    elif env.payload_zstd is not None:
+        data = msgpack.unpackb(_inflate(env), raw=False)
     try:
         return msgspec.convert(data, PAYLOAD_TYPES[env.type])
     except msgspec.ValidationError as exc:
         raise ContractError(f"bad {env.type.value} payload: {exc}", env.request_id, env.model_id) from exc
+
+
+def _inflate(env: Envelope) -> bytes:
+    """The payload bytes of `payload_zstd`: one frame that declares its size, at most MAX_PAYLOAD_BYTES."""
+    assert env.payload_zstd is not None
+    try:
+        size = zstandard.frame_content_size(env.payload_zstd)
+        if not 0 <= size <= MAX_PAYLOAD_BYTES:
+            raise ContractError(f"payload_zstd must be one zstd frame that declares its size, at most "
+                                f"{MAX_PAYLOAD_BYTES} bytes (declared: {size})", env.request_id, env.model_id)
+        body = _unzstd().decompress(env.payload_zstd, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise ContractError(f"payload_zstd does not decompress: {exc}", env.request_id, env.model_id) from exc
+    if len(body) != size:
+        raise ContractError(f"payload_zstd holds {len(body)} bytes, its frame declares {size}", env.request_id,
+                            env.model_id)
+    return body
+
+
+def _zstd() -> zstandard.ZstdCompressor:
+    if not hasattr(_ZSTD, "compressor"):
+        _ZSTD.compressor = zstandard.ZstdCompressor(level=1)  # writes the content size into the frame header
+    return _ZSTD.compressor
+
+
+def _unzstd() -> zstandard.ZstdDecompressor:
+    if not hasattr(_ZSTD, "decompressor"):
+        _ZSTD.decompressor = zstandard.ZstdDecompressor()
+    return _ZSTD.decompressor

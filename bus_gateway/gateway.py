@@ -163,19 +163,22 @@ class Gateway:
         # Doors for training only: a rollout's thousands of sample results would each be decoded twice here.
         training = topic == self.settings.topics.train
         door = self.door.door if self.door is not None and training else None
+        handover = self.intake.handover() if training else None  # its trainer may take it before its next fetch
         try:
             record = await publish(self._producer(), topic, event.env, event.payload, blob_store=self.objects,
                                    claim_check_bytes=self.settings.claim_check_bytes, signing_keys=self.tenant_keys,
-                                   extra_headers=[door.header()] if door is not None else ())
-        except (UnicodeEncodeError, OverflowError) as exc:  # what JSON can say but msgpack cannot carry
+                                   extra_headers=[door.header()] if door is not None else (),
+                                   announce=handover.announce if handover is not None else None)
+        except BaseException as exc:
             self.futures.discard(fut)
-            raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "
-                                     f"must fit in 64 bits: {exc}") from exc
-        except BaseException:
-            self.futures.discard(fut)
+            if handover is not None:
+                handover.settle(None)
+            if isinstance(exc, (UnicodeEncodeError, OverflowError)):  # what JSON can say but msgpack cannot carry
+                raise FieldError("body", "strings must be valid Unicode text (no lone surrogates) and integers "
+                                         f"must fit in 64 bits: {exc}") from exc
             raise
-        if training:
-            self.intake.hand(record)  # acknowledged: its trainer may take it before its next fetch
+        if handover is not None:
+            handover.settle(record)
         return fut
 
     def check_seq_id(self, model_id: str, seq_id: int) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import zstandard
 from google.protobuf.message import DecodeError
 
-from bus_events import Tensor, tensor_from_numpy
+from bus_events import Tensor, tensor_from_numpy, token_ids_tensor
 from bus_events import payloads as p
 from bus_gateway import proto_schema as pb
 from bus_gateway.csr import csr_to_dense, dense_to_csr
@@ -144,8 +144,8 @@ def _forward_backward(msg: Any) -> p.ForwardBackward:
             arr = _tensor(tensor, f"{where}.loss_fn_inputs.{name}")
             if name == "target_tokens" and arr.dtype.kind != "i":
                 raise FieldError(f"{where}.loss_fn_inputs.target_tokens", "must be INT64 token ids")
-            # target_tokens are token ids (int64 on the bus); every other input is a per-token float.
-            inputs[name] = tensor_from_numpy(arr, "int64" if name == "target_tokens" else "float32")
+            # target_tokens are token ids; every other input is a per-token float.
+            inputs[name] = token_ids_tensor(arr) if name == "target_tokens" else tensor_from_numpy(arr, "float32")
         data.append(p.Datum(tokens=tensor_from_numpy(_tokens(datum, where), "int32"), loss_fn_inputs=inputs))
     return p.ForwardBackward(data=data, loss_fn=msg.loss_fn or "cross_entropy",
                              loss_fn_config=_loss_fn_config(msg), forward_only=msg.forward_only)

@@ -9,7 +9,9 @@ next, so that reader need not wait for its next fetch (issue 14). Tansu never wa
 
 A door does not replace the log:
 - a record is handed only after the broker acknowledged it, so what anyone acts on is in the log, and the reader
-  checks a handed record exactly as one it fetched (signatures included);
+  checks a handed record exactly as one it fetched (signatures included). A big record's bytes may go ahead
+  (`DoorBell.announce`, an `Early` frame sent as the produce starts), so they cross while the broker writes; the
+  door delivers it only when its `Acked` frame says where the broker put it (`Dropped`: the produce failed);
 - the copy fetched later changes nothing: a result's future is already resolved (the first result counts), and a
   trainer drops the fetched copy of a request it took from its door after checking it is byte for byte the one it
   was handed (trainer_consumer/handed.py);
@@ -18,14 +20,17 @@ A door does not replace the log:
 
 A door's token (random per process) keeps a part from talking to anything else on that port: whatever listens
 there never answers `ok` to the token. Wire (TCP): the ringing side sends `tinker-bus-door/1 <token>\\n`, the door
-answers `ok\\n` if the token is its own (else it closes), then frames: a 4-byte big-endian length, then msgpack
-[value, headers, topic, partition, offset, key] of the record as acknowledged.
+answers `ok\\n` if the token is its own (else it closes), then frames: a 4-byte big-endian length, then a msgpack
+array whose first item names the frame: ["r", value, headers, topic, partition, offset, key] (a record as
+acknowledged), ["e", ticket, value, headers, topic, partition, key] (a record being produced), ["a", ticket,
+partition, offset] (that record acknowledged there) or ["d", ticket] (it was not). Tickets count per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import secrets
@@ -38,16 +43,17 @@ import msgspec
 log = logging.getLogger(__name__)
 
 REPLY_DOOR_HEADER = "tb-reply-door"
-HELLO = b"tinker-bus-door/1 "
+HELLO = b"tinker-bus-door/2 "  # /2: tagged frames, early records
 OK = b"ok\n"
 MAX_FRAME_BYTES = 64 << 20  # records are smaller: bigger payloads travel in the claim-check store
 HANDSHAKE_TIMEOUT_S = 1.0
 RETRY_AFTER_S = 30.0  # how long a door that failed is left alone
 QUEUED_FRAMES = 1024  # per door; beyond this a lagging door misses records (the topics still have them)
+EARLY_KEPT = 64  # per connection: early records waiting for their Acked frame (the oldest go first)
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
-class BusRecord(msgspec.Struct, array_like=True, frozen=True):
+class BusRecord(msgspec.Struct, array_like=True, frozen=True, tag="r"):
     """A record as the broker acknowledged it (kafka_io.publish returns one): what a door hands on."""
 
     value: bytes
@@ -58,8 +64,33 @@ class BusRecord(msgspec.Struct, array_like=True, frozen=True):
     key: bytes | None = None
 
 
+class Early(msgspec.Struct, array_like=True, frozen=True, tag="e"):
+    """A record whose produce has started, without its offset yet: held by the door until its Acked frame."""
+
+    ticket: int
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    topic: str
+    partition: int
+    key: bytes | None = None
+
+    def at(self, offset: int) -> BusRecord:
+        return BusRecord(self.value, self.headers, self.topic, self.partition, offset, self.key)
+
+
+class Acked(msgspec.Struct, array_like=True, frozen=True, tag="a"):
+    ticket: int
+    partition: int
+    offset: int
+
+
+class Dropped(msgspec.Struct, array_like=True, frozen=True, tag="d"):
+    ticket: int
+
+
+Frame = BusRecord | Early | Acked | Dropped
 Deliver = Callable[[BusRecord], Awaitable[None]]
-_FRAME = msgspec.msgpack.Decoder(BusRecord)
+_FRAME = msgspec.msgpack.Decoder(Frame)
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -146,13 +177,16 @@ class DoorServer:
                 self.refused += 1
                 return
             writer.write(OK)
+            early: dict[int, Early] = {}
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 if size > MAX_FRAME_BYTES:
                     self.refused += 1
                     log.warning("door: a %d-byte frame (> %d); connection closed", size, MAX_FRAME_BYTES)
                     return
-                record = _FRAME.decode(await reader.readexactly(size))
+                record = settled_record(_FRAME.decode(await reader.readexactly(size)), early)
+                if record is None:
+                    continue
                 self.frames += 1
                 try:
                     await self.deliver(record)
@@ -169,31 +203,88 @@ class DoorServer:
             writer.close()
 
 
+def settled_record(frame: Frame, early: dict[int, Early]) -> BusRecord | None:
+    """The acknowledged record a frame completes, if any; an Early frame is kept in `early` until its answer."""
+    if isinstance(frame, BusRecord):
+        return frame
+    if isinstance(frame, Early):
+        early[frame.ticket] = frame
+        if len(early) > EARLY_KEPT:  # its Acked frame was lost with a full queue: the topics have the record
+            del early[next(iter(early))]
+        return None
+    held = early.pop(frame.ticket, None)
+    if held is None or isinstance(frame, Dropped):
+        return None
+    return held.at(frame.offset) if held.partition == frame.partition else None
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An announced record: its Acked or Dropped frame must follow on the same connection."""
+
+    line: _Line
+    number: int
+
+
 class DoorBell:
     """The handing side: `ring` queues an acknowledged record for a door, never waits and never fails. One
-    connection per door, opened on first use; a door that fails is skipped for RETRY_AFTER_S."""
+    connection per door, opened on first use; a door that fails is skipped for RETRY_AFTER_S. `announce` sends a
+    record's bytes as its produce starts and `settle` then says where the broker put it (or that it did not)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._lines: dict[Door, _Line] = {}
         self._shut: dict[Door, float] = {}  # door -> when it may be tried again
-        self.rung = 0  # frames queued for a door
-        self.skipped = 0  # frames not queued: door shut after a failure, or its queue full
+        self._tickets = itertools.count(1)
+        self.rung = 0  # records queued for a door (an announced one counts when settled)
+        self.announced = 0  # records whose bytes went ahead of their acknowledgement
+        self.skipped = 0  # records not queued: door shut after a failure, or its queue full
 
     def ring(self, door: Door | None, record: BusRecord) -> None:
-        if door is None:
+        line = self._line(door)
+        if line is not None and self._put(line, record):
+            self.rung += 1
+
+    def announce(self, door: Door | None, record: BusRecord) -> Ticket | None:
+        """Queue `record`'s bytes (its offset is not known yet) for `door`; None when they could not be."""
+        line = self._line(door)
+        if line is None:
+            return None
+        ticket = Ticket(line, next(self._tickets))
+        early = Early(ticket.number, record.value, record.headers, record.topic, record.partition, record.key)
+        if not self._put(line, early):
+            return None
+        self.announced += 1
+        return ticket
+
+    def settle(self, ticket: Ticket, record: BusRecord | None) -> None:
+        """The announced record was acknowledged as `record` (None: its produce failed)."""
+        if self._lines.get(ticket.line.door) is not ticket.line:  # that connection failed: the door forgot it
+            if record is not None:
+                self.skipped += 1
             return
+        if record is None:
+            self._put(ticket.line, Dropped(ticket.number))
+        elif self._put(ticket.line, Acked(ticket.number, record.partition, record.offset)):
+            self.rung += 1
+
+    def _line(self, door: Door | None) -> _Line | None:
+        if door is None:
+            return None
         if self._shut.get(door, 0.0) > self._clock():
             self.skipped += 1
-            return
+            return None
         line = self._lines.get(door)
         if line is None:
             line = self._lines[door] = _Line(door, self._failed)
-        frame = _encode(record)
-        if len(frame) > MAX_FRAME_BYTES or not line.put(len(frame).to_bytes(4, "big") + frame):
+        return line
+
+    def _put(self, line: _Line, frame: Frame) -> bool:
+        encoded = _encode(frame)
+        if len(encoded) > MAX_FRAME_BYTES or not line.put(len(encoded).to_bytes(4, "big") + encoded):
             self.skipped += 1
-            return
-        self.rung += 1
+            return False
+        return True
 
     def _failed(self, door: Door, why: str) -> None:
         now = self._clock()

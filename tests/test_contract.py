@@ -8,6 +8,7 @@ import msgpack
 import msgspec
 import numpy as np
 import pytest
+import zstandard
 
 from bus_events import (
     PAYLOAD_TYPES,
@@ -24,9 +25,12 @@ from bus_events import (
     make_error_result,
     make_event,
     make_result,
+    payload_bytes,
     tensor_from_numpy,
+    token_ids_tensor,
 )
 from bus_events import payloads as p
+from bus_events.envelope import MAX_PAYLOAD_BYTES
 from bus_runtime.kafka_io import ensure_topics, make_consumer, make_producer, publish
 
 
@@ -110,6 +114,51 @@ def test_big_payload_goes_through_the_claim_check(store):
     assert decode_payload(decoded, store) == big
 
 
+def test_a_step_sized_payload_travels_compressed_and_an_incompressible_or_small_one_inline():
+    tokens = np.random.default_rng(0).integers(0, 128_256, 8 * 2049).reshape(8, 2049)
+    step = p.ForwardBackward(data=[p.Datum(tokens=tensor_from_numpy(row[:-1], "int32"),
+                                           loss_fn_inputs={"target_tokens": token_ids_tensor(row[1:]),
+                                                           "weights": tensor_from_numpy(np.ones(2048), "float32")})
+                                   for row in tokens])
+    noise = p.ForwardBackward(data=[p.Datum(tokens=tensor_from_numpy(
+        np.frombuffer(np.random.default_rng(1).bytes(64_000), "<i4"), "int32"))])
+    small = p.ForwardBackward(data=[p.Datum(tokens=_tok(8))])
+    forms = {}
+    for name, payload in (("step", step), ("noise", noise), ("small", small)):
+        env, body = make_event(EventType.FORWARD_BACKWARD, payload, model_id="m", seq_id=1)
+        raw = encode_event(env, body)
+        decoded = decode_envelope(raw)
+        assert decode_payload(decoded) == payload
+        form = "zstd" if decoded.payload_zstd is not None else "inline"
+        forms[name] = (form, len(raw) < len(payload_bytes(body)) / 3)
+    assert forms == {"step": ("zstd", True), "noise": ("inline", False), "small": ("inline", False)}
+
+
+def _zstd_envelope(frame: bytes) -> bytes:
+    return msgpack.packb({"v": 1, "type": "optim_step", "request_id": "r", "model_id": "m", "payload_zstd": frame})
+
+
+@pytest.mark.parametrize(("frame", "match"), [
+    (zstandard.ZstdCompressor(write_content_size=False).compress(msgpack.packb({})), "declares its size"),
+    (zstandard.ZstdCompressor().compress(b"\x00" * (MAX_PAYLOAD_BYTES + 1)), "at most"),  # a bomb: never inflated
+    (zstandard.ZstdCompressor().compress(msgpack.packb({"adam_params": {}}))[:-4], "decompress"),
+    (b"not zstd at all", "declares its size|decompress"),
+])
+def test_a_compressed_payload_that_hides_its_size_or_lies_about_it_is_refused(frame, match):
+    env = decode_envelope(_zstd_envelope(frame))
+    with pytest.raises(ContractError, match=match) as info:
+        decode_payload(env)
+    assert info.value.request_id == "r"
+
+
+def test_an_envelope_with_two_payload_forms_is_refused():
+    frame = zstandard.ZstdCompressor().compress(msgpack.packb({}))
+    raw = msgpack.packb({"v": 1, "type": "optim_step", "request_id": "r", "model_id": "m", "payload": {},
+                         "payload_zstd": frame})
+    with pytest.raises(ContractError, match="exactly one of payload / payload_ref / payload_zstd"):
+        decode_envelope(raw)
+
+
 def test_claim_check_rejects_a_tampered_blob(store):
     env, pl = make_event(EventType.FORWARD_BACKWARD, p.ForwardBackward(data=[p.Datum(tokens=_tok(300_000))]),
                          model_id="m", seq_id=1)
@@ -150,6 +199,14 @@ def test_tensor_size_must_match_shape():
         "sampling_session_id": "s", "prompt": {"dtype": "int32", "shape": [4], "data": b"\x00" * 8}}})
     with pytest.raises(ContractError, match="needs 16"):
         decode_payload(decode_envelope(raw))
+
+
+def test_token_ids_travel_as_int32_when_they_all_fit():
+    fits = token_ids_tensor(np.array([0, 7, 2**31 - 1], dtype=np.int64))
+    assert fits.dtype == "int32" and fits.numpy().tolist() == [0, 7, 2**31 - 1]
+    for far in (2**31, -(2**31) - 1, 2**32 + 7):  # 2**32 + 7 would wrap to the valid id 7
+        wide = token_ids_tensor(np.array([1, far], dtype=np.int64))
+        assert wide.dtype == "int64" and wide.numpy().tolist() == [1, far]
 
 
 def test_result_mirrors_its_request():

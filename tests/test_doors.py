@@ -27,9 +27,22 @@ from bus_events.signing import SIGNATURE_HEADER, sign
 from bus_gateway.bus_listener import DOOR, BusListener
 from bus_gateway.futures import Future, FutureTable, new_request_id
 from bus_gateway.intake_doors import IntakeDoors
-from bus_runtime.doors import MAX_FRAME_BYTES, OK, BusRecord, Door, DoorBell, DoorServer, reply_door_of
+from bus_runtime.doors import (
+    EARLY_KEPT,
+    MAX_FRAME_BYTES,
+    OK,
+    Acked,
+    BusRecord,
+    Door,
+    DoorBell,
+    DoorServer,
+    Dropped,
+    Early,
+    reply_door_of,
+    settled_record,
+)
 from bus_runtime.health import read_health
-from bus_runtime.kafka_io import publish
+from bus_runtime.kafka_io import UNACKED, ensure_topics, make_producer, publish
 from bus_runtime.net import free_port
 from bus_runtime.settings import open_object_store
 from trainer_consumer.config import TrainerConfig
@@ -41,6 +54,10 @@ pytest_plugins = ["gateway_support", "gateway_stack"]
 
 def record(value: bytes, headers: list[tuple[str, bytes]] | None = None, offset: int = 0) -> BusRecord:
     return BusRecord(value, headers or [], "tinker-bus.train", 3, offset, b"model")
+
+
+def at(handed: BusRecord, offset: int) -> BusRecord:
+    return msgspec.structs.replace(handed, offset=offset)
 
 
 @contextlib.asynccontextmanager
@@ -85,6 +102,58 @@ async def test_what_a_bell_rings_reaches_the_door_byte_for_byte_and_in_order():
         await bell.close()
     assert got == records
     assert (bell.rung, bell.skipped, server.frames, server.refused) == (5, 0, 5, 0)
+
+
+async def test_an_announced_record_is_delivered_once_acknowledged_and_a_dropped_one_never():
+    async with open_door() as (server, received):
+        assert server.door is not None
+        bell = DoorBell()
+        first, second, third = (record(bytes([i]) * 70_000, [(SIGNATURE_HEADER, b"sig")], UNACKED) for i in range(3))
+        tickets = [bell.announce(server.door, early) for early in (first, second, third)]
+        assert all(ticket is not None for ticket in tickets)
+        bell.ring(server.door, record(b"marker", [], 1))  # frames arrive in order: the three early ones came first
+        assert await asyncio.wait_for(received.get(), 5) == record(b"marker", [], 1)
+        assert received.empty() and server.frames == 1  # nothing announced is delivered before its ack
+        bell.settle(tickets[1], at(second, 7))  # acks come in the broker's order, not the announcing one
+        bell.settle(tickets[0], None)  # its produce failed
+        bell.settle(tickets[2], at(third, 8))
+        got = [await asyncio.wait_for(received.get(), 5) for _ in range(2)]
+        await bell.close()
+    assert got == [at(second, 7), at(third, 8)]  # byte for byte, at their offsets
+    assert (bell.announced, bell.rung, bell.skipped, server.frames) == (3, 3, 0, 3)
+
+
+def test_a_door_delivers_only_what_an_early_frame_and_its_ack_make_whole():
+    early: dict[int, Early] = {}
+    held = Early(1, b"v", [], "tinker-bus.train", 3, b"model")
+    assert settled_record(held, early) is None and early == {1: held}
+    assert settled_record(Acked(2, 3, 5), early) is None  # an ack of nothing held (its early frame never came)
+    assert settled_record(Acked(1, 4, 5), early) is None and not early  # acknowledged elsewhere: left to the fetch
+    settled_record(held, early)
+    assert settled_record(Dropped(1), early) is None and not early
+    settled_record(held, early)
+    assert settled_record(Acked(1, 3, 5), early) == BusRecord(b"v", [], "tinker-bus.train", 3, 5, b"model")
+    for ticket in range(EARLY_KEPT + 1):  # acks lost with a full queue never pile up
+        settled_record(msgspec.structs.replace(held, ticket=ticket), early)
+    assert len(early) == EARLY_KEPT and 0 not in early
+
+
+async def test_a_record_is_announced_on_the_partition_the_broker_then_acknowledges(settings):
+    await ensure_topics(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        announced: list[BusRecord] = []
+        for i in range(6):
+            env, body = make_event(EventType.GET_INFO, p.GetInfo(), model_id=f"m{i}:train:0", seq_id=1)
+            sent = await publish(producer, settings.topics.train, env, body,
+                                 claim_check_bytes=settings.claim_check_bytes, announce=announced.append)
+            if announced and announced[-1].offset == UNACKED:  # announced: the topic's metadata was known
+                assert at(announced[-1], sent.offset) == sent
+                announced[-1] = sent
+    finally:
+        await producer.stop()
+    assert len(announced) >= 5  # every send after the first knows the topic's partitions
 
 
 async def test_a_stopped_door_lets_its_open_connections_end_instead_of_cancelling_them():
@@ -201,6 +270,9 @@ async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings):
     # first, which tells it where the partition stands)
     assert gateway["door_results"] >= 7, gateway
     assert gateway["intake_doors"] == stack_settings.topics.all()[stack_settings.topics.train], gateway
+    # their bytes went ahead of the broker's ack, and the ack followed each (the door knew the partition by then)
+    handed = gateway["intake_handed"]
+    assert handed["announced"] >= 6 and handed["rung"] == handed["announced"] and not handed["skipped"], gateway
     assert Door.parse(trainer["intake_door"]) is not None, trainer
     assert trainer["handed"]["taken"] >= 1, trainer
 

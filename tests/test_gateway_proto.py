@@ -26,6 +26,7 @@ from bus_gateway.proto_codec import (
     encode_sample_response,
     read_forward_backward,
 )
+from bus_gateway.validation import validate_forward_backward
 
 
 def _fields(fdp: descriptor_pb2.FileDescriptorProto) -> dict[str, dict[int, tuple[str, int, int, str]]]:
@@ -73,9 +74,23 @@ def test_sdk_forward_backward_request_decodes():
     assert len(fb.data) == 2
     datum = fb.data[0]
     assert datum.tokens.dtype == "int32" and datum.tokens.numpy().tolist() == [5, 6, 7, 8]
-    assert datum.loss_fn_inputs["target_tokens"].dtype == "int64"
+    assert datum.loss_fn_inputs["target_tokens"].dtype == "int32"  # the SDK's int64, narrowed: they all fit
     assert datum.loss_fn_inputs["target_tokens"].numpy().tolist() == [6, 7, 8, 9]
     assert datum.loss_fn_inputs["advantages"].numpy().tolist() == [0.0, 0.5, -1.5, 2.0]
+
+
+def test_a_target_token_beyond_int32_is_kept_whole_so_validation_names_it():
+    far = 2**32 + 7  # narrowed to int32 it would read as the valid id 7
+    datum = types.Datum(model_input=types.ModelInput.from_ints([5, 6]),
+                        loss_fn_inputs={"target_tokens": types.TensorData(data=[6, far], dtype="int64", shape=[2])})
+    request = types.ForwardBackwardRequest(model_id="sess-x:train:0", seq_id=1, forward_backward_input=types.
+                                           ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"))
+    fb = decode_forward_backward(forward_backward_request_to_proto(request).SerializeToString())[2]()
+    targets = fb.data[0].loss_fn_inputs["target_tokens"]
+    assert targets.dtype == "int64" and targets.numpy().tolist() == [6, far]
+    with pytest.raises(FieldError) as info:
+        validate_forward_backward(fb, vocab_size=1000)
+    assert info.value.field == "data[0].loss_fn_inputs.target_tokens"
 
 
 def test_seq_id_zero_means_not_given_and_zstd_bodies_decode():

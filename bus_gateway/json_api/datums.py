@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from bus_events import payloads as p
-from bus_events import tensor_from_numpy
+from bus_events import tensor_from_numpy, token_ids_tensor
 from bus_gateway.chat_data import tokenize_conversation
 from bus_gateway.errors import FieldError
 from bus_gateway.json_api.schemas import JsonForwardBackward
@@ -54,7 +54,7 @@ def conversation_datums(tokenizer: Any, data: JsonForwardBackward) -> list[p.Dat
         target = fields.pop("target_tokens")
         if np.any(target != np.round(target)):
             raise FieldError(f"loss_fn_inputs.target_tokens[{i}]", "token ids must be integers")
-        wire = {"target_tokens": tensor_from_numpy(target.astype(np.int64), "int64")}
+        wire = {"target_tokens": token_ids_tensor(target.astype(np.int64))}
         wire |= {name: tensor_from_numpy(values, "float32") for name, values in fields.items()}
         datums.append(p.Datum(tokens=tensor_from_numpy(ids[:-1], "int32"), loss_fn_inputs=wire))
     return datums

@@ -125,7 +125,10 @@ async def health_report(gw: Gateway) -> dict[str, Any]:
                     "reply_door": gw.door.door.address if gw.door and gw.door.door else None,
                     "door_results": gw.listener.direct_results,
                     # training-topic partitions whose trainer's intake door this gateway knows (intake_doors.py)
-                    "intake_doors": len(gw.intake.doors)},
+                    "intake_doors": len(gw.intake.doors),
+                    # requests handed to them: sent ahead of the broker's ack, whole, or not (door shut, queue full)
+                    "intake_handed": {"announced": gw.intake.bell.announced, "rung": gw.intake.bell.rung,
+                                      "skipped": gw.intake.bell.skipped}},
         "s3": {"healthy": s3_ok, "endpoint": gw.settings.s3_endpoint},
         "kafka": {"healthy": gw.producer is not None and gw.listener.running,
                   "bootstrap": gw.settings.kafka_bootstrap},

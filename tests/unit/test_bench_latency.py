@@ -90,6 +90,15 @@ def test_a_config_names_its_settings_and_an_empty_value_turns_one_off():
             parse_config(bad)
 
 
+def test_a_config_may_run_its_stack_from_another_checkout(tmp_path):
+    (tmp_path / "tinker_bus").mkdir()
+    assert parse_config(f"before@{tmp_path}:TINKER_BUS_FETCH_MAX_WAIT_MS=5") == Config(
+        "before", {"TINKER_BUS_FETCH_MAX_WAIT_MS": "5"}, tmp_path.resolve())
+    assert parse_config(f"before@{tmp_path}").code == tmp_path.resolve()
+    with pytest.raises(ValueError, match="is not a tinker-bus checkout"):
+        parse_config(f"x@{tmp_path / 'nowhere'}")
+
+
 def test_a_configs_environment_is_put_back_after_its_stack(monkeypatch):
     monkeypatch.setenv("TINKER_BUS_FETCH_MAX_WAIT_MS", "5")
     monkeypatch.delenv("TINKER_BUS_TRAINER_INTAKE_DOOR_HOST", raising=False)
