@@ -49,6 +49,7 @@ MAX_FRAME_BYTES = 64 << 20  # records are smaller: bigger payloads travel in the
 HANDSHAKE_TIMEOUT_S = 1.0
 RETRY_AFTER_S = 30.0  # how long a door that failed is left alone
 QUEUED_FRAMES = 1024  # per door; beyond this a lagging door misses records (the topics still have them)
+UNACKED = -1  # the offset of a record the broker has not acknowledged yet
 EARLY_KEPT = 64  # per connection: early records waiting for their Acked frame (the oldest go first)
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
@@ -137,11 +138,13 @@ def reply_door_of(headers: Iterable[tuple[str, bytes]] | None) -> Door | None:
 
 class DoorServer:
     """The reading side: accepts the records handed over and passes each to `deliver`, in the order each
-    connection sent them."""
+    connection sent them. `preview` is shown an announced record (offset UNACKED) as its bytes arrive, so the
+    reader can start on it while the broker writes; only `deliver` says it may be acted on."""
 
-    def __init__(self, host: str, deliver: Deliver):
+    def __init__(self, host: str, deliver: Deliver, preview: Callable[[BusRecord], None] | None = None):
         self.host = host
         self.deliver = deliver
+        self.preview = preview
         self.token = secrets.token_hex(16)
         self.door: Door | None = None  # once started
         self.frames = 0  # records handed over
@@ -184,7 +187,10 @@ class DoorServer:
                     self.refused += 1
                     log.warning("door: a %d-byte frame (> %d); connection closed", size, MAX_FRAME_BYTES)
                     return
-                record = settled_record(_FRAME.decode(await reader.readexactly(size)), early)
+                frame = _FRAME.decode(await reader.readexactly(size))
+                if isinstance(frame, Early) and self.preview is not None:
+                    self.preview(frame.at(UNACKED))
+                record = settled_record(frame, early)
                 if record is None:
                     continue
                 self.frames += 1

@@ -24,13 +24,12 @@ from aiokafka.partitioner import DefaultPartitioner
 from bus_events import BlobStore, Envelope, payload_bytes
 from bus_events.envelope import encode_envelope
 from bus_events.signing import SIGNATURE_HEADER, TenantKeys, sign, signature_headers
-from bus_runtime.doors import BusRecord
+from bus_runtime.doors import UNACKED, BusRecord
 from bus_runtime.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 << 20
-UNACKED = -1  # the offset of a record the broker has not acknowledged yet
 _PARTITIONER = DefaultPartitioner()
 RETRY_DELAY_S = (0.2, 5.0)  # first and longest pause between retries of a failed publish / fetch
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL")

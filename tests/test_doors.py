@@ -31,6 +31,7 @@ from bus_runtime.doors import (
     EARLY_KEPT,
     MAX_FRAME_BYTES,
     OK,
+    UNACKED,
     Acked,
     BusRecord,
     Door,
@@ -42,7 +43,7 @@ from bus_runtime.doors import (
     settled_record,
 )
 from bus_runtime.health import read_health
-from bus_runtime.kafka_io import UNACKED, ensure_topics, make_producer, publish
+from bus_runtime.kafka_io import ensure_topics, make_producer, publish
 from bus_runtime.net import free_port
 from bus_runtime.settings import open_object_store
 from trainer_consumer.config import TrainerConfig
@@ -121,6 +122,27 @@ async def test_an_announced_record_is_delivered_once_acknowledged_and_a_dropped_
         await bell.close()
     assert got == [at(second, 7), at(third, 8)]  # byte for byte, at their offsets
     assert (bell.announced, bell.rung, bell.skipped, server.frames) == (3, 3, 0, 3)
+
+
+async def test_a_door_shows_an_announced_record_as_its_bytes_arrive_and_delivers_it_at_its_ack():
+    seen: list[tuple[str, BusRecord]] = []
+
+    async def deliver(handed: BusRecord) -> None:
+        seen.append(("delivered", handed))
+
+    server = DoorServer("127.0.0.1", deliver, preview=lambda early: seen.append(("previewed", early)))
+    await server.start()
+    assert server.door is not None
+    bell = DoorBell()
+    early = record(b"step" * 10_000, [(SIGNATURE_HEADER, b"sig")], UNACKED)
+    ticket = bell.announce(server.door, early)
+    assert ticket is not None
+    await until(lambda: len(seen) == 1)
+    bell.settle(ticket, at(early, 12))
+    await until(lambda: len(seen) == 2)
+    await bell.close()
+    await server.stop()
+    assert seen == [("previewed", early), ("delivered", at(early, 12))]
 
 
 def test_a_door_delivers_only_what_an_early_frame_and_its_ack_make_whole():
@@ -275,6 +297,7 @@ async def test_the_sdks_requests_and_results_go_by_the_doors(stack_settings):
     assert handed["announced"] >= 6 and handed["rung"] == handed["announced"] and not handed["skipped"], gateway
     assert Door.parse(trainer["intake_door"]) is not None, trainer
     assert trainer["handed"]["taken"] >= 1, trainer
+    assert trainer["handed"]["previewed"] >= 1, trainer  # decoded from the announced bytes, before the ack came
 
 
 def test_the_door_binds_loopback_only():
@@ -348,4 +371,4 @@ async def test_without_an_intake_door_the_trainer_names_none_and_reads_the_log(s
                                                                           lora=p.LoraSpec(rank=4)), "plain:train:0", 0)
         await bus.ok(created)
         detail = await trainer_detail(settings, lambda detail: bool(detail.get("partitions")))
-    assert detail["intake_door"] is None and detail["handed"] == {"taken": 0, "passed": 0}
+    assert detail["intake_door"] is None and detail["handed"] == {"taken": 0, "passed": 0, "previewed": 0}

@@ -21,6 +21,7 @@ its replies, and commit offsets only as far as the models' state is durable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -31,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from artifact_store import ObjectStore
 from bus_events import Reply
 from bus_runtime.dead_letter import dead_letter_contract_error
-from bus_runtime.doors import BusRecord, DoorBell, DoorServer, reply_door_of
+from bus_runtime.doors import EARLY_KEPT, BusRecord, DoorBell, DoorServer, reply_door_of
 from bus_runtime.fetch_pacing import FetchPacer
 from bus_runtime.health import heartbeating
 from bus_runtime.kafka_io import RETRY_DELAY_S, ensure_topics, make_consumer, make_producer, publish_with_retry
@@ -57,6 +58,10 @@ MAX_RECORDS_PER_POLL = 64
 # just got its answer usually calls again (the next step, the next forward), and on Tansu each idle fetch wait
 # delays that call (fetch_pacing.py). From the last reply, not only the last request: a step may outlast this.
 SESSION_FAST_S = 2.0
+
+
+def _preview_key(record: BusRecord) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
+    return record.value, tuple((name, value) for name, value in record.headers)
 
 
 def _partitions(tps: set[TopicPartition]) -> set[tuple[str, int]]:
@@ -99,8 +104,13 @@ class TrainerWorker:
         self.metrics = TrainerMetrics()
         self.bell = DoorBell()  # rings the asking gateways' reply doors
         host = runtime.config.intake_door_host
-        self.intake_door = DoorServer(host, self._take_handed) if host else None
+        self.intake_door = DoorServer(host, self._take_handed, self._preview) if host else None
         self.handed = HandedRecords()
+        # Requests decoded from their announced bytes while the broker wrote them, by value and headers (what the
+        # decode reads; a fetched copy of the same record finds its entry too); at most EARLY_KEPT: an announced
+        # request whose produce failed stays until pushed out.
+        self._previews: dict[tuple[bytes, tuple[tuple[str, bytes], ...]], asyncio.Task[Inbound | Poisoned]] = {}
+        self.previewed = 0  # requests taken in decoded already
         self._intake_lock = asyncio.Lock()  # a partition's records enter the engine one at a time, in log order
 
     def health(self) -> dict:
@@ -114,7 +124,7 @@ class TrainerWorker:
                 "paused_partitions": sorted(tp.partition for tp in self.consumer.paused()),
                 # where gateways hand this trainer the requests of `partitions` (bus_runtime/doors.py)
                 "intake_door": door.spec if self.intake_door and (door := self.intake_door.door) else None,
-                "handed": {"taken": self.handed.taken, "passed": self.handed.passed},
+                "handed": {"taken": self.handed.taken, "passed": self.handed.passed, "previewed": self.previewed},
                 "fetch_wait_ms": self.pacer.wait_ms()}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -136,6 +146,8 @@ class TrainerWorker:
         finally:
             if self.intake_door is not None:
                 await self.intake_door.stop()
+            for preview in self._previews.values():
+                preview.cancel()
             await self.bell.close()
             await self.producer.stop()
 
@@ -206,14 +218,30 @@ class TrainerWorker:
             if self.handed.take(record, owed.next_offset if owed is not None and readable else None):
                 await self._intake(record)
 
+    def _preview(self, record: BusRecord) -> None:
+        """An announced request (not acknowledged yet): decode it now, so its ack finds that done."""
+        if len(self._previews) >= EARLY_KEPT:
+            self._previews.pop(next(iter(self._previews))).cancel()
+        self._previews[_preview_key(record)] = asyncio.create_task(self._decode(record), name="trainer-preview")
+
+    async def _decode(self, record: BusRecord) -> Inbound | Poisoned:
+        position = BusPosition(record.topic, record.partition, record.offset)
+        verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
+        return await decode_training_record(record.value, position, self.objects, verify)
+
     async def _intake(self, record: BusRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
         if tp not in self.owned:
             return
         self.offsets.received(tp, record.offset)
-        position = BusPosition(record.topic, record.partition, record.offset)
-        verify = SignatureCheck(self.tenant_keys, record.value, record.headers) if self.tenant_keys else None
-        decoded = await decode_training_record(record.value, position, self.objects, verify)
+        preview = self._previews.pop(_preview_key(record), None)
+        early = await preview if preview is not None else None
+        if isinstance(early, Inbound):
+            self.previewed += 1
+            decoded: Inbound | Poisoned = dataclasses.replace(early, position=BusPosition(
+                record.topic, record.partition, record.offset))
+        else:  # poisoned (its dead letter names the offset) or not previewed: decoded here, at its position
+            decoded = await self._decode(record)
         if tp not in self.owned:  # revoked while the claim check was fetched
             return
         if isinstance(decoded, Poisoned):

@@ -44,11 +44,15 @@ def clip_global_norm(params: Mapping[str, torch.nn.Parameter], max_norm: float) 
 class AdapterOptimizer:
     def __init__(self, params: Mapping[str, torch.nn.Parameter]):
         self.params = dict(params)  # PEFT key name -> trainable parameter
+        # On the GPU one fused kernel steps every parameter: the multi-tensor (foreach) step is a few dozen launches
+        # per optim_step, host work that waits whenever the trainer's event loop holds the GIL (issue 14).
+        self.fused = bool(self.params) and all(param.is_cuda for param in self.params.values())
         self.optimizer = self._fresh()
 
     def _fresh(self) -> torch.optim.AdamW:
         # Hyper-parameters are set from each optim_step's AdamParams; these are only placeholders.
-        return torch.optim.AdamW(list(self.params.values()), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        return torch.optim.AdamW(list(self.params.values()), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                 fused=self.fused or None)
 
     def zero_grad(self) -> None:
         zero_grads(self.params)
@@ -95,8 +99,9 @@ class AdapterOptimizer:
                 if moments[moment].shape != param.shape:
                     raise BackendInputError(f"optimizer state {key}.{moment} has shape {list(moments[moment].shape)}, "
                                             f"the parameter has {list(param.shape)}")
-            self.optimizer.state[param] = {
-                "step": moments["step"].detach().to(torch.float32).reshape(()).clone(),
+            self.optimizer.state[param] = {  # the fused step keeps its step count beside the parameter
+                "step": moments["step"].detach().to(param.device if self.fused else "cpu", torch.float32)
+                                       .reshape(()).clone(),
                 "exp_avg": moments["exp_avg"].detach().to(param.device, param.dtype).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"].detach().to(param.device, param.dtype).clone(),
             }
