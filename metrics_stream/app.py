@@ -33,7 +33,7 @@ Ingest = Callable[[MetricsState, bytes | None, BlobStore | None], Awaitable[bool
 
 def make_faust_app(settings: BusSettings, config: MetricsStreamConfig, instance: str, state: MetricsState,
                    blobs: BlobStore | None, registry: CollectorRegistry,
-                   loop: asyncio.AbstractEventLoop) -> faust.App:
+                   loop: asyncio.AbstractEventLoop, datadir: str) -> faust.App:
     records = Counter("tinker_bus_metrics_records", "Records folded into the curves, by topic kind and outcome",
                       ["topic", "outcome"], registry=registry)
     app = faust.App(
@@ -47,6 +47,7 @@ def make_faust_app(settings: BusSettings, config: MetricsStreamConfig, instance:
         topic_allow_declare=False,  # the bus's topics exist with their final partition counts (ensure_topics)
         web_enabled=False,  # metrics_stream.web serves the JSON
         store="memory://",
+        datadir=datadir,
         loop=loop,
     )
     topics = settings.topics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -29,8 +30,11 @@ async def run_metrics(settings: BusSettings, *, ready: asyncio.Event | None = No
     objects = open_object_store(settings)
     state, registry = MetricsState(), CollectorRegistry()
     instance = instance_id(ROLE)
+    # faust keeps an (empty, with the memory store) data folder per app id, by default in the working directory:
+    # one per replica start would pile up wherever `up` ran. A temporary one goes with the replica.
+    datadir = tempfile.TemporaryDirectory(prefix="tinker-bus-metrics-")
     app = make_faust_app(settings, config, instance.replace(".", "-"), state, objects, registry,
-                         asyncio.get_running_loop())
+                         asyncio.get_running_loop(), datadir.name)
     runner = web.AppRunner(make_web_app(state, registry), access_log=None)
     await runner.setup()
     port = config.port or free_port()
@@ -50,3 +54,4 @@ async def run_metrics(settings: BusSettings, *, ready: asyncio.Event | None = No
         with contextlib.suppress(Exception):
             await app.stop()
         await runner.cleanup()
+        datadir.cleanup()

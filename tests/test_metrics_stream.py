@@ -102,6 +102,15 @@ async def test_curves_from_the_bus_tenant_scoped_and_rebuilt_from_offset_0(setti
         assert body["series"]["tokens"] == first["tokens"]
 
 
+async def test_a_replica_leaves_no_data_folder_where_it_ran(settings: BusSettings, tmp_path, monkeypatch) -> None:
+    # faust's default data folder is `<app id>-data` in the working directory: one per replica start, left behind.
+    await ensure_topics(settings)
+    monkeypatch.chdir(tmp_path)
+    async with metrics_part(settings) as base, httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(f"{base}/metrics")).status_code == 200
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_reply_before_its_request_still_joins() -> None:
     state = MetricsState()
     env, payload = make_event(EventType.FORWARD_BACKWARD, fb(7), model_id="m", seq_id=0)
