@@ -19,7 +19,7 @@ A door does not replace the log:
   while, and its records arrive through the topics as they always did.
 
 A door's token (random per process) keeps a part from talking to anything else on that port: whatever listens
-there never answers `ok` to the token. Wire (TCP): the ringing side sends `tinker-bus-door/1 <token>\\n`, the door
+there never answers `ok` to the token. Wire (TCP): the ringing side sends `tinker-bus-door/2 <token>\\n`, the door
 answers `ok\\n` if the token is its own (else it closes), then frames: a 4-byte big-endian length, then a msgpack
 array whose first item names the frame: ["r", value, headers, topic, partition, offset, key] (a record as
 acknowledged), ["e", ticket, value, headers, topic, partition, key] (a record being produced), ["a", ticket,

@@ -222,7 +222,10 @@ class TrainerWorker:
         """An announced request (not acknowledged yet): decode it now, so its ack finds that done."""
         if len(self._previews) >= EARLY_KEPT:
             self._previews.pop(next(iter(self._previews))).cancel()
-        self._previews[_preview_key(record)] = asyncio.create_task(self._decode(record), name="trainer-preview")
+        task = asyncio.create_task(self._decode(record), name="trainer-preview")
+        # An error (an unreadable claim check) is raised where the request is taken in; one never taken is dropped.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._previews[_preview_key(record)] = task
 
     async def _decode(self, record: BusRecord) -> Inbound | Poisoned:
         position = BusPosition(record.topic, record.partition, record.offset)
