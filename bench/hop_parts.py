@@ -1,11 +1,11 @@
 """The two parts of a Kafka hop that grow with a request's size, alone (issue 14): the broker's produce (send to
-acknowledgement, a real Tansu on loopback, acks=all, linger 0, as kafka_io.make_producer) and a door's hand-over
+acknowledgement, a real Tansu on loopback, kafka_io.make_producer's producer) and a door's hand-over
 (DoorBell.ring to DoorServer delivery, bus_runtime/doors.py), for a tiny request, a 2 x 2048 and an 8 x 2048 step.
 
     python -m bench.hop_parts            # p50 / p99 microseconds per size, each after 10 untimed rounds
 
-Record sizes are those of the events (a 1 x 8 forward ~450 B, 8 x 2048 tokens ~263 KB); the payload is random
-bytes, so nothing on the way compresses it.
+Record sizes are those of the events before payload compression (a 1 x 8 forward ~450 B, 8 x 2048 tokens ~263 KB;
+~45 KB compressed); the payload is random bytes, so nothing on the way compresses it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import os
 import statistics
 import time
 
-from aiokafka import AIOKafkaProducer
-
 from bench.call_latency import percentile
 from bus_runtime.doors import BusRecord, DoorBell, DoorServer
-from bus_runtime.kafka_io import MAX_REQUEST_BYTES
+from bus_runtime.kafka_io import make_producer
+from bus_runtime.settings import BusSettings
 from tinker_bus.infra import TansuBroker
 
 SIZES = (450, 66_000, 263_000)
@@ -33,8 +32,7 @@ def _row(label: str, size: int, seconds: list[float]) -> str:
 
 
 async def produce_latency(bootstrap: str, rounds: int) -> list[str]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, enable_idempotence=False,
-                                max_request_size=MAX_REQUEST_BYTES)
+    producer = make_producer(BusSettings(kafka_bootstrap=bootstrap))
     await producer.start()
     try:
         rows = []

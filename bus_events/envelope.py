@@ -216,7 +216,7 @@ def encode_envelope(
         key = f"claims/{env.model_id}/{env.request_id}"
         blob_store.put_blob(key, body)
         fields["payload_ref"] = {"key": key, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-    elif len(body) >= COMPRESS_FROM_BYTES and 10 * len(packed := _zstd().compress(body)) <= 9 * len(body):
+    elif len(body) >= COMPRESS_FROM_BYTES and 10 * len(packed := _zstd()[0].compress(body)) <= 9 * len(body):
         fields["payload_zstd"] = packed
     else:
         fields["payload"] = msgspec.Raw(body)  # the bytes packed above, spliced in as they are
@@ -273,7 +273,7 @@ def _inflate(env: Envelope) -> bytes:
         if not 0 <= size <= MAX_PAYLOAD_BYTES:
             raise ContractError(f"payload_zstd must be one zstd frame that declares its size, at most "
                                 f"{MAX_PAYLOAD_BYTES} bytes (declared: {size})", env.request_id, env.model_id)
-        body = _unzstd().decompress(env.payload_zstd, max_output_size=size)
+        body = _zstd()[1].decompress(env.payload_zstd, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise ContractError(f"payload_zstd does not decompress: {exc}", env.request_id, env.model_id) from exc
     if len(body) != size:
@@ -282,13 +282,8 @@ def _inflate(env: Envelope) -> bytes:
     return body
 
 
-def _zstd() -> zstandard.ZstdCompressor:
-    if not hasattr(_ZSTD, "compressor"):
-        _ZSTD.compressor = zstandard.ZstdCompressor(level=1)  # writes the content size into the frame header
-    return _ZSTD.compressor
-
-
-def _unzstd() -> zstandard.ZstdDecompressor:
-    if not hasattr(_ZSTD, "decompressor"):
-        _ZSTD.decompressor = zstandard.ZstdDecompressor()
-    return _ZSTD.decompressor
+def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    """This thread's pair (level 1 writes the content size into the frame header)."""
+    if not hasattr(_ZSTD, "pair"):
+        _ZSTD.pair = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
+    return _ZSTD.pair
